@@ -1,0 +1,1 @@
+"""Data-parallel MNIST training with Ray Train, publishing versioned SavedModels."""

@@ -1,0 +1,200 @@
+"""The per-worker training loop that Ray Train runs on every worker.
+
+Why a custom loop instead of ``model.fit``: Keras 3's ``fit`` crashes under
+``MultiWorkerMirroredStrategy`` with two or more workers (keras-team/keras#20585,
+ray-project/ray#47464). A ``strategy.run`` step with ``tf.nn.compute_average_loss`` needs
+no patch. To avoid tf.data's multi-second stalls at epoch ends, each worker builds one
+``repeat()``-ed dataset with fixed-size batches, a fixed number of steps per epoch, a fixed
+``prefetch(2)`` with autotune off, and a single iterator for the whole run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT_PREFIX = "ckpt"
+STATE_FILE = "train_state.json"
+
+
+def _augment(images, labels, max_shift: int = 2):
+    """Shift each image by up to ``max_shift`` pixels in x and y (zero padding)."""
+    import tensorflow as tf
+
+    batch = tf.shape(images)[0]
+    size = 28
+    padded = tf.pad(images, [[0, 0], [max_shift, max_shift], [max_shift, max_shift]])
+    offsets = tf.random.uniform([batch, 2], 0, 2 * max_shift + 1, dtype=tf.int32)
+    rows = offsets[:, :1] + tf.range(size)[None, :]
+    cols = offsets[:, 1:] + tf.range(size)[None, :]
+    shifted = tf.gather(padded, rows, axis=1, batch_dims=1)
+    shifted = tf.gather(shifted, cols, axis=2, batch_dims=1)
+    return shifted, labels
+
+
+def _to_float(images, labels):
+    import tensorflow as tf
+
+    return tf.cast(images, tf.float32) / 255.0, tf.cast(labels, tf.int64)
+
+
+def make_dataset(split, batch_size: int, seed: int, augment: bool):
+    """One endless, shuffled, batched dataset over ``split`` (stall-free settings, see module doc)."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
+    ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.batch(batch_size, drop_remainder=True)
+    if augment:
+        ds = ds.map(_augment)
+    ds = ds.map(_to_float).prefetch(2)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return ds.with_options(options)
+
+
+def restore_weights(model, saved_model_dir: str) -> None:
+    """Load a published version's weights (its ``variables/``) into ``model``."""
+    import tensorflow as tf
+
+    prefix = str(Path(saved_model_dir) / "variables" / "variables")
+    status = tf.train.Checkpoint(model=model).read(prefix)
+    status.expect_partial().assert_existing_objects_matched()
+
+
+def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
+    """Ray Train entry point: train, evaluate and checkpoint once per epoch."""
+    # Ray's TF backend sets TF_USE_LEGACY_KERAS=1 for tf-keras users; we use Keras 3.
+    os.environ.pop("TF_USE_LEGACY_KERAS", None)
+    import keras
+    import numpy as np
+    import ray.train
+    import tensorflow as tf
+
+    from training.config import TrainConfig
+    from training.data import load_mnist
+    from training.model import build_model
+
+    config = TrainConfig.from_dict(config_dict)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    keras.utils.set_random_seed(config.seed)
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    mnist = load_mnist(config.data_dir)
+    train_split, test_split = mnist.train, mnist.test
+    if config.max_train_examples:
+        train_split = train_split.head(config.max_train_examples)
+    if config.max_test_examples:
+        test_split = test_split.head(config.max_test_examples)
+
+    global_batch = config.batch_size * world
+    steps_per_epoch = len(train_split) // global_batch
+    if steps_per_epoch < 1:
+        raise ValueError(f"{len(train_split)} examples are fewer than one global batch")
+
+    def dataset_fn(input_context: tf.distribute.InputContext):
+        shard = train_split.shard(input_context.input_pipeline_id, input_context.num_input_pipelines)
+        per_replica = input_context.get_per_replica_batch_size(global_batch)
+        return make_dataset(shard, per_replica, config.seed + input_context.input_pipeline_id, config.augment)
+
+    with strategy.scope():
+        model = build_model(dropout=config.dropout)
+        schedule = keras.optimizers.schedules.CosineDecay(
+            config.learning_rate * world,
+            decay_steps=steps_per_epoch * config.epochs,
+            alpha=0.02,
+        )
+        optimizer = keras.optimizers.Adam(schedule)
+        optimizer.build(model.trainable_variables)
+        epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
+
+    history: list[dict[str, Any]] = []  # per-epoch metrics, kept in the checkpoint
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as ckpt_dir:
+            checkpoint.read(str(Path(ckpt_dir) / CHECKPOINT_PREFIX)).expect_partial()
+            history = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["history"]
+        print(f"[rank {rank}] resumed after epoch {int(epoch_var.numpy())}", flush=True)
+    elif config.init_from:
+        restore_weights(model, config.init_from)
+        print(f"[rank {rank}] initialised from {config.init_from}", flush=True)
+
+    dist_dataset = strategy.distribute_datasets_from_function(dataset_fn)
+    iterator = iter(dist_dataset)
+
+    def step_fn(images, labels):
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), labels), tf.float32))
+        return loss, correct
+
+    @tf.function
+    def train_step(dist_iterator):
+        loss, correct = strategy.run(step_fn, args=next(dist_iterator))
+        return (
+            strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
+            strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None),
+        )
+
+    @tf.function
+    def eval_logits(images):
+        return model(images, training=False)
+
+    test_images = test_split.images.astype(np.float32) / 255.0
+    test_labels = test_split.labels.astype(np.int64)
+
+    start_epoch = int(epoch_var.numpy())
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        started = time.perf_counter()
+        loss_sum = correct_sum = 0.0
+        for _ in range(steps_per_epoch):
+            loss, correct = train_step(iterator)
+            loss_sum += float(loss)
+            correct_sum += float(correct)
+        train_s = time.perf_counter() - started
+
+        logits = np.concatenate(
+            [eval_logits(test_images[i : i + 1000]).numpy() for i in range(0, len(test_images), 1000)]
+        )
+        test_loss = float(
+            tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(test_labels, logits))
+        )
+        test_accuracy = float(np.mean(np.argmax(logits, -1) == test_labels))
+        epoch_var.assign(epoch)
+        metrics = {
+            "epoch": epoch,
+            "loss": loss_sum / steps_per_epoch,
+            "accuracy": correct_sum / (steps_per_epoch * global_batch),
+            "test_loss": test_loss,
+            "test_accuracy": test_accuracy,
+            "epoch_s": time.perf_counter() - started,
+            "train_s": train_s,
+            "images_per_s": steps_per_epoch * global_batch / train_s,
+            "workers": world,
+        }
+        history.append(metrics)
+        # Every worker writes (saving may use collectives); only rank 0's copy is kept.
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint.write(str(Path(tmp) / CHECKPOINT_PREFIX))
+            if rank == 0:
+                (Path(tmp) / STATE_FILE).write_text(json.dumps({"history": history}))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(metrics)
+        print(
+            f"[rank {rank}] epoch {epoch}/{config.epochs}: loss {metrics['loss']:.4f} "
+            f"acc {metrics['accuracy']:.4f} test_acc {test_accuracy:.4f} "
+            f"{metrics['epoch_s']:.1f}s ({metrics['images_per_s']:.0f} img/s)",
+            flush=True,
+        )
