@@ -45,13 +45,13 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def shard(self, index: int, count: int) -> "Split":
+    def shard(self, index: int, count: int) -> Split:
         """The ``index``-th of ``count`` interleaved shards."""
         if not 0 <= index < count:
             raise ValueError(f"shard index {index} out of range for {count} shards")
         return Split(self.images[index::count], self.labels[index::count])
 
-    def head(self, n: int) -> "Split":
+    def head(self, n: int) -> Split:
         """The first ``n`` examples."""
         return Split(self.images[:n], self.labels[:n])
 
@@ -126,8 +126,7 @@ def _load_split(data_dir: str, images_name: str, labels_name: str) -> Split:
         raise DatasetError(f"{labels_name}: expected uint8 labels [N], got {labels.shape}")
     if labels.shape[0] != images.shape[0]:
         raise DatasetError(
-            f"{images_name} has {images.shape[0]} images but {labels_name} has "
-            f"{labels.shape[0]} labels"
+            f"{images_name} has {images.shape[0]} images but {labels_name} has {labels.shape[0]} labels"
         )
     if labels.size and int(labels.max()) > 9:
         raise DatasetError(f"{labels_name}: label {int(labels.max())} is not a digit")

@@ -167,9 +167,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
         logits = np.concatenate(
             [eval_logits(test_images[i : i + 1000]).numpy() for i in range(0, len(test_images), 1000)]
         )
-        test_loss = float(
-            tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(test_labels, logits))
-        )
+        test_loss = float(tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(test_labels, logits)))
         test_accuracy = float(np.mean(np.argmax(logits, -1) == test_labels))
         epoch_var.assign(epoch)
         metrics = {

@@ -39,35 +39,65 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mnist-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model_path", "--model-path", dest="model_path", required=True,
-                   help="model store directory; versions go to <model_path>/<version>/")
+    p.add_argument(
+        "--model_path",
+        "--model-path",
+        dest="model_path",
+        required=True,
+        help="model store directory; versions go to <model_path>/<version>/",
+    )
     p.add_argument("--epochs", type=int, default=12, help="passes over the training set (default 12)")
-    p.add_argument("--version", type=int, default=None,
-                   help="version to publish (default: one past the highest existing)")
+    p.add_argument(
+        "--version",
+        type=int,
+        default=None,
+        help="version to publish (default: one past the highest existing)",
+    )
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (one per GPU/CPU slot)")
     p.add_argument("--use-gpu", action="store_true", help="give each worker one GPU")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker")
     p.add_argument("--batch-size", type=int, default=128, help="examples per worker per step")
-    p.add_argument("--learning-rate", type=float, default=1e-3,
-                   help="Adam learning rate for one worker, scaled linearly by --num-workers")
-    p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR),
-                   help="directory (or pyarrow URI such as s3://bucket/mnist) with the 4 IDX gz files")
+    p.add_argument(
+        "--learning-rate",
+        type=float,
+        default=1e-3,
+        help="Adam learning rate for one worker, scaled linearly by --num-workers",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=str(DEFAULT_DATA_DIR),
+        help="directory (or pyarrow URI such as s3://bucket/mnist) with the 4 IDX gz files",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-augment", action="store_true", help="disable random-shift augmentation")
-    p.add_argument("--init-from", default=None,
-                   help="fine-tune from a published version: 'latest' or a version number")
-    p.add_argument("--min-accuracy", type=float, default=None,
-                   help="publish only if test accuracy >= this (0..1)")
-    p.add_argument("--must-beat-latest", action="store_true",
-                   help="publish only if test accuracy beats the latest published version's")
-    p.add_argument("--max-failures", type=int, default=2,
-                   help="restarts from the last epoch checkpoint after a worker dies")
-    p.add_argument("--storage-path", default=None,
-                   help="Ray Train run storage (checkpoints); shared storage on multi-node clusters")
+    p.add_argument(
+        "--init-from", default=None, help="fine-tune from a published version: 'latest' or a version number"
+    )
+    p.add_argument(
+        "--min-accuracy", type=float, default=None, help="publish only if test accuracy >= this (0..1)"
+    )
+    p.add_argument(
+        "--must-beat-latest",
+        action="store_true",
+        help="publish only if test accuracy beats the latest published version's",
+    )
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        default=2,
+        help="restarts from the last epoch checkpoint after a worker dies",
+    )
+    p.add_argument(
+        "--storage-path",
+        default=None,
+        help="Ray Train run storage (checkpoints); shared storage on multi-node clusters",
+    )
     p.add_argument("--model-name", default=None, help="name in warmup records (default: store dir name)")
-    p.add_argument("--smoke-test", action="store_true",
-                   help=f"tiny run for tests: {SMOKE_TRAIN_EXAMPLES} train / "
-                        f"{SMOKE_TEST_EXAMPLES} test examples")
+    p.add_argument(
+        "--smoke-test",
+        action="store_true",
+        help=f"tiny run for tests: {SMOKE_TRAIN_EXAMPLES} train / {SMOKE_TEST_EXAMPLES} test examples",
+    )
     return p
 
 
@@ -95,8 +125,14 @@ def _git_commit() -> str:
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -143,7 +179,7 @@ def run_training(config: TrainConfig, args: argparse.Namespace):
             resources_per_worker={"CPU": args.cpus_per_worker, **({"GPU": 1} if args.use_gpu else {})},
         ),
         run_config=RunConfig(
-            name=f"mnist-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}",
+            name=f"mnist-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}",
             storage_path=args.storage_path,
             failure_config=FailureConfig(max_failures=args.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -180,8 +216,10 @@ def gate(accuracy: float, args: argparse.Namespace, latest_accuracy: float | Non
     if args.min_accuracy is not None and accuracy < args.min_accuracy:
         return f"test accuracy {accuracy:.4f} is below --min-accuracy {args.min_accuracy:.4f}"
     if args.must_beat_latest and latest_accuracy is not None and accuracy <= latest_accuracy:
-        return (f"test accuracy {accuracy:.4f} does not beat the latest version's "
-                f"{latest_accuracy:.4f} (--must-beat-latest)")
+        return (
+            f"test accuracy {accuracy:.4f} does not beat the latest version's "
+            f"{latest_accuracy:.4f} (--must-beat-latest)"
+        )
     return None
 
 
@@ -224,7 +262,7 @@ def export_and_publish(result, config: TrainConfig, args: argparse.Namespace, wa
             "init_from": config.init_from,
             "architecture": ARCHITECTURE,
             "git_commit": _git_commit(),
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "train_wall_s": round(wall_s, 2),
             "epoch_s": [round(float(m["epoch_s"]), 2) for m in history],
             "signatures": [export.SERVING_DEFAULT, export.PREDICT_IMAGES],
@@ -236,9 +274,12 @@ def export_and_publish(result, config: TrainConfig, args: argparse.Namespace, wa
         except model_store.VersionExistsError as exc:
             print(f"NOT PUBLISHED: {exc}", file=sys.stderr, flush=True)
             return EXIT_VERSION_EXISTS
-    print(f"Published version {version} of {model_name} at "
-          f"{model_store.version_path(args.model_path, version)} "
-          f"(test accuracy {accuracy:.4f} on {len(test)} images)", flush=True)
+    print(
+        f"Published version {version} of {model_name} at "
+        f"{model_store.version_path(args.model_path, version)} "
+        f"(test accuracy {accuracy:.4f} on {len(test)} images)",
+        flush=True,
+    )
     return 0
 
 

@@ -1,0 +1,43 @@
+"""The backend contract and the version policy every backend shares."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+
+import numpy as np
+
+from ray_app.signatures import SignatureSpec
+
+
+class Backend(Protocol):
+    """Runs one model's versions. All methods are called on the replica's event loop."""
+
+    kind: str
+
+    async def start(self) -> None:
+        """Load what is there now; return once at least the start-up state is known."""
+
+    async def stop(self) -> None: ...
+
+    def versions(self) -> list[int]:
+        """Versions that can answer now, ascending."""
+
+    def signatures(self, version: int) -> Mapping[str, SignatureSpec]: ...
+
+    def set_pinned_versions(self, versions: Iterable[int]) -> None:
+        """Versions that must stay loaded besides the latest ones (labelled versions)."""
+
+    async def predict(
+        self, version: int, signature: str, inputs: Mapping[str, np.ndarray], output_filter: Iterable[str]
+    ) -> dict[str, np.ndarray]:
+        """Run one (already validated, possibly batched) request."""
+
+    def health_problem(self) -> str | None:
+        """Why the backend cannot serve, or None when it can."""
+
+
+def desired_versions(available: Iterable[int], num_versions: int, pinned: Iterable[int]) -> set[int]:
+    """TF Serving's ``latest {num_versions}`` policy plus the pinned (labelled) versions that exist."""
+    present = sorted(set(available))
+    return set(present[-num_versions:]) | (set(pinned) & set(present))

@@ -1,0 +1,183 @@
+"""Sidecar backend: each replica runs its own ``tensorflow_model_server`` child and forwards to it.
+
+The child gets free ports and a ``--model_config_file`` (policy: latest N versions, or the
+specific versions that must stay loaded when labels pin older ones). The replica waits until
+``GetModelStatus`` reports a version AVAILABLE, restarts the child if it dies, and stops it
+when the replica shuts down. With ``num_gpus: 1`` on the replica, each child owns one GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from tensorflow_serving.apis import model_management_pb2
+from tensorflow_serving.config import model_server_config_pb2
+
+from ray_app.backends.base import desired_versions
+from ray_app.backends.remote import RemoteBackend
+from ray_app.config import AppConfig
+from ray_app.errors import UnavailableError
+from training import model_store
+
+logger = logging.getLogger("ray.serve")
+
+
+def free_port() -> int:
+    """A TCP port free right now on loopback (the child binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def model_server_config(config: AppConfig, specific_versions: Iterable[int] | None):
+    """The ``ModelServerConfig`` the child loads: latest N, or exactly ``specific_versions``."""
+    model = model_server_config_pb2.ModelConfig(
+        name=config.model_name,
+        base_path=os.path.abspath(config.model_base_path),
+        model_platform="tensorflow",
+    )
+    versions = sorted(specific_versions or [])
+    if versions:
+        model.model_version_policy.specific.versions.extend(versions)
+    else:
+        model.model_version_policy.latest.num_versions = config.num_versions
+    server_config = model_server_config_pb2.ModelServerConfig()
+    server_config.model_config_list.config.append(model)
+    return server_config
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: no orphaned servers if the replica dies
+
+
+def build_command(config: AppConfig, binary: str, port: int, config_file: Path) -> list[str]:
+    """The child's command line, in TF Serving's ``--flag=value`` syntax."""
+    options = config.tfserving
+    command = [
+        binary,
+        f"--port={port}",
+        f"--model_config_file={config_file}",
+        f"--file_system_poll_wait_seconds={options.file_system_poll_wait_seconds}",
+    ]
+    if options.enable_batching:
+        command.append("--enable_batching=true")
+        if options.batching_parameters_file:
+            command.append(f"--batching_parameters_file={options.batching_parameters_file}")
+    if options.per_process_gpu_memory_fraction is not None:
+        command.append(f"--per_process_gpu_memory_fraction={options.per_process_gpu_memory_fraction}")
+    return command + list(options.extra_flags)
+
+
+class TFServingBackend(RemoteBackend):
+    kind = "tfserving"
+
+    def __init__(self, config: AppConfig) -> None:
+        super().__init__(config, address="")
+        self._process: subprocess.Popen[bytes] | None = None
+        self._workdir = Path(tempfile.mkdtemp(prefix="tfserving-"))
+        self._config_file = self._workdir / "models.config"
+        self._specific: list[int] = []
+        self._watch_task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    async def start(self) -> None:
+        await self._launch()
+        await super().start()
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch_child())
+
+    async def _launch(self) -> None:
+        binary = shutil.which(self._config.tfserving.binary)
+        if binary is None:
+            raise UnavailableError(f"TF Serving binary {self._config.tfserving.binary!r} is not on PATH")
+        port = free_port()
+        self._config_file.write_text(str(model_server_config(self._config, self._specific)))
+        command = build_command(self._config, binary, port, self._config_file)
+        logger.info("starting %s", " ".join(command))
+        self._process = subprocess.Popen(command, preexec_fn=_die_with_parent)
+        if self._channel is not None:
+            await self._channel.close()
+        self._connect(f"127.0.0.1:{port}")
+        await self._wait_until_available()
+
+    async def _wait_until_available(self) -> None:
+        deadline = time.monotonic() + self._config.tfserving.startup_timeout_s
+        while time.monotonic() < deadline:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                raise UnavailableError(
+                    f"tensorflow_model_server exited with code {self._process.returncode} during start-up"
+                )
+            await self.refresh()
+            if self._versions:
+                logger.info("TF Serving child %d ready: versions %s", self._process.pid, self._versions)
+                return
+            await asyncio.sleep(0.2)
+        raise UnavailableError(
+            f"tensorflow_model_server did not report an AVAILABLE version within "
+            f"{self._config.tfserving.startup_timeout_s}s ({self.health_problem()})"
+        )
+
+    async def _watch_child(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self._config.poll_interval_s)
+            if self._process is not None and self._process.poll() is not None and not self._stopping:
+                logger.error("TF Serving child exited with code %s; restarting", self._process.returncode)
+                self._versions = []
+                self._problem = f"TF Serving child exited with code {self._process.returncode}"
+                await asyncio.sleep(self._config.tfserving.restart_backoff_s)
+                try:
+                    await self._launch()
+                except Exception:
+                    logger.exception("restarting TF Serving failed; will retry")
+            elif self._pinned:
+                await self._update_policy()
+
+    async def _update_policy(self) -> None:
+        """Keep labelled versions loaded: switch the child to a specific-versions policy."""
+        available = model_store.list_versions(self._config.model_base_path)
+        wanted = sorted(desired_versions(available, self._config.num_versions, self._pinned))
+        if wanted == self._specific or not wanted:
+            return
+        self._specific = wanted
+        server_config = model_server_config(self._config, wanted)
+        self._config_file.write_text(str(server_config))
+        request = model_management_pb2.ReloadConfigRequest(config=server_config)
+        response = await self._model_stub.HandleReloadConfigRequest(
+            request, timeout=self._config.backend_timeout_s
+        )
+        if response.status.error_code:
+            logger.error("TF Serving refused the new config: %s", response.status.error_message)
+
+    def health_problem(self) -> str | None:
+        if self._process is None or self._process.poll() is not None:
+            return "TF Serving child process is not running"
+        return super().health_problem()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._watch_task:
+            self._watch_task.cancel()
+        await super().stop()
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                await asyncio.to_thread(self._process.wait, 5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+        shutil.rmtree(self._workdir, ignore_errors=True)

@@ -1,0 +1,93 @@
+"""Typed configuration of the serving application, validated once at the edge.
+
+``AppConfig`` is the ``args:`` block of a Serve config file (fixed for a deployment's
+life); ``LiveConfig`` is its ``user_config:`` block, which ``serve deploy`` changes on
+running replicas through ``reconfigure()`` without a restart.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+BackendKind = Literal["auto", "embedded", "tfserving", "remote"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TFServingOptions(_Strict):
+    """How a replica runs its own ``tensorflow_model_server`` child process."""
+
+    binary: str = "tensorflow_model_server"  # name on PATH or absolute path
+    enable_batching: bool = False  # TF Serving's own batching, under ours
+    batching_parameters_file: str | None = None
+    per_process_gpu_memory_fraction: float | None = Field(default=None, gt=0, le=1)
+    file_system_poll_wait_seconds: int = Field(default=1, ge=1)
+    startup_timeout_s: float = Field(default=60.0, gt=0)
+    restart_backoff_s: float = Field(default=1.0, ge=0)
+    extra_flags: list[str] = Field(default_factory=list)
+
+
+class Limits(_Strict):
+    """Guards applied before any work is done for a request."""
+
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    max_images_per_request: int = Field(default=1024, gt=0)
+    max_image_pixels: int = Field(default=4_000_000, gt=0)  # decompression-bomb guard
+    max_image_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+
+
+class AppConfig(_Strict):
+    """The serving app: which model, from where, through which backend."""
+
+    model_name: str = Field(default="mnist", pattern=r"^[A-Za-z0-9_.\-]+$")
+    model_base_path: str = "models/mnist"
+    backend: BackendKind = "auto"
+    remote_address: str | None = None  # host:port of an existing TF Serving (backend=remote)
+    poll_interval_s: float = Field(default=2.0, gt=0)
+    num_versions: int = Field(default=2, ge=1)  # latest N versions kept loaded
+    backend_timeout_s: float = Field(default=10.0, gt=0)  # deadline of each backend RPC
+    tfserving: TFServingOptions = Field(default_factory=TFServingOptions)
+    limits: Limits = Field(default_factory=Limits)
+
+    @model_validator(mode="after")
+    def _remote_needs_address(self) -> AppConfig:
+        if self.backend == "remote" and not self.remote_address:
+            raise ValueError("backend 'remote' needs remote_address (host:port)")
+        return self
+
+    def with_env_overrides(self, environ: dict[str, str] | None = None) -> AppConfig:
+        """Apply TF Serving's Docker conventions: ``$MODEL_BASE_PATH/$MODEL_NAME``."""
+        env = os.environ if environ is None else environ
+        name = env.get("MODEL_NAME") or None
+        base = env.get("MODEL_BASE_PATH") or None
+        if not name and not base:
+            return self
+        update: dict[str, str] = {}
+        if name:
+            update["model_name"] = name
+        if base:
+            update["model_base_path"] = os.path.join(base, name or self.model_name)
+        return self.model_validate({**self.model_dump(), **update})
+
+
+class LiveConfig(_Strict):
+    """Settings that change on running replicas (Serve ``user_config``)."""
+
+    max_batch_size: int = Field(default=32, ge=1)  # counted in images, not requests
+    batch_wait_timeout_s: float = Field(default=0.002, ge=0)
+    version_labels: dict[str, int] = Field(default_factory=dict)  # e.g. {stable: 1, canary: 2}
+    canary_traffic_percent: float = Field(default=0.0, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _canary_needs_label(self) -> LiveConfig:
+        if self.canary_traffic_percent > 0 and "canary" not in self.version_labels:
+            raise ValueError("canary_traffic_percent > 0 needs a 'canary' entry in version_labels")
+        for label, version in self.version_labels.items():
+            if version < 1:
+                raise ValueError(f"version label {label!r} -> {version}: versions are positive")
+        return self
