@@ -64,6 +64,8 @@ def _batch_images(items: list[_Item]) -> int:
 
 
 class Predictor:
+    """One per replica process: Ray Serve keeps a single batch queue per decorated method."""
+
     def __init__(self, config: AppConfig, backend: Backend, rng: random.Random | None = None) -> None:
         self.config = config
         self.backend = backend

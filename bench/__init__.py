@@ -1,0 +1,1 @@
+"""Benchmarks: our Ray Serve gRPC front door against a hand-written baseline."""

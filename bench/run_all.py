@@ -1,0 +1,522 @@
+"""Measure our Ray Serve gRPC front door against the hand-written baseline, point by point.
+
+For every variant it starts the server as a subprocess (its own session, free ports), waits
+until a Predict succeeds, drives it with ``bench.loadgen.run_load`` at concurrency 1, 8, 32
+with 1 and 32 images per request, then shuts it down (SIGINT to the process group) before the
+next variant starts: at most one Ray instance runs at a time. Prints a markdown table and
+writes every result as JSON to ``--out``.
+
+    .venv/bin/python -m bench.run_all --out bench/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+
+from bench.loadgen import build_requests, format_result, run_load
+
+REPO = Path(__file__).resolve().parent.parent
+SERVE_CONFIG = REPO / "serve_configs" / "local.yaml"
+CONCURRENCIES = (1, 8, 32)
+IMAGES_PER_REQUEST = (1, 32)
+BASELINE = "baseline-batched"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One server set-up to measure."""
+
+    name: str
+    kind: str  # "baseline" | "serve"
+    description: str
+    batching: bool = True  # baseline: in-process batcher on/off
+    max_batch_size: int = 32  # serve: user_config.max_batch_size
+    max_ongoing_requests: int | None = None  # serve: None keeps the config's value
+    throughput_optimized: bool = False  # serve: RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+    access_log: bool = True  # serve: logging_config.enable_access_log
+    concurrencies: tuple[int, ...] = CONCURRENCIES
+    images_per_request: tuple[int, ...] = IMAGES_PER_REQUEST
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant(BASELINE, "baseline", "hand-written grpc.aio + batcher (32 images / 2 ms), no Ray"),
+        Variant("baseline-unbatched", "baseline", "hand-written grpc.aio, one model call per request", False),
+        Variant("ray-batched", "serve", "serve_configs/local.yaml: Serve gRPC proxy, max_batch_size 32"),
+        Variant("ray-unbatched", "serve", "serve_configs/local.yaml with max_batch_size 1", max_batch_size=1),
+        Variant(
+            "ray-batched-mor128",
+            "serve",
+            "ray-batched with max_ongoing_requests 128 (config: 64)",
+            max_ongoing_requests=128,
+            concurrencies=(32,),
+        ),
+        Variant(
+            "ray-batched-noaccesslog",
+            "serve",
+            "ray-batched with logging_config.enable_access_log false (config: per-request INFO lines)",
+            access_log=False,
+            concurrencies=(32,),
+        ),
+        Variant(
+            "ray-throughput-opt",
+            "serve",
+            "ray-batched with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (direct ingress: the replica's own gRPC port)",
+            throughput_optimized=True,
+        ),
+    )
+}
+DEFAULT_VARIANTS = (
+    BASELINE,
+    "baseline-unbatched",
+    "ray-batched",
+    "ray-unbatched",
+    "ray-batched-mor128",
+    "ray-batched-noaccesslog",
+    "ray-throughput-opt",
+)
+
+
+@dataclass
+class Running:
+    """A started server: where to send load, plus what was learnt while starting it."""
+
+    target: str
+    notes: dict[str, Any] = field(default_factory=dict)
+    sid: int | None = None  # the server's session, for CPU accounting
+
+
+# -- processes -----------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _free_port_range(width: int) -> int:
+    """First port of ``width`` consecutive ports that are free right now."""
+    for _ in range(50):
+        first = _free_port()
+        if first + width > 65000:
+            continue
+        ports = range(first, first + width)
+        if all(_port_is_free(p) for p in ports):
+            return first
+    raise RuntimeError(f"no {width} consecutive free ports found")
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+        return True
+
+
+def _session_pids(sid: int) -> list[int]:
+    """PIDs still alive in session ``sid`` (the processes a Popen(start_new_session=True) left)."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,sid="], capture_output=True, text=True).stdout
+    pids = []
+    for line in out.splitlines():
+        pid, session = (int(x) for x in line.split())
+        if session == sid:
+            pids.append(pid)
+    return pids
+
+
+def _stop_session(proc: subprocess.Popen[bytes], grace_s: float) -> str:
+    """Stop a server started with ``start_new_session=True``; say how it ended.
+
+    SIGINT goes to the leader first (``serve run`` then shuts Serve and its local cluster down
+    in order), then to the whole process group, then SIGTERM and SIGKILL; whatever is left of
+    the session afterwards is killed. A group-wide SIGINT first would also hit the cluster's
+    own GCS and raylet, and ``serve run``'s ``serve.shutdown()`` can then wait on a GCS that is
+    already gone (seen once here: no exit 60 s after SIGINT).
+    """
+    sid = proc.pid  # the child leads its own session and process group
+    how = "exited by itself"
+    for how, send, wait_s in (
+        ("SIGINT to serve run", lambda: os.kill(sid, signal.SIGINT), grace_s),
+        ("SIGINT to the process group", lambda: os.killpg(sid, signal.SIGINT), 15.0),
+        ("SIGTERM to the process group", lambda: os.killpg(sid, signal.SIGTERM), 15.0),
+        ("SIGKILL to the process group", lambda: os.killpg(sid, signal.SIGKILL), 15.0),
+    ):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            send()
+        try:
+            proc.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            print(f"  [pid {sid}] still running {wait_s:.0f}s after {how}", flush=True)
+    deadline = time.monotonic() + 20
+    while _session_pids(sid) and time.monotonic() < deadline:  # Ray's daemons exit after the driver
+        time.sleep(0.5)
+    for pid in _session_pids(sid):  # still there: they are ours (our session), so end them
+        print(f"  [pid {sid}] killing leftover pid {pid}", flush=True)
+        how += " (+ leftovers killed)"
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return how
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
+
+
+def _component(pid: int) -> str:
+    """Ray's process title (``ray::ProxyActor``, ``ray::ServeReplica:...``), else the module or name."""
+    try:
+        argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+    if argv[0].startswith("ray::"):
+        return argv[0].split()[0].split(".")[0]
+    if "-m" in argv[:-1]:
+        return argv[argv.index("-m") + 1]
+    return comm
+
+
+def _cpu_snapshot(sid: int | None) -> dict[str, float]:
+    """CPU seconds so far by component: the server's session plus this process (the client)."""
+    totals: dict[str, float] = {"client (loadgen)": _cpu_s(os.getpid())}
+    for pid in _session_pids(sid) if sid else []:
+        name = _component(pid)
+        totals[name] = totals.get(name, 0.0) + _cpu_s(pid)
+    return totals
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _predict_ok(target: str, request: Any, timeout_s: float) -> bool:
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        try:
+            response = stub.Predict(request, timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+        return "classes" in response.outputs
+
+
+def _wait_ready(
+    proc: subprocess.Popen[bytes], candidates: list[str], request: Any, deadline_s: float, log: Path
+) -> str:
+    """The first of ``candidates`` that answers a Predict, probing until ``deadline_s``."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready:\n{_log_tail(log)}")
+        for target in candidates:
+            if _predict_ok(target, request, timeout_s=2.0):
+                return target
+        time.sleep(1.0)
+    raise TimeoutError(f"no Predict succeeded on {candidates} within {deadline_s:.0f}s:\n{_log_tail(log)}")
+
+
+def _listening(host: str, ports: range) -> list[int]:
+    found = []
+    for port in ports:
+        with socket.socket() as sock:
+            sock.settimeout(0.2)
+            if sock.connect_ex((host, port)) == 0:
+                found.append(port)
+    return found
+
+
+@contextlib.contextmanager
+def baseline_server(variant: Variant, args: argparse.Namespace, workdir: Path) -> Iterator[Running]:
+    """Start ``bench.baseline_server`` on a free port; stop it on exit."""
+    port = _free_port()
+    log = workdir / f"{variant.name}.log"
+    model_dir = Path(args.model_base_path) / args.model_name / str(args.model_version)
+    cmd = [sys.executable, "-m", "bench.baseline_server", "--port", str(port), "--model-dir", str(model_dir)]
+    if not variant.batching:
+        cmd.append("--no-batching")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    started = time.monotonic()
+    notes: dict[str, Any] = {}
+    try:
+        request = build_requests(args.model_name, 1, count=1)[0][0]
+        target = _wait_ready(proc, [f"127.0.0.1:{port}"], request, args.ready_timeout_s, log)
+        notes["ready_s"] = round(time.monotonic() - started, 1)
+        yield Running(target, notes, proc.pid)
+    finally:
+        notes["stopped_by"] = _stop_session(proc, grace_s=15)
+        print(f"  baseline log tail: {_log_tail(log, 1)}", flush=True)
+
+
+def _write_serve_config(variant: Variant, path: Path, http_port: int, grpc_port: int) -> None:
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    config["http_options"]["port"] = http_port
+    config["grpc_options"]["port"] = grpc_port
+    (app,) = config["applications"]
+    (deployment,) = app["deployments"]
+    deployment["user_config"]["max_batch_size"] = variant.max_batch_size
+    if variant.max_ongoing_requests is not None:
+        deployment["max_ongoing_requests"] = variant.max_ongoing_requests
+    if not variant.access_log:
+        config["logging_config"]["enable_access_log"] = False
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+@contextlib.contextmanager
+def serve_app(variant: Variant, args: argparse.Namespace, workdir: Path) -> Iterator[Running]:
+    """``serve run -a local`` a copy of serve_configs/local.yaml in a fresh RAY_TMPDIR; stop it on exit."""
+    http_port, grpc_port = _free_port(), _free_port()
+    config_path = workdir / f"{variant.name}.yaml"
+    _write_serve_config(variant, config_path, http_port, grpc_port)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rb", dir="/tmp"))  # short: Ray's socket paths have a limit
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(
+        RAY_TMPDIR=str(ray_tmp),
+        RAY_AUTH_MODE="disabled",  # throwaway local cluster (RAY_FACTS: Operations)
+        MODEL_NAME=args.model_name,
+        MODEL_BASE_PATH=str(args.model_base_path),
+        PYTHONUNBUFFERED="1",  # keep serve run's last lines in the log even if it must be killed
+    )
+    direct_ports = range(0)
+    if variant.throughput_optimized:
+        grpc_first, http_first = _free_port_range(20), _free_port_range(20)
+        direct_ports = range(grpc_first, grpc_first + 20)
+        env.update(
+            RAY_SERVE_THROUGHPUT_OPTIMIZED="1",
+            RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT=str(grpc_first),
+            RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT=str(grpc_first + 19),
+            RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(http_first),
+            RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(http_first + 19),
+        )
+    log = workdir / f"{variant.name}.log"
+    cmd = [str(Path(sys.executable).parent / "serve"), "run", "-a", "local", str(config_path)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    started = time.monotonic()
+    proxy = f"127.0.0.1:{grpc_port}"
+    notes: dict[str, Any] = {"ray_tmpdir": str(ray_tmp)}
+    try:
+        request = build_requests(args.model_name, 1, count=1)[0][0]
+        if not variant.throughput_optimized:
+            target = _wait_ready(proc, [proxy], request, args.ready_timeout_s, log)
+            notes["ready_s"] = round(time.monotonic() - started, 1)
+            yield Running(target, notes, proc.pid)
+            return
+        # Direct ingress: the replica listens on a port of its own from the range we gave it.
+        notes["proxy_target"] = proxy
+        notes["direct_port_range"] = [direct_ports[0], direct_ports[-1]]
+        deadline = time.monotonic() + args.ready_timeout_s
+        direct = None
+        while direct is None and time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"serve run exited with {proc.returncode}:\n{_log_tail(log)}")
+            for port in _listening("127.0.0.1", direct_ports):
+                if _predict_ok(f"127.0.0.1:{port}", request, timeout_s=2.0):
+                    direct = f"127.0.0.1:{port}"
+                    break
+            else:
+                time.sleep(1.0)
+        if direct is None:
+            raise TimeoutError(f"no direct-ingress gRPC port answered in {direct_ports}:\n{_log_tail(log)}")
+        notes["ready_s"] = round(time.monotonic() - started, 1)
+        notes["direct_target"] = direct
+        notes["proxy_answers_predict"] = _predict_ok(proxy, request, timeout_s=5.0)
+        notes["proxy_port_listening"] = bool(_listening("127.0.0.1", range(grpc_port, grpc_port + 1)))
+        yield Running(direct, notes, proc.pid)
+    finally:
+        notes["stopped_by"] = _stop_session(proc, grace_s=60)
+        notes["exit_code"] = proc.returncode
+        print(f"  serve run exited with {proc.returncode} ({notes['stopped_by']})", flush=True)
+        if not args.keep_ray_tmp:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# -- measuring -------------------------------------------------------------------------------------
+def _measure(target: str, args: argparse.Namespace, c: int, k: int, sid: int | None = None) -> dict[str, Any]:
+    """``args.repeat`` runs of one point; the one with the median img/s (its own latencies)."""
+    runs = []
+    for _ in range(args.repeat):
+        cpu_before, wall_before = _cpu_snapshot(sid), time.monotonic()
+        result = asyncio.run(
+            run_load(
+                target,
+                args.model_name,
+                c,
+                args.duration_s,
+                k,
+                warmup_s=args.warmup_s,
+                timeout_s=args.timeout_s,
+            )
+        )
+        wall_s = time.monotonic() - wall_before
+        cpu_after = _cpu_snapshot(sid)
+        # CPU cores each component used over the run (warm-up included), busiest first
+        cores = {name: (cpu_after[name] - cpu_before.get(name, 0.0)) / wall_s for name in cpu_after}
+        result["cpu_cores"] = {
+            n: round(v, 2) for n, v in sorted(cores.items(), key=lambda kv: -kv[1]) if v >= 0.02
+        }
+        result["loadavg_1m"] = os.getloadavg()[0]
+        print(f"    {format_result(result)}; cores {result['cpu_cores']}", flush=True)
+        runs.append(result)
+    runs.sort(key=lambda r: r["img_per_s"])
+    median = dict(runs[(len(runs) - 1) // 2])
+    median["img_per_s_runs"] = [round(r["img_per_s"], 1) for r in runs]
+    median["img_per_s_median"] = statistics.median(r["img_per_s"] for r in runs)
+    return median
+
+
+def _run_variant(variant: Variant, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    print(f"\n== {variant.name}: {variant.description}", flush=True)
+    start = baseline_server if variant.kind == "baseline" else serve_app
+    record: dict[str, Any] = {"variant": variant.name, "description": variant.description, "points": []}
+    try:
+        with start(variant, args, workdir) as running:
+            print(f"  ready at {running.target}: {running.notes}", flush=True)
+            record["notes"] = running.notes
+            record["target"] = running.target
+            for k in variant.images_per_request:
+                for c in variant.concurrencies:
+                    record["points"].append(_measure(running.target, args, c, k, running.sid))
+            if variant.throughput_optimized and running.notes.get("proxy_answers_predict"):
+                # The proxy port still answers: how fast is it in this mode, at the busiest point?
+                proxy = running.notes["proxy_target"]
+                record["proxy_points"] = [
+                    _measure(proxy, args, 32, k, running.sid) for k in variant.images_per_request
+                ]
+    except Exception as exc:  # report and go on with the next variant
+        print(f"  FAILED: {exc}", flush=True)
+        record["error"] = f"{type(exc).__name__}: {exc}"
+    return record
+
+
+# -- reporting ------------------------------------------------------------------------------------
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    """variant | c | images/request | img/s | p50 | p99 | errors | ratio to the baseline's img/s."""
+    baseline = {
+        (p["concurrency"], p["images_per_request"]): p["img_per_s"]
+        for r in records
+        if r["variant"] == BASELINE
+        for p in r["points"]
+    }
+    lines = [
+        "| variant | c | images/request | img/s | p50 ms | p99 ms | errors | vs baseline |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for record in records:
+        rows = [(record["variant"], p) for p in record["points"]]
+        rows += [(f"{record['variant']} (via proxy)", p) for p in record.get("proxy_points", [])]
+        if record.get("error"):
+            lines.append(f"| {record['variant']} | - | - | failed: {record['error'][:80]} | | | | |")
+        for name, p in rows:
+            base = baseline.get((p["concurrency"], p["images_per_request"]))
+            ratio = f"{p['img_per_s'] / base:.2f}" if base and record["variant"] != BASELINE else "-"
+            errors = ", ".join(f"{k} {v}" for k, v in sorted(p["errors"].items())) or "0"
+            lines.append(
+                f"| {name} | {p['concurrency']} | {p['images_per_request']} | {p['img_per_s']:.0f} | "
+                f"{_fmt(p['p50_ms'])} | {_fmt(p['p99_ms'])} | {errors} | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="where to write the results (JSON)")
+    parser.add_argument("--model-base-path", type=Path, default=REPO / "runs")
+    parser.add_argument("--model-name", default="full1")
+    parser.add_argument("--model-version", type=int, default=1, help="the version the baseline serves")
+    parser.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated, from: {', '.join(VARIANTS)}",
+    )
+    parser.add_argument("--duration-s", type=float, default=10.0)
+    parser.add_argument("--warmup-s", type=float, default=2.0)
+    parser.add_argument("--timeout-s", type=float, default=5.0, help="deadline of every RPC")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per point; the median is reported")
+    parser.add_argument("--ready-timeout-s", type=float, default=240.0)
+    parser.add_argument("--log-dir", type=Path, default=None, help="server logs (default: a new temp dir)")
+    parser.add_argument("--keep-ray-tmp", action="store_true", help="keep each run's RAY_TMPDIR (Ray's logs)")
+    args = parser.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    args.model_base_path = args.model_base_path.resolve()
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Measure every selected variant, print the table, write ``--out``."""
+    args = _parse_args(argv)
+    started = datetime.datetime.now().astimezone()
+    load_before = os.getloadavg()
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="bench-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    print(f"server logs and configs in {log_dir}", flush=True)
+    records = [_run_variant(VARIANTS[name], args, log_dir) for name in args.variants.split(",")]
+    table = markdown_table(records)
+    print("\n" + table)
+    report = {
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
+        "results": records,
+        "table": table,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Ray Train for real: 1- and 2-worker runs publish versions that load and predict correctly.
+
+One local Ray cluster is shared by the module; each run uses the CLI's ``main()``.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import ray
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
+
+from training import model_store, train
+from training.data import load_mnist
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SMOKE_ACCURACY = 0.97
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tmp_path_factory.mktemp("models") / "mnist"
+
+
+@pytest.fixture(scope="module")
+def published(ray_cluster, store):
+    """Version 1 from 1 worker, version 2 from 2 workers (the 2-worker run is the real distributed path)."""
+    base = ["--model_path", str(store), "--smoke-test", "--epochs", "2", "--seed", "1"]
+    assert train.main([*base, "--num-workers", "1"]) == 0
+    assert train.main([*base, "--num-workers", "2"]) == 0
+    return store
+
+
+def _metrics(store, version):
+    return model_store.read_metrics(store, version)
+
+
+def test_versions_1_and_2_published(published):
+    assert model_store.list_versions(published) == [1, 2]
+    assert _metrics(published, 1)["workers"] == 1
+    assert _metrics(published, 2)["workers"] == 2
+
+
+def test_two_workers_match_one_worker_and_do_not_stall(published):
+    one, two = _metrics(published, 1), _metrics(published, 2)
+    assert one["test_accuracy"] >= SMOKE_ACCURACY
+    assert two["test_accuracy"] >= SMOKE_ACCURACY
+    assert abs(one["test_accuracy"] - two["test_accuracy"]) <= 0.015  # same within noise
+    for metrics in (one, two):
+        assert len(metrics["epoch_s"]) == 2
+        # A tf.data destructor stall shows up as a multi-second epoch on this small run.
+        assert max(metrics["epoch_s"]) < 4 * min(metrics["epoch_s"]) + 5, metrics["epoch_s"]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_both_signatures_predict_real_test_digits(published, version):
+    test = load_mnist().test
+    images, labels = test.images[-500:], test.labels[-500:]  # digits the smoke run never evaluated on
+    loaded = tf.saved_model.load(str(model_store.version_path(published, version)))
+    assert {"serving_default", "predict_images"} <= set(loaded.signatures)
+
+    default = loaded.signatures["serving_default"](images=tf.constant(images))
+    assert default["probabilities"].shape == (500, 10) and default["classes"].dtype == tf.int64
+    np.testing.assert_allclose(default["probabilities"].numpy().sum(axis=1), 1.0, rtol=1e-5)
+    assert np.mean(default["classes"].numpy() == labels) >= 0.95
+
+    flat = tf.constant(images.reshape(-1, 784).astype(np.float32) / 255.0)
+    scores = loaded.signatures["predict_images"](images=flat)["scores"].numpy()
+    np.testing.assert_array_equal(np.argmax(scores, axis=1), default["classes"].numpy())
+
+
+def test_metrics_and_warmup_records_are_parseable(published):
+    version_dir = model_store.version_path(published, 2)
+    metrics = json.loads((version_dir / "assets.extra" / "metrics.json").read_text())
+    for key in ("test_accuracy", "test_loss", "epochs", "workers", "data_source", "git_commit", "created_at"):
+        assert key in metrics
+    records = list(tf.data.TFRecordDataset(str(version_dir / "assets.extra" / "tf_serving_warmup_requests")))
+    assert records
+    signatures = set()
+    for raw in records:
+        log = prediction_log_pb2.PredictionLog.FromString(raw.numpy())
+        assert log.HasField("predict_log")
+        signatures.add(log.predict_log.request.model_spec.signature_name)
+        assert "images" in log.predict_log.request.inputs
+    assert signatures == {"serving_default", "predict_images"}
+
+
+def test_gate_refuses_and_publishes_nothing(published, capsys):
+    code = train.main(
+        [
+            "--model_path",
+            str(published),
+            "--smoke-test",
+            "--epochs",
+            "1",
+            "--init-from",
+            "latest",
+            "--min-accuracy",
+            "0.9999",
+        ]
+    )
+    assert code == train.EXIT_GATE_REFUSED
+    assert "below --min-accuracy" in capsys.readouterr().err
+    assert model_store.list_versions(published) == [1, 2]
+    assert not [p for p in published.iterdir() if p.name.startswith(".staging")]

@@ -1,0 +1,25 @@
+"""Unit tests never start Ray: any attempt fails loudly."""
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _no_ray(monkeypatch):
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unit tests must not start Ray (ray.init was called)")
+
+    monkeypatch.setattr(ray, "init", refuse)
+
+
+@pytest.fixture
+def replica_context(monkeypatch):
+    """Lets Ray Serve's real ``@serve.batch`` run outside a replica (it asks for the replica's config)."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=1024))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    return context

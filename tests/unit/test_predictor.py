@@ -1,0 +1,277 @@
+"""The predictor with the real embedded backend and Ray Serve's real batcher (no cluster)."""
+
+import asyncio
+import io
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ray_app.backends.embedded import EmbeddedBackend
+from ray_app.config import AppConfig, LiveConfig
+from ray_app.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError
+from ray_app.predictor import InferenceRequest, Predictor
+from tests.conftest import publish_copy
+from training.data import load_mnist
+
+pytestmark = pytest.mark.usefixtures("replica_context")
+
+TEST = load_mnist().test
+
+# Ray Serve keeps one batch queue per decorated method (not per instance), bound to the
+# event loop of its first call; as in a replica, every test here runs on one loop.
+_LOOP = asyncio.new_event_loop()
+
+
+def _run(store, body, live: LiveConfig | None = None, seed: int = 0, **config):
+    async def main():
+        app_config = AppConfig(model_base_path=str(store), poll_interval_s=0.2, **config)
+        backend = EmbeddedBackend(app_config)
+        await backend.start()
+        predictor = Predictor(app_config, backend, rng=random.Random(seed))
+        predictor.reconfigure(live or LiveConfig())
+        try:
+            return await body(predictor, backend)
+        finally:
+            await backend.stop()
+
+    return _LOOP.run_until_complete(main())
+
+
+def _request(images=None, **kwargs):
+    images = TEST.images[:4] if images is None else images
+    return InferenceRequest(model_name="mnist", inputs={"images": images}, **kwargs)
+
+
+def _png(array: np.ndarray, size: int = 28, invert: bool = False, mode: str = "L") -> bytes:
+    image = Image.fromarray(255 - array if invert else array).resize((size, size)).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_predicts_real_digits_and_reports_version(store):
+    async def body(predictor, _):
+        return await predictor.predict(_request(TEST.images[:200]))
+
+    result = _run(store, body)
+    assert result.version == 1 and result.signature_name == "serving_default"
+    assert np.mean(result.outputs["classes"] == TEST.labels[:200]) >= 0.9
+    assert result.outputs["probabilities"].shape == (200, 10)
+
+
+def test_predict_images_signature_matches_default(store):
+    async def body(predictor, _):
+        flat = TEST.images[:16].reshape(16, 784).astype(np.float32) / 255.0
+        scores = await predictor.predict(_request(flat, signature_name="predict_images"))
+        default = await predictor.predict(_request(TEST.images[:16]))
+        return scores, default
+
+    scores, default = _run(store, body)
+    np.testing.assert_array_equal(np.argmax(scores.outputs["scores"], 1), default.outputs["classes"])
+
+
+def test_image_bytes_signature_any_size_polarity_and_colour(store):
+    encoded = [
+        _png(TEST.images[i], size, invert, mode)
+        for i, (size, invert, mode) in enumerate(
+            [(28, False, "L"), (100, True, "L"), (300, False, "RGB"), (57, True, "RGB")] * 5
+        )
+    ]
+    labels = TEST.labels[: len(encoded)]
+
+    async def body(predictor, _):
+        request = InferenceRequest(
+            model_name="mnist",
+            signature_name="predict_image_bytes",
+            inputs={"image_bytes": np.array(encoded, dtype=object)},
+        )
+        return await predictor.predict(request)
+
+    result = _run(store, body)
+    assert np.mean(result.outputs["classes"] == labels) >= 0.85
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "error", "message"),
+    [
+        (
+            {"images": TEST.images[:2].astype(np.float32)},
+            InvalidArgumentError,
+            "dtype float32, expected uint8",
+        ),
+        ({"images": TEST.images[:2, :20]}, InvalidArgumentError, "shape [2, 20, 28]"),
+        ({"images": TEST.images[:0]}, InvalidArgumentError, "empty batch"),
+        ({"signature_name": "nope"}, NotFoundError, "signature 'nope' not found"),
+        ({"version": 9}, NotFoundError, "version 9 of model 'mnist' is not loaded"),
+        ({"version_label": "gold"}, NotFoundError, "unknown version label 'gold'"),
+    ],
+)
+def test_bad_requests_get_clear_errors(store, request_kwargs, error, message):
+    images = request_kwargs.pop("images", None)
+
+    async def body(predictor, _):
+        with pytest.raises(error) as info:
+            await predictor.predict(_request(images, **request_kwargs))
+        # and the predictor keeps serving
+        ok = await predictor.predict(_request())
+        return str(info.value), ok
+
+    text, ok = _run(store, body)
+    assert message in text
+    assert ok.version == 1
+
+
+def test_nan_unknown_model_too_many_images_and_bad_image_bytes(store):
+    async def body(predictor, _):
+        flat = np.full((1, 784), np.nan, np.float32)
+        with pytest.raises(InvalidArgumentError, match="NaN"):
+            await predictor.predict(_request(flat, signature_name="predict_images"))
+        with pytest.raises(NotFoundError, match="model 'other' not found"):
+            await predictor.predict(InferenceRequest(model_name="other", inputs={"images": TEST.images[:1]}))
+        with pytest.raises(ResourceExhaustedError, match="limit is 8"):
+            await predictor.predict(_request(TEST.images[:9]))
+        truncated = _png(TEST.images[0])[:40]
+        with pytest.raises(InvalidArgumentError, match="image 0: .*decode"):
+            await predictor.predict(
+                InferenceRequest(
+                    model_name="mnist",
+                    signature_name="predict_image_bytes",
+                    inputs={"image_bytes": np.array([truncated], dtype=object)},
+                )
+            )
+
+    from ray_app.config import Limits
+
+    _run(store, body, limits=Limits(max_images_per_request=8))
+
+
+def test_concurrent_requests_are_batched_by_image_count(store):
+    calls: list[int] = []
+
+    async def body(predictor, backend):
+        original = backend.predict
+
+        async def counting(version, signature, inputs, output_filter):
+            calls.append(len(next(iter(inputs.values()))))
+            return await original(version, signature, inputs, output_filter)
+
+        backend.predict = counting
+        singles = [predictor.predict(_request(TEST.images[i : i + 1])) for i in range(12)]
+        results = await asyncio.gather(*singles)
+        return results
+
+    results = _run(store, body, live=LiveConfig(max_batch_size=8, batch_wait_timeout_s=0.05))
+    assert [int(r.outputs["classes"][0]) for r in results] == _expected_classes(store, 12)
+    assert sum(calls) == 12 and max(calls) <= 8 and len(calls) < 12  # real batches, capped at 8 images
+
+
+def _expected_classes(store, n):
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(store / "1"))
+    return (
+        loaded.signatures["serving_default"](images=tf.constant(TEST.images[:n]))["classes"].numpy().tolist()
+    )
+
+
+def test_different_signatures_never_share_a_backend_call(store):
+    calls: list[str] = []
+
+    async def body(predictor, backend):
+        original = backend.predict
+
+        async def recording(version, signature, inputs, output_filter):
+            calls.append(signature)
+            return await original(version, signature, inputs, output_filter)
+
+        backend.predict = recording
+        flat = TEST.images[:1].reshape(1, 784).astype(np.float32) / 255.0
+        await asyncio.gather(
+            predictor.predict(_request(TEST.images[:1])),
+            predictor.predict(_request(flat, signature_name="predict_images")),
+            predictor.predict(_request(TEST.images[1:2])),
+        )
+
+    _run(store, body, live=LiveConfig(max_batch_size=8, batch_wait_timeout_s=0.05))
+    assert sorted(calls) == ["predict_images", "serving_default"]
+
+
+def test_live_reconfigure_changes_batch_limit(store):
+    calls: list[int] = []
+
+    async def body(predictor, backend):
+        original = backend.predict
+
+        async def counting(version, signature, inputs, output_filter):
+            calls.append(len(next(iter(inputs.values()))))
+            return await original(version, signature, inputs, output_filter)
+
+        backend.predict = counting
+        predictor.reconfigure(LiveConfig(max_batch_size=1, batch_wait_timeout_s=0.05))
+        await asyncio.gather(*(predictor.predict(_request(TEST.images[i : i + 1])) for i in range(4)))
+        assert calls == [1, 1, 1, 1]
+        calls.clear()
+        predictor.reconfigure(LiveConfig(max_batch_size=4, batch_wait_timeout_s=0.05))
+        await asyncio.gather(*(predictor.predict(_request(TEST.images[i : i + 1])) for i in range(4)))
+        assert calls == [4]
+
+    _run(store, body)
+
+
+def test_new_version_is_loaded_and_pinned_old_version_still_answers(store, trained_export):
+    async def body(predictor, backend):
+        assert (await predictor.predict(_request())).version == 1
+        publish_copy(trained_export, store, 2)
+        for _ in range(50):
+            if backend.versions() == [1, 2]:
+                break
+            await asyncio.sleep(0.1)
+        latest = await predictor.predict(_request())
+        pinned = await predictor.predict(_request(version=1))
+        return latest.version, pinned.version
+
+    assert _run(store, body) == (2, 1)
+
+
+def test_labels_and_canary_split(store, trained_export):
+    publish_copy(trained_export, store, 2)
+    live = LiveConfig(version_labels={"stable": 1, "canary": 2}, canary_traffic_percent=25)
+
+    async def body(predictor, _):
+        unpinned = [(await predictor.predict(_request(TEST.images[:1]))).version for _ in range(200)]
+        stable = (await predictor.predict(_request(version_label="stable"))).version
+        canary = (await predictor.predict(_request(version_label="canary"))).version
+        return unpinned, stable, canary
+
+    unpinned, stable, canary = _run(store, body, live=live)
+    assert (stable, canary) == (1, 2)
+    share = unpinned.count(2) / len(unpinned)
+    assert 0.15 <= share <= 0.35, share
+
+
+def test_labelled_old_version_stays_loaded(store, trained_export):
+    for version in (2, 3):
+        publish_copy(trained_export, store, version)
+
+    async def body(predictor, backend):
+        await backend.sync()  # apply the pinned label
+        return backend.versions(), (await predictor.predict(_request(version_label="stable"))).version
+
+    versions, answered = _run(store, body, live=LiveConfig(version_labels={"stable": 1}), num_versions=1)
+    assert versions == [1, 3] and answered == 1
+
+
+def test_empty_store_is_unavailable_not_a_crash(tmp_path):
+    async def body(predictor, backend):
+        assert "no loadable version" in backend.health_problem()
+        with pytest.raises(UnavailableError):
+            await predictor.predict(_request())
+
+    _run(tmp_path / "empty", body)
+
+
+def test_canary_share_needs_a_canary_label():
+    with pytest.raises(ValueError, match="canary"):
+        LiveConfig(canary_traffic_percent=10)
