@@ -1,0 +1,152 @@
+"""The ``tfserving`` (sidecar) and ``remote`` backends against the TF Serving stand-in.
+
+``ray_app`` launches ``tensorflow_model_server`` from PATH exactly as in production; here
+PATH leads to the stand-in (tests/fake_tfserving), which speaks the real protocol.
+"""
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from ray_app.backends import make_backend, resolve_kind
+from ray_app.backends.remote import RemoteBackend
+from ray_app.backends.tfserving import TFServingBackend, free_port
+from ray_app.config import AppConfig, TFServingOptions
+from ray_app.errors import InvalidArgumentError, NotFoundError
+from tests.conftest import publish_copy
+from tests.fake_tfserving import install_fake_tfserving
+from training.data import load_mnist
+
+IMAGES = load_mnist().test.images[:8]
+LABELS = load_mnist().test.labels[:8]
+
+
+@pytest.fixture
+def fake_binary_on_path(tmp_path, monkeypatch):
+    install_fake_tfserving(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+
+
+def _config(store, **kwargs) -> AppConfig:
+    return AppConfig(
+        model_base_path=str(store),
+        poll_interval_s=0.3,
+        tfserving=TFServingOptions(startup_timeout_s=60),
+        **kwargs,
+    )
+
+
+def _wait(condition, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError("condition not met in time")
+
+
+async def _await(condition, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError("condition not met in time")
+
+
+def test_auto_picks_tfserving_when_the_binary_is_on_path(store, fake_binary_on_path):
+    assert resolve_kind(_config(store)) == "tfserving"
+    assert isinstance(make_backend(_config(store)), TFServingBackend)
+
+
+def test_auto_falls_back_to_embedded(store, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert resolve_kind(_config(store)) == "embedded"
+
+
+def test_sidecar_serves_reloads_restarts_and_stops(store, trained_export, fake_binary_on_path):
+    async def scenario():
+        backend = TFServingBackend(_config(store))
+        await backend.start()
+        try:
+            assert backend.versions() == [1]
+            assert {"serving_default", "predict_images"} <= set(backend.signatures(1))
+            outputs = await backend.predict(1, "serving_default", {"images": IMAGES}, ())
+            assert np.mean(outputs["classes"] == LABELS) >= 0.75
+            with pytest.raises(InvalidArgumentError):
+                await backend.predict(1, "serving_default", {"images": IMAGES.astype(np.float32)}, ())
+            with pytest.raises(NotFoundError):
+                await backend.predict(5, "serving_default", {"images": IMAGES}, ())
+
+            publish_copy(trained_export, store, 2)  # the child's own file-system poll finds it
+            await _await(lambda: backend.versions() == [1, 2])
+
+            first_pid = backend.pid
+            os.kill(first_pid, signal.SIGKILL)
+            await _await(lambda: backend.pid != first_pid and backend.versions() == [1, 2], 60)
+            assert backend.health_problem() is None
+            outputs = await backend.predict(2, "serving_default", {"images": IMAGES}, ())
+            assert outputs["classes"].shape == (8,)
+        finally:
+            child = backend.pid
+            await backend.stop()
+        assert subprocess.run(["kill", "-0", str(child)], capture_output=True).returncode != 0
+
+    asyncio.run(scenario())
+
+
+def test_sidecar_keeps_a_labelled_old_version_loaded(store, trained_export, fake_binary_on_path):
+    for version in (2, 3):
+        publish_copy(trained_export, store, version)
+
+    async def scenario():
+        backend = TFServingBackend(_config(store, num_versions=1))
+        await backend.start()
+        try:
+            await _await(lambda: backend.versions() == [3])
+            backend.set_pinned_versions([1])
+            await _await(lambda: backend.versions() == [1, 3])
+        finally:
+            await backend.stop()
+
+    asyncio.run(scenario())
+
+
+def test_remote_backend_forwards_to_a_running_tf_serving(store, tmp_path):
+    binary = install_fake_tfserving(tmp_path / "bin")
+    port = free_port()
+    process = subprocess.Popen(
+        [str(binary), f"--port={port}", "--model_name=mnist", f"--model_base_path={store}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        async def scenario():
+            backend = RemoteBackend(_config(store, backend="remote", remote_address=f"127.0.0.1:{port}"),
+                                    address=f"127.0.0.1:{port}")
+            await backend.start()
+            try:
+                await _await(lambda: (asyncio.ensure_future(backend.refresh()), backend.versions() == [1])[1], 60)
+                outputs = await backend.predict(1, "predict_images", {
+                    "images": IMAGES.reshape(8, 784).astype(np.float32) / 255.0}, ())
+                assert np.mean(np.argmax(outputs["scores"], 1) == LABELS) >= 0.75
+            finally:
+                await backend.stop()
+
+        asyncio.run(scenario())
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_missing_binary_is_a_clear_error(store, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    backend = TFServingBackend(_config(store, backend="tfserving"))
+    with pytest.raises(Exception, match="not on PATH"):
+        asyncio.run(backend.start())
