@@ -242,3 +242,40 @@ def test_new_version_is_served_under_load_without_failures(served):
     assert switched_s < 10, switched_s  # poll interval 0.5 s plus load and warm-up
     pinned = _stub(served).Predict(_predict_request(TEST.images[:1], version=1), timeout=30)
     assert pinned.model_spec.version.value == 1  # the previous version is still loaded
+
+
+def test_overload_gets_resource_exhausted_quickly(served):
+    """With tiny queues, excess concurrent requests are refused at once instead of timing out."""
+    from ray_app.deployment import MnistServer
+
+    args = {**_load_yaml("local.yaml")["applications"][0]["args"], "model_base_path": str(served["store"])}
+    serve.run(
+        MnistServer.options(
+            max_ongoing_requests=1,
+            max_queued_requests=1,
+            user_config={"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
+            ray_actor_options={"num_cpus": 0.5},
+        ).bind(AppConfig.model_validate(args).model_dump()),
+        name="mnist",
+        route_prefix="/",
+    )
+    request = _predict_request(TEST.images[:512])  # slow enough to keep the replica busy
+
+    def call() -> tuple[grpc.StatusCode, float]:
+        started = time.monotonic()
+        try:
+            _stub(served).Predict(request, timeout=30)
+            return grpc.StatusCode.OK, time.monotonic() - started
+        except grpc.RpcError as exc:
+            return exc.code(), time.monotonic() - started
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        outcomes = list(pool.map(lambda _: call(), range(32)))
+    codes = [code for code, _ in outcomes]
+    assert grpc.StatusCode.OK in codes
+    refused = [seconds for code, seconds in outcomes if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert refused, codes
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert min(refused) < 5.0
+    status, body = _http(served, "/v1/models/mnist")
+    assert status == 200  # still healthy afterwards
