@@ -145,14 +145,16 @@ class TFServingBackend(RemoteBackend):
                     await self._launch()
                 except Exception:
                     logger.exception("restarting TF Serving failed; will retry")
-            elif self._pinned:
+            elif self._pinned or self._specific:
                 await self._update_policy()
 
     async def _update_policy(self) -> None:
         """Keep labelled versions loaded: switch the child to a specific-versions policy."""
-        available = model_store.list_versions(self._config.model_base_path)
-        wanted = sorted(desired_versions(available, self._config.num_versions, self._pinned))
-        if wanted == self._specific or not wanted:
+        wanted: list[int] = []  # empty: back to TF Serving's own latest-N policy
+        if self._pinned:
+            available = model_store.list_versions(self._config.model_base_path)
+            wanted = sorted(desired_versions(available, self._config.num_versions, self._pinned))
+        if wanted == self._specific:
             return
         self._specific = wanted
         server_config = model_server_config(self._config, wanted)

@@ -48,8 +48,11 @@ def _load_yaml(name: str) -> dict:
 
 @pytest.mark.parametrize("name", ["local.yaml", "gpu.yaml"])
 def test_configs_pass_serve_schema_and_ours(name):
-    config = ServeDeploySchema.model_validate(_load_yaml(name)) if hasattr(
-        ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(_load_yaml(name))
+    config = (
+        ServeDeploySchema.model_validate(_load_yaml(name))
+        if hasattr(ServeDeploySchema, "model_validate")
+        else ServeDeploySchema.parse_obj(_load_yaml(name))
+    )
     app = config.applications[0]
     AppConfig.model_validate(app.args)
     deployment = app.deployments[0]
@@ -71,15 +74,25 @@ def served(tmp_path_factory, trained_export):
     ray.init(num_cpus=2, include_dashboard=False)
     serve.start(
         http_options={"host": "127.0.0.1", "port": http_port},
-        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=raw["grpc_options"]["grpc_servicer_functions"]),
+        grpc_options=gRPCOptions(
+            port=grpc_port, grpc_servicer_functions=raw["grpc_options"]["grpc_servicer_functions"]
+        ),
     )
     from ray_app.deployment import MnistServer
 
     args = {**app_yaml["args"], "model_base_path": str(store), "poll_interval_s": 0.5}
-    serve.run(MnistServer.options(**deployment).bind(AppConfig.model_validate(args).model_dump()),
-              name="mnist", route_prefix="/")
+    serve.run(
+        MnistServer.options(**deployment).bind(AppConfig.model_validate(args).model_dump()),
+        name="mnist",
+        route_prefix="/",
+    )
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-    yield {"store": store, "channel": channel, "http": f"http://127.0.0.1:{http_port}", "export": trained_export}
+    yield {
+        "store": store,
+        "channel": channel,
+        "http": f"http://127.0.0.1:{http_port}",
+        "export": trained_export,
+    }
     channel.close()
     serve.shutdown()
     ray.shutdown()
@@ -135,7 +148,9 @@ def test_status_metadata_and_unimplemented(served):
     assert [s.version for s in status.model_version_status] == [1]
     assert status.model_version_status[0].state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
     metadata = _stub(served).GetModelMetadata(
-        get_model_metadata_pb2.GetModelMetadataRequest(model_spec={"name": "mnist"}, metadata_field=["signature_def"]),
+        get_model_metadata_pb2.GetModelMetadataRequest(
+            model_spec={"name": "mnist"}, metadata_field=["signature_def"]
+        ),
         timeout=30,
     )
     signature_map = get_model_metadata_pb2.SignatureDefMap()
@@ -151,8 +166,16 @@ def test_status_metadata_and_unimplemented(served):
     [
         (lambda: _predict_request(TEST.images[:1], name="other"), grpc.StatusCode.NOT_FOUND, "model 'other'"),
         (lambda: _predict_request(TEST.images[:1], version=42), grpc.StatusCode.NOT_FOUND, "version 42"),
-        (lambda: _predict_request(TEST.images[:1], signature_name="x"), grpc.StatusCode.NOT_FOUND, "signature 'x'"),
-        (lambda: _predict_request(TEST.images[:1].astype(np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
+        (
+            lambda: _predict_request(TEST.images[:1], signature_name="x"),
+            grpc.StatusCode.NOT_FOUND,
+            "signature 'x'",
+        ),
+        (
+            lambda: _predict_request(TEST.images[:1].astype(np.float32)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "dtype",
+        ),
         (lambda: _predict_request(TEST.images[:0]), grpc.StatusCode.INVALID_ARGUMENT, "empty batch"),
         (lambda: _predict_request(TEST.images[:2000]), grpc.StatusCode.RESOURCE_EXHAUSTED, "limit is 1024"),
     ],
@@ -186,14 +209,21 @@ def test_rest_api_row_and_columnar_formats(served):
     status, body = _http(served, "/v1/models/mnist:predict", {"instances": TEST.images[:8].tolist()})
     assert status == 200
     assert [p["classes"] for p in body["predictions"]] == tf.make_ndarray(
-        _stub(served).Predict(_predict_request(TEST.images[:8]), timeout=30).outputs["classes"]).tolist()
+        _stub(served).Predict(_predict_request(TEST.images[:8]), timeout=30).outputs["classes"]
+    ).tolist()
     flat = (TEST.images[:4].reshape(4, 784) / 255.0).tolist()
-    status, body = _http(served, "/v1/models/mnist/versions/1:predict",
-                         {"signature_name": "predict_images", "inputs": {"images": flat}})
+    status, body = _http(
+        served,
+        "/v1/models/mnist/versions/1:predict",
+        {"signature_name": "predict_images", "inputs": {"images": flat}},
+    )
     assert status == 200 and np.array(body["outputs"]).shape == (4, 10)
     png = base64.b64encode((REPO / "data" / "0.png").read_bytes()).decode()
-    status, body = _http(served, "/v1/models/mnist:predict",
-                         {"signature_name": "predict_image_bytes", "instances": [{"b64": png}]})
+    status, body = _http(
+        served,
+        "/v1/models/mnist:predict",
+        {"signature_name": "predict_image_bytes", "instances": [{"b64": png}]},
+    )
     assert status == 200 and body["predictions"][0]["classes"] == SAMPLES["0.png"]
 
 

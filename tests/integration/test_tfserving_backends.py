@@ -111,6 +111,8 @@ def test_sidecar_keeps_a_labelled_old_version_loaded(store, trained_export, fake
             await _await(lambda: backend.versions() == [3])
             backend.set_pinned_versions([1])
             await _await(lambda: backend.versions() == [1, 3])
+            backend.set_pinned_versions([])  # labels removed: back to the latest-N policy
+            await _await(lambda: backend.versions() == [3])
         finally:
             await backend.stop()
 
@@ -128,13 +130,21 @@ def test_remote_backend_forwards_to_a_running_tf_serving(store, tmp_path):
     try:
 
         async def scenario():
-            backend = RemoteBackend(_config(store, backend="remote", remote_address=f"127.0.0.1:{port}"),
-                                    address=f"127.0.0.1:{port}")
+            backend = RemoteBackend(
+                _config(store, backend="remote", remote_address=f"127.0.0.1:{port}"),
+                address=f"127.0.0.1:{port}",
+            )
             await backend.start()
             try:
-                await _await(lambda: (asyncio.ensure_future(backend.refresh()), backend.versions() == [1])[1], 60)
-                outputs = await backend.predict(1, "predict_images", {
-                    "images": IMAGES.reshape(8, 784).astype(np.float32) / 255.0}, ())
+                for _ in range(300):  # the server loads the model before it answers
+                    await backend.refresh()
+                    if backend.versions() == [1]:
+                        break
+                    await asyncio.sleep(0.2)
+                assert backend.versions() == [1], backend.health_problem()
+                outputs = await backend.predict(
+                    1, "predict_images", {"images": IMAGES.reshape(8, 784).astype(np.float32) / 255.0}, ()
+                )
                 assert np.mean(np.argmax(outputs["scores"], 1) == LABELS) >= 0.75
             finally:
                 await backend.stop()
