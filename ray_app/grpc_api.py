@@ -16,7 +16,7 @@ from tensorflow_serving.apis import (
     predict_pb2,
 )
 
-from ray_app.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from ray_app.errors import InvalidArgumentError, ResourceExhaustedError
 from ray_app.predictor import InferenceRequest, InferenceResult, Predictor
 from ray_app.signatures import SignatureSpec, TensorSpec
 from ray_app.tensors import dtype_of_numpy, from_ndarray, to_ndarray
@@ -114,15 +114,7 @@ def get_model_status(predictor: Predictor, raw: bytes) -> get_model_status_pb2.G
     request = parse(
         get_model_status_pb2.GetModelStatusRequest, raw, predictor.config.limits.max_request_bytes
     )
-    predictor.check_model(request.model_spec.name)
-    versions = predictor.backend.versions()
-    version, label = _spec_version(request.model_spec)
-    if label:
-        version, _ = predictor.resolve_version(None, label)
-    if version is not None:
-        if version not in versions:
-            raise NotFoundError(f"version {version} of {predictor.config.model_name!r} is not loaded")
-        versions = [version]
+    versions = predictor.status_versions(request.model_spec.name, *_spec_version(request.model_spec))
     response = get_model_status_pb2.GetModelStatusResponse()
     for v in versions:
         response.model_version_status.add(version=v, state=_AVAILABLE)

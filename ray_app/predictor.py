@@ -108,6 +108,18 @@ class Predictor:
             return labels["stable"], False
         return loaded[-1], False
 
+    def status_versions(self, model_name: str, version: int | None, label: str | None) -> list[int]:
+        """Loaded versions a status request asks about (all, one, or a label's), NOT_FOUND otherwise."""
+        self.check_model(model_name)
+        loaded = self.backend.versions()
+        if label:
+            version, _ = self.resolve_version(None, label)
+        if version is None:
+            return loaded
+        if version not in loaded:
+            raise NotFoundError(f"version {version} of {model_name!r} is not loaded")
+        return [version]
+
     def _labelled(self, label: str, loaded: Sequence[int]) -> int:
         version = self.live.version_labels[label]
         if version not in loaded:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ray_app.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from ray_app.errors import InvalidArgumentError, ResourceExhaustedError
 from ray_app.predictor import InferenceRequest, InferenceResult, Predictor
 from ray_app.signatures import SERVING_DEFAULT, SignatureSpec, TensorSpec, lookup
 from ray_app.tensors import dtype_name, dtype_of_numpy
@@ -145,14 +145,7 @@ def to_response(result: InferenceResult, rows: bool) -> dict[str, Any]:
 
 
 def model_status(predictor: Predictor, model_name: str, version: int | None, label: str | None) -> dict:
-    predictor.check_model(model_name)
-    versions = predictor.backend.versions()
-    if label:
-        version, _ = predictor.resolve_version(None, label)
-    if version is not None:
-        if version not in versions:
-            raise NotFoundError(f"version {version} of {model_name!r} is not loaded")
-        versions = [version]
+    versions = predictor.status_versions(model_name, version, label)
     return {
         "model_version_status": [
             {"version": str(v), "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}

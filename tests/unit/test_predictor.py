@@ -51,6 +51,17 @@ def _png(array: np.ndarray, size: int = 28, invert: bool = False, mode: str = "L
     return buffer.getvalue()
 
 
+def _record_calls(backend, record) -> None:
+    """Wrap the real backend's predict so a test sees each backend call (one per batch group)."""
+    original = backend.predict
+
+    async def recording(version, signature, inputs, output_filter):
+        record(signature, inputs)
+        return await original(version, signature, inputs, output_filter)
+
+    backend.predict = recording
+
+
 def test_predicts_real_digits_and_reports_version(store):
     async def body(predictor, _):
         return await predictor.predict(_request(TEST.images[:200]))
@@ -151,13 +162,7 @@ def test_concurrent_requests_are_batched_by_image_count(store):
     calls: list[int] = []
 
     async def body(predictor, backend):
-        original = backend.predict
-
-        async def counting(version, signature, inputs, output_filter):
-            calls.append(len(next(iter(inputs.values()))))
-            return await original(version, signature, inputs, output_filter)
-
-        backend.predict = counting
+        _record_calls(backend, lambda signature, inputs: calls.append(len(next(iter(inputs.values())))))
         singles = [predictor.predict(_request(TEST.images[i : i + 1])) for i in range(12)]
         results = await asyncio.gather(*singles)
         return results
@@ -180,13 +185,7 @@ def test_different_signatures_never_share_a_backend_call(store):
     calls: list[str] = []
 
     async def body(predictor, backend):
-        original = backend.predict
-
-        async def recording(version, signature, inputs, output_filter):
-            calls.append(signature)
-            return await original(version, signature, inputs, output_filter)
-
-        backend.predict = recording
+        _record_calls(backend, lambda signature, inputs: calls.append(signature))
         flat = TEST.images[:1].reshape(1, 784).astype(np.float32) / 255.0
         await asyncio.gather(
             predictor.predict(_request(TEST.images[:1])),
@@ -202,13 +201,7 @@ def test_live_reconfigure_changes_batch_limit(store):
     calls: list[int] = []
 
     async def body(predictor, backend):
-        original = backend.predict
-
-        async def counting(version, signature, inputs, output_filter):
-            calls.append(len(next(iter(inputs.values()))))
-            return await original(version, signature, inputs, output_filter)
-
-        backend.predict = counting
+        _record_calls(backend, lambda signature, inputs: calls.append(len(next(iter(inputs.values())))))
         predictor.reconfigure(LiveConfig(max_batch_size=1, batch_wait_timeout_s=0.05))
         await asyncio.gather(*(predictor.predict(_request(TEST.images[i : i + 1])) for i in range(4)))
         assert calls == [1, 1, 1, 1]
