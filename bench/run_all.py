@@ -26,7 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,7 @@ class Running:
     target: str
     notes: dict[str, Any] = field(default_factory=dict)
     sid: int | None = None  # the server's session, for CPU accounting
+    batch_metrics: Callable[[], dict[float, float] | None] | None = None  # batch-size histogram so far
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -147,14 +149,34 @@ def _session_pids(sid: int) -> list[int]:
     return pids
 
 
+# Runs first in the child: a shell's `cmd &` starts us with SIGINT ignored, and an ignored signal
+# stays ignored across exec, so `serve run` would never see our SIGINT. Restore it, then exec.
+_RESTORE_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+def _start_server(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in its own session (so it and its children can be stopped together)."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-c", _RESTORE_SIGINT, *cmd],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 def _stop_session(proc: subprocess.Popen[bytes], grace_s: float) -> str:
     """Stop a server started with ``start_new_session=True``; say how it ended.
 
     SIGINT goes to the leader first (``serve run`` then shuts Serve and its local cluster down
-    in order), then to the whole process group, then SIGTERM and SIGKILL; whatever is left of
-    the session afterwards is killed. A group-wide SIGINT first would also hit the cluster's
-    own GCS and raylet, and ``serve run``'s ``serve.shutdown()`` can then wait on a GCS that is
-    already gone (seen once here: no exit 60 s after SIGINT).
+    in order: a group-wide SIGINT would also hit the cluster's GCS and raylet underneath it),
+    then to the whole process group, then SIGTERM and SIGKILL; whatever is left of the session
+    afterwards is killed.
     """
     sid = proc.pid  # the child leads its own session and process group
     how = "exited by itself"
@@ -219,6 +241,49 @@ def _cpu_snapshot(sid: int | None) -> dict[str, float]:
     return totals
 
 
+_BATCH_BUCKETS = ",".join(str(n) for n in range(1, 33))  # one histogram bucket per batch size
+
+
+def _serve_batch_histogram(ray_tmp: Path) -> dict[float, float] | None:
+    """Cumulative ``@serve.batch`` batch-size histogram ({upper bound: batches}) from Prometheus.
+
+    With ``RAY_SERVE_BATCH_SIZE_BUCKETS`` = 1..32 every size has its own bucket, so the counts
+    are exact (the exported ``_sum`` is only estimated from bucket midpoints).
+    """
+    session = ray_tmp / "ray" / "session_latest"
+    try:
+        (port_file,) = session.glob("metrics_export_port_*")
+        port = port_file.read_text().strip()
+        targets = json.loads((session / "prom_metrics_service_discovery.json").read_text())[0]["targets"]
+        target = next(t for t in targets if t.endswith(f":{port}"))
+        with urllib.request.urlopen(f"http://{target}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+    except (OSError, ValueError, StopIteration, IndexError, KeyError):
+        return None
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith("ray_serve_actual_batch_size_bucket{"):
+            bound = float(line.split('le="', 1)[1].split('"', 1)[0])
+            buckets[bound] = buckets.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def _batch_stats(before: dict[float, float], after: dict[float, float]) -> dict[str, Any] | None:
+    """Number of batches between two histogram reads, their mean size and the share of size 1."""
+    bounds = sorted(after)
+    cumulative = [after[b] - before.get(b, 0.0) for b in bounds]
+    per_bucket = [cumulative[0], *(hi - lo for lo, hi in zip(cumulative, cumulative[1:]))]
+    total = cumulative[-1] if cumulative else 0.0
+    if total <= 0 or any(b != float("inf") and b > 32 for b in bounds):
+        return None
+    sized = [(b, n) for b, n in zip(bounds, per_bucket) if b != float("inf")]
+    return {
+        "serve_batches": int(total),
+        "serve_mean_batch_images": round(sum(b * n for b, n in sized) / total, 2),
+        "serve_share_batches_of_1": round(per_bucket[0] / total, 3),
+    }
+
+
 def _log_tail(path: Path, lines: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -272,8 +337,7 @@ def baseline_server(variant: Variant, args: argparse.Namespace, workdir: Path) -
     cmd = [sys.executable, "-m", "bench.baseline_server", "--port", str(port), "--model-dir", str(model_dir)]
     if not variant.batching:
         cmd.append("--no-batching")
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = _start_server(cmd, log)
     started = time.monotonic()
     notes: dict[str, Any] = {}
     try:
@@ -315,6 +379,9 @@ def serve_app(variant: Variant, args: argparse.Namespace, workdir: Path) -> Iter
         MODEL_BASE_PATH=str(args.model_base_path),
         PYTHONUNBUFFERED="1",  # keep serve run's last lines in the log even if it must be killed
     )
+    if args.batch_metrics:  # export metrics every second (default 10 s) so each point can be read
+        env["RAY_metrics_report_interval_ms"] = "1000"
+        env["RAY_SERVE_BATCH_SIZE_BUCKETS"] = _BATCH_BUCKETS
     direct_ports = range(0)
     if variant.throughput_optimized:
         grpc_first, http_first = _free_port_range(20), _free_port_range(20)
@@ -328,19 +395,17 @@ def serve_app(variant: Variant, args: argparse.Namespace, workdir: Path) -> Iter
         )
     log = workdir / f"{variant.name}.log"
     cmd = [str(Path(sys.executable).parent / "serve"), "run", "-a", "local", str(config_path)]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    proc = _start_server(cmd, log, env)
     started = time.monotonic()
     proxy = f"127.0.0.1:{grpc_port}"
     notes: dict[str, Any] = {"ray_tmpdir": str(ray_tmp)}
+    reader = (lambda: _serve_batch_histogram(ray_tmp)) if args.batch_metrics else None
     try:
         request = build_requests(args.model_name, 1, count=1)[0][0]
         if not variant.throughput_optimized:
             target = _wait_ready(proc, [proxy], request, args.ready_timeout_s, log)
             notes["ready_s"] = round(time.monotonic() - started, 1)
-            yield Running(target, notes, proc.pid)
+            yield Running(target, notes, proc.pid, reader)
             return
         # Direct ingress: the replica listens on a port of its own from the range we gave it.
         notes["proxy_target"] = proxy
@@ -362,7 +427,7 @@ def serve_app(variant: Variant, args: argparse.Namespace, workdir: Path) -> Iter
         notes["direct_target"] = direct
         notes["proxy_answers_predict"] = _predict_ok(proxy, request, timeout_s=5.0)
         notes["proxy_port_listening"] = bool(_listening("127.0.0.1", range(grpc_port, grpc_port + 1)))
-        yield Running(direct, notes, proc.pid)
+        yield Running(direct, notes, proc.pid, reader)
     finally:
         notes["stopped_by"] = _stop_session(proc, grace_s=60)
         notes["exit_code"] = proc.returncode
@@ -372,10 +437,12 @@ def serve_app(variant: Variant, args: argparse.Namespace, workdir: Path) -> Iter
 
 
 # -- measuring -------------------------------------------------------------------------------------
-def _measure(target: str, args: argparse.Namespace, c: int, k: int, sid: int | None = None) -> dict[str, Any]:
+def _measure(target: str, args: argparse.Namespace, c: int, k: int, running: Running) -> dict[str, Any]:
     """``args.repeat`` runs of one point; the one with the median img/s (its own latencies)."""
     runs = []
+    sid, batch_metrics = running.sid, running.batch_metrics
     for _ in range(args.repeat):
+        batches_before = batch_metrics() if batch_metrics else None
         cpu_before, wall_before = _cpu_snapshot(sid), time.monotonic()
         result = asyncio.run(
             run_load(
@@ -396,7 +463,19 @@ def _measure(target: str, args: argparse.Namespace, c: int, k: int, sid: int | N
             n: round(v, 2) for n, v in sorted(cores.items(), key=lambda kv: -kv[1]) if v >= 0.02
         }
         result["loadavg_1m"] = os.getloadavg()[0]
-        print(f"    {format_result(result)}; cores {result['cpu_cores']}", flush=True)
+        if batch_metrics:
+            time.sleep(2.5)  # let the replica export its last batches (every 1 s with --batch-metrics)
+            batches_after = batch_metrics()
+            if batches_before is not None and batches_after:
+                result.update(_batch_stats(batches_before, batches_after) or {})
+        mean_batch = result.get("serve_mean_batch_images")
+        batch_note = (
+            f"; {result['serve_batches']} batches, mean {mean_batch} images, "
+            f"{result['serve_share_batches_of_1']:.0%} of size 1"
+            if mean_batch
+            else ""
+        )
+        print(f"    {format_result(result)}; cores {result['cpu_cores']}{batch_note}", flush=True)
         runs.append(result)
     runs.sort(key=lambda r: r["img_per_s"])
     median = dict(runs[(len(runs) - 1) // 2])
@@ -416,12 +495,12 @@ def _run_variant(variant: Variant, args: argparse.Namespace, workdir: Path) -> d
             record["target"] = running.target
             for k in variant.images_per_request:
                 for c in variant.concurrencies:
-                    record["points"].append(_measure(running.target, args, c, k, running.sid))
+                    record["points"].append(_measure(running.target, args, c, k, running))
             if variant.throughput_optimized and running.notes.get("proxy_answers_predict"):
                 # The proxy port still answers: how fast is it in this mode, at the busiest point?
                 proxy = running.notes["proxy_target"]
                 record["proxy_points"] = [
-                    _measure(proxy, args, 32, k, running.sid) for k in variant.images_per_request
+                    _measure(proxy, args, 32, k, running) for k in variant.images_per_request
                 ]
     except Exception as exc:  # report and go on with the next variant
         print(f"  FAILED: {exc}", flush=True)
@@ -479,6 +558,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1, help="runs per point; the median is reported")
     parser.add_argument("--ready-timeout-s", type=float, default=240.0)
     parser.add_argument("--log-dir", type=Path, default=None, help="server logs (default: a new temp dir)")
+    parser.add_argument(
+        "--batch-metrics",
+        action="store_true",
+        help="read Serve's batch sizes after each point (metrics exported every 1 s, one bucket per size)",
+    )
     parser.add_argument("--keep-ray-tmp", action="store_true", help="keep each run's RAY_TMPDIR (Ray's logs)")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
