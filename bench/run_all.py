@@ -2,11 +2,11 @@
 
 For every variant it starts the server as a subprocess (its own session, free ports), waits
 until a Predict succeeds, drives it with ``bench.loadgen.run_load`` at concurrency 1, 8, 32
-with 1 and 32 images per request, then shuts it down (SIGINT to the process group) before the
-next variant starts: at most one Ray instance runs at a time. Prints a markdown table and
-writes every result as JSON to ``--out``.
+with 1 and 32 images per request, then shuts it down (SIGINT, then harder signals to its
+process group) before the next variant starts: at most one Ray instance runs at a time.
+Prints a markdown table and writes every result as JSON to ``--out``.
 
-    .venv/bin/python -m bench.run_all --out bench/results.json
+    .venv/bin/python -m bench.run_all --out bench/results/run.json
 """
 
 from __future__ import annotations
@@ -180,21 +180,21 @@ def _stop_session(proc: subprocess.Popen[bytes], grace_s: float) -> str:
     """
     sid = proc.pid  # the child leads its own session and process group
     how = "exited by itself"
-    for how, send, wait_s in (
-        ("SIGINT to serve run", lambda: os.kill(sid, signal.SIGINT), grace_s),
+    for step, send, wait_s in (
+        ("SIGINT to the server", lambda: os.kill(sid, signal.SIGINT), grace_s),
         ("SIGINT to the process group", lambda: os.killpg(sid, signal.SIGINT), 15.0),
         ("SIGTERM to the process group", lambda: os.killpg(sid, signal.SIGTERM), 15.0),
         ("SIGKILL to the process group", lambda: os.killpg(sid, signal.SIGKILL), 15.0),
     ):
         if proc.poll() is not None:
             break
+        how = step
         with contextlib.suppress(ProcessLookupError):
             send()
         try:
             proc.wait(timeout=wait_s)
-            break
         except subprocess.TimeoutExpired:
-            print(f"  [pid {sid}] still running {wait_s:.0f}s after {how}", flush=True)
+            print(f"  [pid {sid}] still running {wait_s:.0f}s after {step}", flush=True)
     deadline = time.monotonic() + 20
     while _session_pids(sid) and time.monotonic() < deadline:  # Ray's daemons exit after the driver
         time.sleep(0.5)
@@ -347,6 +347,7 @@ def baseline_server(variant: Variant, args: argparse.Namespace, workdir: Path) -
         yield Running(target, notes, proc.pid)
     finally:
         notes["stopped_by"] = _stop_session(proc, grace_s=15)
+        notes["exit_code"] = proc.returncode
         print(f"  baseline log tail: {_log_tail(log, 1)}", flush=True)
 
 
