@@ -20,51 +20,40 @@ from typing import Any
 import grpc
 import numpy as np
 
-DEFAULT_SIGNATURE = "serving_default"
 _DISTINCT_REQUESTS = 64  # how many different requests each run cycles through
 
 
 def build_requests(
-    model: str, images_per_request: int, count: int = _DISTINCT_REQUESTS, signature: str = DEFAULT_SIGNATURE
+    model: str, images_per_request: int, count: int = _DISTINCT_REQUESTS
 ) -> tuple[list[Any], list[np.ndarray]]:
-    """``count`` PredictRequests of ``images_per_request`` MNIST test digits, and their labels."""
-    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
-    from tensorflow_serving.apis import model_pb2, predict_pb2
+    """``count`` PredictRequests of ``images_per_request`` MNIST test digits, and their labels.
 
+    Built with the command-line client's own library (``client.messages``), so the benchmark
+    sends exactly what users send: uint8 ``[k, 28, 28]`` to ``serving_default``.
+    """
+    from client.messages import ModelTarget, images_batch, predict_request
     from training.data import load_mnist
 
     test = load_mnist().test
     requests, labels = [], []
     for i in range(count):
         start = (i * images_per_request) % (len(test) - images_per_request)
-        images = np.ascontiguousarray(test.images[start : start + images_per_request], dtype=np.uint8)
-        shape = tensor_shape_pb2.TensorShapeProto(
-            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in images.shape]
-        )
-        tensor = tensor_pb2.TensorProto(
-            dtype=types_pb2.DT_UINT8, tensor_shape=shape, tensor_content=images.tobytes()
-        )
-        request = predict_pb2.PredictRequest(
-            model_spec=model_pb2.ModelSpec(name=model, signature_name=signature)
-        )
-        request.inputs["images"].CopyFrom(tensor)
-        requests.append(request)
+        images = test.images[start : start + images_per_request]
+        requests.append(predict_request(ModelTarget(model), images_batch(list(images))))
         labels.append(test.labels[start : start + images_per_request].astype(np.int64))
     return requests, labels
 
 
 def _correct(response: Any, labels: np.ndarray) -> int | None:
-    """How many ``classes`` match ``labels``; None when the response has the wrong shape."""
-    if "classes" not in response.outputs:
+    """How many predicted digits match ``labels``; None when the response is malformed."""
+    from client.errors import ClientError
+    from client.messages import parse_predict_response
+
+    try:
+        predictions = parse_predict_response(response, expected=len(labels))
+    except ClientError:
         return None
-    tensor = response.outputs["classes"]
-    if tensor.tensor_content:
-        classes = np.frombuffer(tensor.tensor_content, dtype="<i8")
-    else:
-        classes = np.asarray(tensor.int64_val, dtype=np.int64)
-    if classes.shape != labels.shape:
-        return None
-    return int(np.sum(classes == labels))
+    return int(np.sum(predictions.classes == labels))
 
 
 def _percentile_ms(latencies_s: list[float], q: float) -> float | None:
@@ -80,14 +69,13 @@ async def run_load(
     *,
     warmup_s: float = 2.0,
     timeout_s: float = 5.0,
-    signature: str = DEFAULT_SIGNATURE,
     channels: int = 1,
     verbose: bool = False,
 ) -> dict[str, Any]:
     """Drive ``target`` at fixed concurrency; return throughput, latency percentiles and errors."""
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-    requests, labels = build_requests(model, images_per_request, signature=signature)
+    requests, labels = build_requests(model, images_per_request)
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
     opened = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, channels))]
     stubs = [prediction_service_pb2_grpc.PredictionServiceStub(ch) for ch in opened]
@@ -186,7 +174,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="localhost:9000", help="host:port of the gRPC server")
     parser.add_argument("--model", default="mnist", help="model_spec.name")
-    parser.add_argument("--signature", default=DEFAULT_SIGNATURE)
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at all times")
     parser.add_argument("--duration-s", type=float, default=10.0, help="measured window")
     parser.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured lead-in")
@@ -212,7 +199,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.images_per_request,
             warmup_s=args.warmup_s,
             timeout_s=args.timeout_s,
-            signature=args.signature,
             channels=args.channels,
         )
     )

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from ray_app.errors import ServingError, UnimplementedError, to_status
+from ray_app.signatures import MODEL_VERSION_HEADER
 
 logger = logging.getLogger("ray.serve")
 
@@ -162,17 +163,18 @@ class MnistServer:
     async def _rest_predict(self, request: Request, name: str, version: str | None, label: str | None):
         from ray_app import rest_api
 
-        async def run() -> dict[str, Any]:
+        try:
             limits = self._predictor.config.limits
             body = rest_api.parse_body(await request.body(), limits.max_request_bytes)
             inference, rows = rest_api.to_inference_request(
                 self._predictor, name, _version(version), label, body
             )
             result = await self._predictor.predict(inference)
-            return rest_api.to_response(result, rows)
-
-        response = await self._rest(run)
-        return response
+            return JSONResponse(
+                rest_api.to_response(result, rows), headers={MODEL_VERSION_HEADER: str(result.version)}
+            )
+        except Exception as exc:
+            return _error_response(exc)
 
     @http_app.post("/v1/models/{name}:predict")
     async def predict_latest(self, request: Request, name: str):

@@ -34,7 +34,7 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ray_app.errors import InvalidArgumentError, ResourceExhaustedError
 
@@ -128,6 +128,8 @@ def _check_size(image: Image.Image, max_pixels: int) -> None:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):  # its text names an in-memory buffer object
+        return f"not a recognised image format ({', '.join(_ALLOWED_FORMATS)})"
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

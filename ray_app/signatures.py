@@ -17,6 +17,9 @@ from ray_app.errors import InvalidArgumentError, NotFoundError
 SERVING_DEFAULT = "serving_default"
 IMAGE_BYTES_SIGNATURE = "predict_image_bytes"
 IMAGE_BYTES_INPUT = "image_bytes"
+# REST predict responses name the version that answered in this header (TF Serving's JSON has no
+# field for it; gRPC responses carry it in model_spec.version).
+MODEL_VERSION_HEADER = "X-Model-Version"
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,8 @@ def served(tmp_path_factory, trained_export):
         "store": store,
         "channel": channel,
         "http": f"http://127.0.0.1:{http_port}",
+        "grpc_port": grpc_port,
+        "http_port": http_port,
         "export": trained_export,
     }
     channel.close()
@@ -239,6 +241,42 @@ def test_rest_status_metadata_and_errors(served):
     assert status == 400 and "shape" in body["error"]
     status, body = _http(served, "/v1/models/mnist:predict", {"instances": [np.full((28, 28), 300).tolist()]})
     assert status == 400 and "uint8 range" in body["error"]
+
+
+def test_command_line_client_against_the_app(served, capsys):
+    from client import grpc_client
+    from client.errors import ExitCode
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = grpc_client.main(["--host", "127.0.0.1", "--timeout-s", "30", *argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    samples = str(REPO / "data")
+    labels = str(REPO / "data" / "samples.json")
+    grpc_port, http_port = str(served["grpc_port"]), str(served["http_port"])
+    for extra in (
+        [],
+        ["--send-bytes"],
+        ["--rest", "--port", http_port],
+        ["--rest", "--send-bytes", "--port", http_port],
+    ):
+        port = [] if "--rest" in extra else ["--port", grpc_port]
+        code, out, err = run(
+            "--image", samples, "--labels", labels, "--version", "1", "--json", *port, *extra
+        )
+        assert code == 0, err  # (stderr also carries Ray's log lines here)
+        document = json.loads(out)
+        assert document["checked"] == 10 and document["correct"] >= 9, extra
+        assert {p["version"] for p in document["predictions"]} == {1}  # REST: from X-Model-Version
+    code, out, _ = run("--image", str(REPO / "data" / "0.png"), "--port", grpc_port)
+    assert code == 0 and out.startswith("Predicted Digit:  7\nPredicted Confidence:  0.")
+    code, _, err = run("--image", samples, "--port", grpc_port, "--version", "9")
+    assert code == ExitCode.NOT_FOUND and "version 9" in err
+    code, _, err = run("--image", samples, "--rest", "--port", http_port, "--model", "other")
+    assert code == ExitCode.NOT_FOUND and "(HTTP 404" in err
+    code, _, err = run("--image", str(REPO / "data" / "make_samples.py"), "--send-bytes", "--port", grpc_port)
+    assert code == ExitCode.INVALID_ARGUMENT and "not a recognised image format" in err
 
 
 def test_new_version_is_served_under_load_without_failures(served):

@@ -189,8 +189,10 @@ def test_empty_bytes() -> None:
 
 def test_random_bytes() -> None:
     junk = np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8).tobytes()
-    with pytest.raises(InvalidArgumentError, match="cannot decode image"):
+    with pytest.raises(InvalidArgumentError, match="cannot decode image") as info:
         preprocess_bytes(junk)
+    assert "not a recognised image format (PNG, JPEG" in str(info.value)
+    assert "object at 0x" not in str(info.value)  # no repr of an in-memory buffer
 
 
 def test_truncated_png(digits: np.ndarray) -> None:

@@ -1,0 +1,272 @@
+"""Ask the MNIST model which digit an image shows, over TF Serving's gRPC API (or its REST API).
+
+    python client/grpc_client.py --image data/0.png --model mnist --host localhost --port 9000
+    Predicted Digit:  7
+    Predicted Confidence:  0.9993
+
+Several ``--image`` paths (or directories) print one line per image and a summary. By default
+the client preprocesses each image into MNIST's uint8 28x28 form (the server's own code) and
+calls ``serving_default``; ``--send-bytes`` sends the encoded files to ``predict_image_bytes``
+and lets the server do it. Every call has a deadline (``--timeout-s``).
+
+Exit codes: 0 answered, 2 bad command line, 3 image file missing/unreadable/not an image,
+4 server unreachable, 5 deadline exceeded, 6 NOT_FOUND (model, version, label), 7 INVALID_ARGUMENT,
+8 any other server error. Failures print one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __name__ == "__main__" and not __package__:
+    # Run as a script (``python client/grpc_client.py``): make the repo root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from client.errors import ClientError, ExitCode  # noqa: E402
+from client.images import collect_image_paths, load_labels, read_image_bytes, to_mnist_tensor  # noqa: E402
+from client.messages import Batch, InputMode, ModelTarget, bytes_batch, images_batch  # noqa: E402
+
+DEFAULT_GRPC_PORT = 9000
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_BATCH_SIZE = 32  # images per request
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """One run of the client, validated from the command line."""
+
+    images: tuple[str, ...]
+    target: ModelTarget
+    host: str = "localhost"
+    port: int = DEFAULT_GRPC_PORT
+    rest: bool = False
+    mode: InputMode = InputMode.TENSOR
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    batch_size: int = DEFAULT_BATCH_SIZE
+    tls: bool = False
+    ca_cert: Path | None = None
+    labels: Path | None = None
+    json_output: bool = False
+
+    @property
+    def protocol(self) -> str:
+        return "REST" if self.rest else "gRPC"
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """The answer for one image file."""
+
+    path: str
+    digit: int
+    confidence: float
+    probabilities: tuple[float, ...]
+    version: int | None
+    expected: int | None = None
+
+    @property
+    def correct(self) -> bool | None:
+        return None if self.expected is None else self.digit == self.expected
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mnist-client",
+        description=__doc__.split("\n\n")[0],
+        epilog="Exit codes: " + ", ".join(f"{c.value} {c.name.lower()}" for c in ExitCode),
+    )
+    parser.add_argument(
+        "--image",
+        action="extend",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="image file(s) or directories of images (PNG, JPEG, ...); repeatable",
+    )
+    parser.add_argument("--model", default="mnist", help="model name (default: mnist)")
+    parser.add_argument("--host", default="localhost")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help=f"server port (default: {DEFAULT_GRPC_PORT} for gRPC, {DEFAULT_HTTP_PORT} with --rest)",
+    )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--version", type=int, default=None, help="ask this model version (default: latest)")
+    which.add_argument("--version-label", default=None, help="ask the version with this label, e.g. stable")
+    parser.add_argument(
+        "--timeout-s", type=float, default=DEFAULT_TIMEOUT_S, help="deadline of each request, in seconds"
+    )
+    parser.add_argument("--rest", action="store_true", help="use TF Serving's REST API instead of gRPC")
+    parser.add_argument(
+        "--send-bytes",
+        action="store_true",
+        help="send the encoded files (signature predict_image_bytes); default: preprocess here and "
+        "send uint8 [N,28,28] tensors (serving_default)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per request (default: 32)"
+    )
+    parser.add_argument(
+        "--labels", type=Path, default=None, help='JSON {"file name": digit} to check answers'
+    )
+    parser.add_argument("--json", action="store_true", dest="json_output", help="print one JSON object")
+    parser.add_argument("--tls", action="store_true", help="TLS (gRPC over TLS, or HTTPS with --rest)")
+    parser.add_argument(
+        "--ca-cert", type=Path, default=None, help="PEM CA certificate to trust (implies --tls)"
+    )
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ClientConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.timeout_s > 0:
+        parser.error(f"--timeout-s must be > 0, got {args.timeout_s}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.port is not None and not 0 < args.port < 65536:
+        parser.error(f"--port must be in 1-65535, got {args.port}")
+    try:
+        target = ModelTarget(args.model, version=args.version, version_label=args.version_label)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return ClientConfig(
+        images=tuple(args.image),
+        target=target,
+        host=args.host,
+        port=args.port or (DEFAULT_HTTP_PORT if args.rest else DEFAULT_GRPC_PORT),
+        rest=args.rest,
+        mode=InputMode.BYTES if args.send_bytes else InputMode.TENSOR,
+        timeout_s=args.timeout_s,
+        batch_size=args.batch_size,
+        tls=args.tls or args.ca_cert is not None,
+        ca_cert=args.ca_cert,
+        labels=args.labels,
+        json_output=args.json_output,
+    )
+
+
+def _batches(paths: list[Path], config: ClientConfig) -> list[tuple[list[Path], Batch]]:
+    """Read (and in tensor mode preprocess) every image before the first request is sent."""
+    encoded = [read_image_bytes(path) for path in paths]
+    chunks = []
+    for start in range(0, len(paths), config.batch_size):
+        chunk = paths[start : start + config.batch_size]
+        data = encoded[start : start + config.batch_size]
+        if config.mode is InputMode.TENSOR:
+            batch = images_batch([to_mnist_tensor(p, d) for p, d in zip(chunk, data)])
+        else:
+            batch = bytes_batch(data)
+        chunks.append((chunk, batch))
+    return chunks
+
+
+def classify(config: ClientConfig) -> tuple[list[ImageResult], float]:
+    """Send the images, return one result per image and the seconds spent on requests."""
+    from client.transport import GrpcTransport, RestTransport
+
+    paths = collect_image_paths(config.images)
+    expected = load_labels(config.labels) if config.labels else {}
+    chunks = _batches(paths, config)
+    transport_class = RestTransport if config.rest else GrpcTransport
+    results: list[ImageResult] = []
+    elapsed_s = 0.0
+    with transport_class(
+        config.host, config.port, timeout_s=config.timeout_s, tls=config.tls, ca_cert=config.ca_cert
+    ) as transport:
+        for chunk, batch in chunks:
+            started = time.perf_counter()
+            predictions = transport.predict(config.target, batch)
+            elapsed_s += time.perf_counter() - started
+            for i, path in enumerate(chunk):
+                results.append(
+                    ImageResult(
+                        path=str(path),
+                        digit=predictions.digit(i),
+                        confidence=predictions.confidence(i),
+                        probabilities=tuple(float(p) for p in predictions.probabilities[i]),
+                        version=predictions.version,
+                        expected=expected.get(path.name),
+                    )
+                )
+    return results, elapsed_s
+
+
+def format_text(results: list[ImageResult], config: ClientConfig, elapsed_s: float) -> str:
+    if len(results) == 1 and results[0].expected is None:
+        only = results[0]
+        return f"Predicted Digit:  {only.digit}\nPredicted Confidence:  {only.confidence:.4f}"
+    width = max(len(r.path) for r in results)
+    lines = []
+    for r in results:
+        line = f"{r.path:<{width}}  Predicted Digit:  {r.digit}  Predicted Confidence:  {r.confidence:.4f}"
+        if r.version is not None:
+            line += f"  version {r.version}"
+        if r.expected is not None:
+            line += "  ok" if r.correct else f"  WRONG (expected {r.expected})"
+        lines.append(line)
+    versions = sorted({r.version for r in results if r.version is not None})
+    summary = (
+        f"{len(results)} image(s) from {config.host}:{config.port} ({config.protocol}), model "
+        f"{config.target.name}"
+        + (f" version {', '.join(map(str, versions))}" if versions else "")
+        + f", {elapsed_s * 1000:.0f} ms in requests"
+    )
+    checked = [r for r in results if r.expected is not None]
+    if checked:
+        summary += f"; {sum(bool(r.correct) for r in checked)}/{len(checked)} correct"
+    return "\n".join([*lines, summary])
+
+
+def format_json(results: list[ImageResult], config: ClientConfig, elapsed_s: float) -> str:
+    checked = [r for r in results if r.expected is not None]
+    document: dict[str, Any] = {
+        "address": f"{config.host}:{config.port}",
+        "protocol": config.protocol,
+        "model": config.target.name,
+        "mode": config.mode.value,
+        "signature": config.mode.signature,
+        "elapsed_ms": round(elapsed_s * 1000, 3),
+        "predictions": [
+            {
+                "image": r.path,
+                "digit": r.digit,
+                "confidence": r.confidence,
+                "version": r.version,
+                "probabilities": list(r.probabilities),
+                **({"expected": r.expected, "correct": r.correct} if r.expected is not None else {}),
+            }
+            for r in results
+        ],
+    }
+    if checked:
+        document["correct"] = sum(bool(r.correct) for r in checked)
+        document["checked"] = len(checked)
+    return json.dumps(document, indent=2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    try:
+        results, elapsed_s = classify(config)
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    print((format_json if config.json_output else format_text)(results, config, elapsed_s))
+    return int(ExitCode.OK)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

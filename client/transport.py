@@ -1,0 +1,190 @@
+"""Sending Predict calls with a deadline, over gRPC or TF Serving's REST API.
+
+Both transports take a :class:`client.messages.ModelTarget` and :class:`client.messages.Batch`
+and return :class:`client.messages.Predictions`; every failure becomes a
+:class:`client.errors.ClientError` naming the server and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+
+from client.errors import ClientError, DeadlineError, ExitCode, UnreachableError, status_error
+from client.messages import (
+    Batch,
+    ModelTarget,
+    Predictions,
+    parse_predict_response,
+    parse_rest_response,
+    predict_request,
+    rest_body,
+    rest_path,
+)
+from client.protos import load_protos
+from ray_app.errors import HTTP_TO_GRPC
+from ray_app.signatures import MODEL_VERSION_HEADER
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
+# What grpc's UNAVAILABLE details say when no connection could be made (vs. a server that
+# answered UNAVAILABLE itself, e.g. while no model version is loaded).
+_CONNECT_FAILURES = ("failed to connect", "connection refused", "dns resolution failed", "ssl", "handshake")
+
+
+class Transport(Protocol):
+    def predict(self, target: ModelTarget, batch: Batch) -> Predictions: ...
+
+    def close(self) -> None: ...
+
+
+def _read_ca(ca_cert: Path | None) -> bytes | None:
+    if ca_cert is None:
+        return None
+    try:
+        return Path(ca_cert).read_bytes()
+    except OSError as exc:
+        raise ClientError(
+            f"cannot read CA certificate {ca_cert}: {exc.strerror or exc}", exit_code=ExitCode.USAGE
+        ) from None
+
+
+class GrpcTransport:
+    """TF Serving's ``PredictionService.Predict`` over one channel (TLS optional)."""
+
+    def __init__(
+        self, host: str, port: int, *, timeout_s: float, tls: bool = False, ca_cert: Path | None = None
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.address = f"{host}:{port}"
+        self.timeout_s = timeout_s
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if tls or ca_cert is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=_read_ca(ca_cert))
+            self._channel = grpc.secure_channel(self.address, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(self.address, options=options)
+        # Raw method path: the PredictionService stub module would add nothing but an import.
+        self._predict = self._channel.unary_unary(
+            _PREDICT_METHOD,
+            request_serializer=lambda message: message.SerializeToString(),
+            response_deserializer=_predict_response_from_bytes,
+        )
+
+    def predict(self, target: ModelTarget, batch: Batch) -> Predictions:
+        request = predict_request(target, batch)
+        try:
+            response = self._predict(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return parse_predict_response(response, expected=len(batch))
+
+    def _error(self, exc: grpc.RpcError) -> ClientError:
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        details = (exc.details() if hasattr(exc, "details") else "") or ""
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineError(f"no answer from {self.address} within {self.timeout_s:g} s (--timeout-s)")
+        if code == grpc.StatusCode.UNAVAILABLE and any(s in details.lower() for s in _CONNECT_FAILURES):
+            return UnreachableError(f"cannot reach {self.address} (gRPC): {_first_line(details)}")
+        return status_error(code.name, f"{details} ({self.address})")
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> GrpcTransport:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _predict_response_from_bytes(data: bytes) -> Any:
+    load_protos()
+    from tensorflow_serving.apis import predict_pb2
+
+    return predict_pb2.PredictResponse.FromString(data)
+
+
+class RestTransport:
+    """TF Serving's REST ``POST /v1/models/...:predict`` (HTTPS with ``tls``)."""
+
+    def __init__(
+        self, host: str, port: int, *, timeout_s: float, tls: bool = False, ca_cert: Path | None = None
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        scheme = "https" if tls or ca_cert is not None else "http"
+        self.base_url = f"{scheme}://{host}:{port}"
+        self.timeout_s = timeout_s
+        self._context = None
+        if scheme == "https":
+            ca = _read_ca(ca_cert)
+            self._context = ssl.create_default_context(cadata=ca.decode("ascii") if ca else None)
+
+    def predict(self, target: ModelTarget, batch: Batch) -> Predictions:
+        url = self.base_url + rest_path(target)
+        data = json.dumps(rest_body(batch)).encode()
+        request = urllib.request.Request(
+            url, data=data, method="POST", headers={"Content-Type": "application/json"}
+        )
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            # urllib's timeout bounds each socket operation; the answer is one small JSON object,
+            # and the check below turns a slow drip past the deadline into the same error.
+            with urllib.request.urlopen(request, timeout=self.timeout_s, context=self._context) as response:
+                raw = response.read()
+                version_header = response.headers.get(MODEL_VERSION_HEADER)
+        except urllib.error.HTTPError as exc:
+            raise self._http_error(exc) from None
+        except TimeoutError:
+            raise self._deadline() from None
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, TimeoutError):
+                raise self._deadline() from None
+            raise UnreachableError(f"cannot reach {self.base_url} (HTTP): {exc.reason}") from None
+        except (ConnectionError, OSError) as exc:
+            raise UnreachableError(f"cannot reach {self.base_url} (HTTP): {exc}") from None
+        if time.monotonic() > deadline:
+            raise self._deadline()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise ClientError(f"malformed response from {url}: not JSON") from None
+        version = int(version_header) if version_header and version_header.isdigit() else None
+        return parse_rest_response(body, expected=len(batch), version=version)
+
+    def _deadline(self) -> DeadlineError:
+        return DeadlineError(f"no answer from {self.base_url} within {self.timeout_s:g} s (--timeout-s)")
+
+    def _http_error(self, exc: urllib.error.HTTPError) -> ClientError:
+        try:
+            message = json.loads(exc.read()).get("error", "")
+        except (ValueError, AttributeError, OSError):
+            message = ""
+        code = HTTP_TO_GRPC.get(exc.code)
+        name = code.value if code is not None else f"HTTP {exc.code}"
+        return status_error(name, f"{message or exc.reason} (HTTP {exc.code}, {self.base_url})")
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> RestTransport:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _first_line(text: str) -> str:
+    return " ".join(text.split())[:300]

@@ -1,0 +1,539 @@
+"""The command-line client against in-process stand-in servers (no Ray).
+
+The servers here speak TF Serving's real gRPC method path and REST paths with the real protos,
+answer with canned probabilities, and can be told to fail with a status, to stall past the
+client's deadline, or to serve over TLS. What the client prints and returns is checked
+exactly: the two-line answer of the original client, result lines, JSON, one-line errors and
+distinct exit codes.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from tensorflow_serving.apis import predict_pb2
+
+from client import grpc_client
+from client.errors import ClientError, ExitCode
+from client.images import to_mnist_tensor
+from client.messages import (
+    InputMode,
+    ModelTarget,
+    bytes_batch,
+    images_batch,
+    parse_predict_response,
+    parse_rest_response,
+    rest_body,
+    rest_path,
+)
+from ray_app.tensors import from_ndarray, to_ndarray
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "data"
+SAMPLE_LABELS = json.loads((DATA / "samples.json").read_text())
+CONFIDENCE = 0.9993
+
+
+def _probabilities(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image i is digit (7 + i) % 10 with probability 0.9993; the rest is spread evenly."""
+    classes = (7 + np.arange(count)) % 10
+    probabilities = np.full((count, 10), (1 - CONFIDENCE) / 9, dtype=np.float32)
+    probabilities[np.arange(count), classes] = CONFIDENCE
+    return probabilities, classes.astype(np.int64)
+
+
+@dataclass
+class Behaviour:
+    """What the stand-in servers do with the next requests."""
+
+    fail: tuple[grpc.StatusCode, str] | None = None
+    delay_s: float = 0.0
+    version: int = 3
+    requests: list = field(default_factory=list)
+
+
+class _GrpcPredict:
+    def __init__(self, behaviour: Behaviour) -> None:
+        self.behaviour = behaviour
+
+    def __call__(self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext):
+        self.behaviour.requests.append(request)
+        time.sleep(self.behaviour.delay_s)
+        if self.behaviour.fail:
+            context.abort(*self.behaviour.fail)
+        (name,) = request.inputs.keys()
+        count = to_ndarray(request.inputs[name]).shape[0]
+        probabilities, classes = _probabilities(count)
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = request.model_spec.name
+        response.model_spec.version.value = self.behaviour.version
+        response.model_spec.signature_name = request.model_spec.signature_name
+        response.outputs["probabilities"].CopyFrom(from_ndarray(probabilities))
+        response.outputs["classes"].CopyFrom(from_ndarray(classes))
+        return response
+
+
+def _start_grpc(
+    behaviour: Behaviour, credentials: grpc.ServerCredentials | None = None
+) -> tuple[grpc.Server, int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    handler = grpc.unary_unary_rpc_method_handler(
+        _GrpcPredict(behaviour),
+        request_deserializer=predict_pb2.PredictRequest.FromString,
+        response_serializer=predict_pb2.PredictResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("tensorflow.serving.PredictionService", {"Predict": handler})]
+    )
+    address = "localhost:0"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    server.start()
+    return server, port
+
+
+@pytest.fixture(scope="module")
+def grpc_server() -> Iterator[tuple[Behaviour, int]]:
+    behaviour = Behaviour()
+    server, port = _start_grpc(behaviour)
+    yield behaviour, port
+    server.stop(grace=None)
+
+
+@pytest.fixture
+def grpc_stub(grpc_server: tuple[Behaviour, int]) -> tuple[Behaviour, int]:
+    behaviour, port = grpc_server
+    behaviour.fail, behaviour.delay_s, behaviour.version = None, 0.0, 3
+    behaviour.requests.clear()
+    return behaviour, port
+
+
+_HTTP_STATUS = {grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.INVALID_ARGUMENT: 400}
+
+
+@pytest.fixture(scope="module")
+def rest_server() -> Iterator[tuple[Behaviour, int]]:
+    behaviour = Behaviour()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            behaviour.requests.append((self.path, body))
+            time.sleep(behaviour.delay_s)
+            if behaviour.fail:
+                code, message = behaviour.fail
+                self._reply(_HTTP_STATUS.get(code, 500), {"error": message})
+                return
+            probabilities, classes = _probabilities(len(body["instances"]))
+            rows = [{"probabilities": p.tolist(), "classes": int(c)} for p, c in zip(probabilities, classes)]
+            self._reply(200, {"predictions": rows}, {"X-Model-Version": str(behaviour.version)})
+
+        def _reply(self, status: int, document: dict, headers: dict | None = None) -> None:
+            data = json.dumps(document).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            try:
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (deadline tests)
+                pass
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield behaviour, server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def rest_stub(rest_server: tuple[Behaviour, int]) -> tuple[Behaviour, int]:
+    behaviour, port = rest_server
+    behaviour.fail, behaviour.delay_s, behaviour.version = None, 0.0, 3
+    behaviour.requests.clear()
+    return behaviour, port
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = grpc_client.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- answers ----------------------------------------------------------------------------------------
+def test_one_image_prints_the_original_two_lines(grpc_stub, capsys) -> None:
+    behaviour, port = grpc_stub
+    code, out, err = _run(
+        capsys, "--image", str(DATA / "0.png"), "--model", "mnist", "--host", "localhost", "--port", str(port)
+    )
+    assert (code, err) == (0, "")
+    assert out == "Predicted Digit:  7\nPredicted Confidence:  0.9993\n"
+    (request,) = behaviour.requests
+    assert request.model_spec.name == "mnist"
+    assert request.model_spec.signature_name == "serving_default"
+    assert not request.model_spec.HasField("version") and not request.model_spec.version_label
+    images = to_ndarray(request.inputs["images"])
+    assert images.dtype == np.uint8 and images.shape == (1, 28, 28)
+    # the client preprocesses with the server's code
+    assert np.array_equal(images[0], to_mnist_tensor(DATA / "0.png", (DATA / "0.png").read_bytes()))
+
+
+def test_send_bytes_sends_the_files_to_predict_image_bytes(grpc_stub, capsys) -> None:
+    behaviour, port = grpc_stub
+    code, out, _ = _run(
+        capsys, "--image", str(DATA / "1.png"), str(DATA / "2.png"), "--port", str(port), "--send-bytes"
+    )
+    assert code == 0
+    (request,) = behaviour.requests
+    assert request.model_spec.signature_name == "predict_image_bytes"
+    sent = to_ndarray(request.inputs["image_bytes"])
+    assert list(sent) == [(DATA / "1.png").read_bytes(), (DATA / "2.png").read_bytes()]
+    assert out.count("Predicted Digit:") == 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "version", "label"),
+    [(["--version", "2"], 2, ""), (["--version-label", "stable"], None, "stable")],
+)
+def test_version_and_label_go_into_the_model_spec(grpc_stub, capsys, flags, version, label) -> None:
+    behaviour, port = grpc_stub
+    code, _, _ = _run(capsys, "--image", str(DATA / "0.png"), "--port", str(port), *flags)
+    assert code == 0
+    spec = behaviour.requests[0].model_spec
+    assert (spec.version.value if spec.HasField("version") else None, spec.version_label) == (version, label)
+
+
+def test_directory_with_labels_prints_a_line_per_image_and_a_summary(grpc_stub, capsys) -> None:
+    behaviour, port = grpc_stub
+    code, out, _ = _run(
+        capsys,
+        "--image",
+        str(DATA),
+        "--port",
+        str(port),
+        "--labels",
+        str(DATA / "samples.json"),
+        "--batch-size",
+        "4",
+    )
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == 11 and len(behaviour.requests) == 3  # 4 + 4 + 2 images
+    assert lines[0].startswith(
+        f"{DATA / '0.png'}  Predicted Digit:  7  Predicted Confidence:  0.9993  version 3"
+    )
+    # the stand-in answers 7, 8, 9, 0 per request: it agrees with the labels where they match
+    answered = [(7 + i % 4) % 10 for i in range(10)]
+    right = sum(answered[i] == SAMPLE_LABELS[f"{i}.png"] for i in range(10))
+    assert lines[-1].startswith(f"10 image(s) from localhost:{port} (gRPC), model mnist version 3")
+    assert lines[-1].endswith(f"; {right}/10 correct")
+    assert sum("WRONG (expected" in line for line in lines) == 10 - right
+
+
+def test_json_output(grpc_stub, capsys) -> None:
+    _, port = grpc_stub
+    code, out, _ = _run(
+        capsys, "--image", str(DATA / "0.png"), str(DATA / "1.png"), "--port", str(port), "--json"
+    )
+    assert code == 0
+    document = json.loads(out)
+    assert document["protocol"] == "gRPC" and document["signature"] == "serving_default"
+    first, second = document["predictions"]
+    assert (first["digit"], second["digit"], first["version"]) == (7, 8, 3)
+    assert first["confidence"] == pytest.approx(CONFIDENCE, abs=1e-6)
+    assert len(first["probabilities"]) == 10
+
+
+def test_rest_mode(rest_stub, capsys) -> None:
+    behaviour, port = rest_stub
+    behaviour.version = 5
+    code, out, err = _run(
+        capsys,
+        "--image",
+        str(DATA / "0.png"),
+        str(DATA / "3.png"),
+        "--rest",
+        "--port",
+        str(port),
+        "--version",
+        "5",
+    )
+    assert (code, err) == (0, "")
+    ((path, body),) = behaviour.requests
+    assert path == "/v1/models/mnist/versions/5:predict"
+    assert body["signature_name"] == "serving_default"
+    assert np.asarray(body["instances"]).shape == (2, 28, 28)
+    assert "version 5" in out.splitlines()[0]
+    assert "(REST)" in out.splitlines()[-1]
+
+
+def test_rest_send_bytes_uses_b64(rest_stub, capsys) -> None:
+    behaviour, port = rest_stub
+    code, out, _ = _run(capsys, "--image", str(DATA / "0.png"), "--rest", "--port", str(port), "--send-bytes")
+    assert code == 0 and out == "Predicted Digit:  7\nPredicted Confidence:  0.9993\n"
+    ((path, body),) = behaviour.requests
+    assert path == "/v1/models/mnist:predict" and body["signature_name"] == "predict_image_bytes"
+    assert set(body["instances"][0]) == {"b64"}
+
+
+# -- errors: one line on stderr, a distinct exit code each ------------------------------------------
+@pytest.mark.parametrize("rest", [False, True], ids=["grpc", "rest"])
+def test_unreachable_server(capsys, rest) -> None:
+    port = _closed_port()
+    code, out, err = _run(
+        capsys, "--image", str(DATA / "0.png"), "--port", str(port), *(["--rest"] if rest else [])
+    )
+    assert code == ExitCode.UNREACHABLE == 4
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: cannot reach {'http://' if rest else ''}localhost:{port}")
+    assert "refused" in err.lower()
+
+
+@pytest.mark.parametrize("stub", ["grpc_stub", "rest_stub"])
+def test_deadline_exceeded(request, capsys, stub) -> None:
+    behaviour, port = request.getfixturevalue(stub)
+    behaviour.delay_s = 1.5
+    rest = ["--rest"] if stub == "rest_stub" else []
+    started = time.monotonic()
+    code, out, err = _run(
+        capsys, "--image", str(DATA / "0.png"), "--port", str(port), "--timeout-s", "0.3", *rest
+    )
+    assert time.monotonic() - started < 1.4  # gave up at the deadline, did not wait for the answer
+    assert code == ExitCode.DEADLINE == 5
+    assert out == "" and err.count("\n") == 1
+    assert "within 0.3 s (--timeout-s)" in err
+
+
+@pytest.mark.parametrize("stub", ["grpc_stub", "rest_stub"])
+@pytest.mark.parametrize(
+    ("status", "exit_code"),
+    [
+        (grpc.StatusCode.NOT_FOUND, ExitCode.NOT_FOUND),
+        (grpc.StatusCode.INVALID_ARGUMENT, ExitCode.INVALID_ARGUMENT),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, ExitCode.SERVER_ERROR),
+    ],
+)
+def test_server_status_codes(request, capsys, stub, status, exit_code) -> None:
+    behaviour, port = request.getfixturevalue(stub)
+    behaviour.fail = (status, "version 9 of model 'mnist' is not loaded")
+    rest = ["--rest"] if stub == "rest_stub" else []
+    code, out, err = _run(capsys, "--image", str(DATA / "0.png"), "--port", str(port), *rest)
+    assert code == exit_code
+    assert out == "" and err.count("\n") == 1
+    if status is grpc.StatusCode.RESOURCE_EXHAUSTED and rest:
+        assert err.startswith("error: server answered INTERNAL")  # 500 from the stand-in
+    else:
+        assert err.startswith(
+            f"error: server answered {status.name}: version 9 of model 'mnist' is not loaded"
+        )
+
+
+def test_missing_image_file(grpc_stub, capsys, tmp_path) -> None:
+    behaviour, port = grpc_stub
+    code, out, err = _run(capsys, "--image", str(tmp_path / "nope.png"), "--port", str(port))
+    assert (code, out) == (ExitCode.IMAGE, "") and code == 3
+    assert err == f"error: image file not found: {tmp_path / 'nope.png'}\n"
+    assert behaviour.requests == []  # nothing was sent
+
+
+def test_not_an_image_in_tensor_mode(grpc_stub, capsys, tmp_path) -> None:
+    bad = tmp_path / "notes.png"
+    bad.write_text("not a png")
+    code, _, err = _run(capsys, "--image", str(DATA / "0.png"), str(bad), "--port", str(grpc_stub[1]))
+    assert code == ExitCode.IMAGE
+    assert (
+        err
+        == f"error: {bad}: not a usable digit image: image_bytes: cannot decode image: not a recognised image format (PNG, JPEG, GIF, BMP, TIFF, WEBP, PPM)\n"
+    )
+    assert grpc_stub[0].requests == []
+
+
+@pytest.mark.parametrize("content", [b"", None], ids=["empty-file", "empty-directory"])
+def test_empty_inputs(grpc_stub, capsys, tmp_path, content) -> None:
+    path = tmp_path / "x.png"
+    if content is None:
+        path = tmp_path / "empty"
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    code, _, err = _run(capsys, "--image", str(path), "--port", str(grpc_stub[1]))
+    assert code == ExitCode.IMAGE
+    assert err.startswith("error: image file is empty" if content is not None else "error: no image files (")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--version", "1", "--version-label", "x"],
+        ["--timeout-s", "0"],
+        ["--batch-size", "0"],
+        ["--port", "70000"],
+        ["--version", "0"],
+    ],
+)
+def test_bad_command_lines_exit_2(capsys, argv) -> None:
+    with pytest.raises(SystemExit) as info:
+        grpc_client.main(["--image", str(DATA / "0.png"), *argv])
+    assert info.value.code == ExitCode.USAGE
+    assert "error:" in capsys.readouterr().err
+
+
+def test_script_mode_has_no_traceback_and_loads_no_tensorflow_runtime() -> None:
+    port = _closed_port()
+    started = time.monotonic()
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "client" / "grpc_client.py"),
+            "--image",
+            "data/0.png",
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == ExitCode.UNREACHABLE
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: cannot reach") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr and "I0000" not in result.stderr
+    assert time.monotonic() - started < 30
+
+
+# -- TLS --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    directory = tmp_path_factory.mktemp("tls")
+    key, cert = directory / "key.pem", directory / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return key, cert
+
+
+def test_tls_with_ca_cert(tls_files, capsys) -> None:
+    key, cert = tls_files
+    behaviour = Behaviour()
+    credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    server, port = _start_grpc(behaviour, credentials)
+    try:
+        code, out, err = _run(
+            capsys, "--image", str(DATA / "0.png"), "--port", str(port), "--ca-cert", str(cert)
+        )
+        assert (code, err) == (0, "")
+        assert out == "Predicted Digit:  7\nPredicted Confidence:  0.9993\n"
+        # without the CA the self-signed certificate is not trusted: the handshake fails
+        code, out, err = _run(
+            capsys, "--image", str(DATA / "0.png"), "--port", str(port), "--tls", "--timeout-s", "5"
+        )
+        assert (
+            code == ExitCode.UNREACHABLE
+            and out == ""
+            and err.startswith(f"error: cannot reach localhost:{port}")
+        )
+        # and a plain-text client cannot talk to a TLS server
+        code, _, err = _run(capsys, "--image", str(DATA / "0.png"), "--port", str(port), "--timeout-s", "5")
+        assert code == ExitCode.UNREACHABLE
+    finally:
+        server.stop(grace=None)
+
+
+def test_unreadable_ca_cert_is_a_usage_error(capsys, tmp_path) -> None:
+    code, _, err = _run(capsys, "--image", str(DATA / "0.png"), "--ca-cert", str(tmp_path / "ca.pem"))
+    assert code == ExitCode.USAGE
+    assert err.startswith(f"error: cannot read CA certificate {tmp_path / 'ca.pem'}")
+
+
+# -- the library part (shared with bench/) ----------------------------------------------------------
+def test_model_target_validation() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        ModelTarget("mnist", version=1, version_label="stable")
+    with pytest.raises(ValueError, match="empty"):
+        ModelTarget("")
+
+
+def test_rest_paths_and_bodies() -> None:
+    assert rest_path(ModelTarget("mnist")) == "/v1/models/mnist:predict"
+    assert rest_path(ModelTarget("mnist", version_label="a b")) == "/v1/models/mnist/labels/a%20b:predict"
+    body = rest_body(images_batch([np.zeros((28, 28), np.uint8)]))
+    assert body["signature_name"] == "serving_default" and np.asarray(body["instances"]).shape == (1, 28, 28)
+    assert rest_body(bytes_batch([b"\x89PNG"]))["instances"] == [{"b64": "iVBORw=="}]
+    assert bytes_batch([b"x"]).mode is InputMode.BYTES
+
+
+@pytest.mark.parametrize(
+    ("outputs", "message"),
+    [
+        ({"classes": np.array([1])}, "missing output(s) probabilities"),
+        (
+            {"probabilities": np.zeros((2, 10), np.float32), "classes": np.array([1, 2])},
+            "expected 1 predictions",
+        ),
+        ({"probabilities": np.zeros((1, 10), np.float32), "classes": np.array([12])}, "not a digit"),
+    ],
+)
+def test_malformed_responses_are_client_errors(outputs, message) -> None:
+    response = predict_pb2.PredictResponse()
+    for name, value in outputs.items():
+        response.outputs[name].CopyFrom(from_ndarray(value))
+    with pytest.raises(ClientError, match="malformed response") as info:
+        parse_predict_response(response, expected=1)
+    assert message in str(info.value) and info.value.exit_code == ExitCode.SERVER_ERROR
+    rows = {
+        "predictions": [
+            {k: v[i].tolist() for k, v in outputs.items()} for i in range(len(outputs["classes"]))
+        ]
+    }
+    with pytest.raises(ClientError, match="malformed response"):
+        parse_rest_response(rows, expected=1, version=None)
