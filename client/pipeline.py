@@ -1,0 +1,596 @@
+"""The whole journey on one machine, with the real Ray tools (the README's first command).
+
+    python client/pipeline.py            # ~5 min on 2 cores; --help for the knobs
+
+1. ``ray start --head``: a local Ray cluster, dashboard on 127.0.0.1 only, token auth on.
+2. ``ray job submit ... python training/train.py``: Ray Train (2 workers) publishes version 1.
+3. ``serve deploy serve_configs/local.yaml``: the app answers TF Serving's gRPC and REST APIs.
+4. ``python client/grpc_client.py``: reads the sample digits in ``data/``.
+5. A second ``ray job submit`` fine-tunes from the latest version and publishes version 2 while
+   the app serves; a prober keeps asking all along and counts failed requests.
+6. The client again, until version 2 answers.
+7. Clean-up: ``serve shutdown`` and ``ray stop`` (``--keep-running`` leaves both up).
+
+Every step is the command a user would type; their output goes to ``<run dir>/logs/`` and the
+important lines are echoed. The run ends with a summary. Exit code 0 means every step worked and
+every sample digit was read correctly by both versions; 1 means a step failed (the message
+says which and where its log is); 2 means a bad command line or a Ray cluster already running
+here (this script starts and stops its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SERVE_CONFIG = REPO / "serve_configs" / "local.yaml"
+SAMPLES_DIR = REPO / "data"
+SAMPLE_LABELS = SAMPLES_DIR / "samples.json"
+MODEL_NAME = "mnist"
+REPLICA_CPUS = 0.5  # serve_configs/local.yaml's ray_actor_options.num_cpus
+# Lines of `ray job submit`'s output worth showing (the rest goes to the log file).
+_ECHO_MARKERS = ("[rank 0] epoch", "Published version", "NOT PUBLISHED", "Job '", "Training finished")
+
+
+class StepFailed(Exception):
+    """A step of the journey failed; the message says which and where its log is."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    run_dir: Path
+    num_workers: int = 2
+    epochs_v1: int = 3
+    epochs_v2: int = 1
+    smoke_test: bool = False
+    grpc_port: int = 9000
+    http_port: int = 8000
+    step_timeout_s: float = 1800.0
+    keep_running: bool = False
+
+    @property
+    def store(self) -> Path:
+        return self.run_dir / "models" / MODEL_NAME
+
+    @property
+    def logs(self) -> Path:
+        return self.run_dir / "logs"
+
+
+@dataclass
+class Report:
+    """What the summary prints."""
+
+    started: float = field(default_factory=time.monotonic)
+    dashboard: str = ""
+    versions: dict[int, dict] = field(default_factory=dict)  # version -> metrics.json
+    answers: dict[int, list[dict]] = field(default_factory=dict)  # version -> client predictions
+    probe: dict[str, object] = field(default_factory=dict)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_busy(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def running_ray_processes() -> list[str]:
+    """``name (pid)`` of Ray head processes (gcs_server, raylet) of any local cluster."""
+    found = []
+    proc = Path("/proc")
+    if proc.is_dir():
+        for entry in proc.iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    name = (entry / "comm").read_text().strip()
+                    if name in ("gcs_server", "raylet"):
+                        found.append(f"{name} ({entry.name})")
+        return found
+    result = subprocess.run(["pgrep", "-l", "-x", "gcs_server|raylet"], capture_output=True, text=True)
+    return result.stdout.split()
+
+
+class Journey:
+    """Runs the steps; owns the cluster it starts."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.report = Report()
+        self.env = dict(os.environ)
+        bin_dir = str(Path(sys.executable).parent)
+        self.env.update(
+            # `python` in job entrypoints and `ray`/`serve` resolve to this environment
+            PATH=bin_dir + os.pathsep + self.env.get("PATH", ""),
+            RAY_AUTH_MODE="token",  # new clusters require the token; the CLIs then send it
+            RAY_USAGE_STATS_ENABLED="0",
+            MODEL_NAME=MODEL_NAME,
+            MODEL_BASE_PATH=str(config.store.parent),  # the app serves $MODEL_BASE_PATH/$MODEL_NAME
+            TF_CPP_MIN_LOG_LEVEL="2",
+        )
+        self.env.pop("RAY_ADDRESS", None)
+        self.dashboard_port = 8265 if not _port_busy(8265) else _free_port()
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.started_ray = False
+        self.deployed = False
+
+    # -- running commands ---------------------------------------------------------------------
+    def _run(self, step: str, argv: Sequence[str], timeout_s: float, echo: bool = False) -> str:
+        """Run one command, its output into logs/<step>.log; StepFailed if it fails or times out."""
+        self.config.logs.mkdir(parents=True, exist_ok=True)
+        log_path = self.config.logs / f"{step}.log"
+        _say(f"    $ {shlex.join(self._display(argv))}")
+        lines: list[str] = []
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(
+                argv,
+                cwd=REPO,
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+            timer = threading.Timer(timeout_s, self._kill, args=(process,))
+            timer.start()
+            try:
+                echoed: set[str] = set()
+                for line in process.stdout:
+                    log.write(line)
+                    lines.append(line)
+                    shown = _worth_echoing(line) if echo else None
+                    if shown and shown not in echoed:
+                        echoed.add(shown)
+                        _say("      " + shown)
+                code = process.wait()
+            except BaseException:
+                self._kill(process)
+                raise
+            finally:
+                timer.cancel()
+        if code != 0:
+            tail = "".join(lines[-25:])
+            raise StepFailed(f"{step} failed (exit {code}); last lines of {log_path}:\n{tail}")
+        return "".join(lines)
+
+    @staticmethod
+    def _kill(process: subprocess.Popen) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+
+    @staticmethod
+    def _display(argv: Sequence[str]) -> list[str]:
+        """The command as the user would type it (paths relative to the repo where possible)."""
+        shown = []
+        for arg in argv:
+            if arg == sys.executable:
+                arg = "python"
+            elif os.path.dirname(arg) == os.path.dirname(sys.executable):
+                arg = os.path.basename(arg)
+            elif arg == str(REPO) or arg.startswith(str(REPO) + os.sep):
+                arg = os.path.relpath(arg, REPO)
+            shown.append(arg)
+        return shown
+
+    def _tool(self, name: str) -> str:
+        path = Path(sys.executable).parent / name
+        return str(path) if path.exists() else name
+
+    # -- the steps ----------------------------------------------------------------------------
+    def start_ray(self) -> None:
+        _say(f"==> [1/7] Starting a local Ray cluster (dashboard {self.dashboard}, token auth)")
+        self._run(
+            "1-ray-start",
+            [
+                self._tool("ray"),
+                "start",
+                "--head",
+                "--port",
+                str(_free_port()),
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(self.dashboard_port),
+                "--dashboard-agent-listen-port",
+                str(_free_port()),
+                "--ray-client-server-port",
+                str(_free_port()),
+                "--disable-usage-stats",
+            ],
+            timeout_s=180,
+        )
+        self.started_ray = True
+        self.report.dashboard = self.dashboard
+
+    def train(self, step: str, title: str, epochs: int, init_from_latest: bool) -> int:
+        _say(title)
+        before = set(_versions(self.config.store))
+        # With the app's replica on the node, the workers share what is left of the CPUs.
+        cpus = os.cpu_count() or 2
+        cpus_per_worker = max(0.25, min(1.0, (cpus - REPLICA_CPUS) / self.config.num_workers))
+        argv = [
+            self._tool("ray"),
+            "job",
+            "submit",
+            "--address",
+            self.dashboard,
+            "--working-dir",
+            str(REPO),
+            "--",
+            "python",
+            "training/train.py",
+            "--model_path",
+            str(self.config.store),
+            "--epochs",
+            str(epochs),
+            "--num-workers",
+            str(self.config.num_workers),
+            "--cpus-per-worker",
+            f"{cpus_per_worker:g}",
+            "--storage-path",
+            str(self.config.run_dir / "ray_results"),
+        ]
+        if init_from_latest:
+            argv += ["--init-from", "latest"]
+        if self.config.smoke_test:
+            argv.append("--smoke-test")
+        self._run(step, argv, timeout_s=self.config.step_timeout_s, echo=True)
+        new = sorted(set(_versions(self.config.store)) - before)
+        if len(new) != 1:
+            raise StepFailed(f"{step}: expected one new version in {self.config.store}, found {new}")
+        version = new[0]
+        metrics_path = self.config.store / str(version) / "assets.extra" / "metrics.json"
+        self.report.versions[version] = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+        return version
+
+    def deploy(self) -> None:
+        config_path = self._serve_config()
+        _say(
+            f"==> [3/7] Deploying the Serve app (gRPC :{self.config.grpc_port}, HTTP :{self.config.http_port})"
+        )
+        self._run(
+            "3-serve-deploy",
+            [self._tool("serve"), "deploy", str(config_path), "--address", self.dashboard],
+            120,
+        )
+        self.deployed = True
+        deadline = time.monotonic() + 300
+        while True:
+            status = self._serve_status()
+            app = (status.get("applications") or {}).get(MODEL_NAME, {})
+            state = app.get("status")
+            if state == "RUNNING":
+                _say("    app 'mnist' is RUNNING")
+                return
+            if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise StepFailed(f"serve deploy: app is {state}: {app.get('message', '')}")
+            if time.monotonic() > deadline:
+                raise StepFailed(f"serve deploy: app not RUNNING after 300 s (status {state})")
+            time.sleep(2)
+
+    def _serve_config(self) -> Path:
+        """local.yaml itself, or a copy with other ports when the default ones are not wanted."""
+        if (self.config.grpc_port, self.config.http_port) == (9000, 8000):
+            return SERVE_CONFIG
+        raw = yaml.safe_load(SERVE_CONFIG.read_text())
+        raw["grpc_options"]["port"] = self.config.grpc_port
+        raw["http_options"]["port"] = self.config.http_port
+        path = self.config.run_dir / "serve_config.yaml"
+        path.write_text(
+            f"# serve_configs/local.yaml with gRPC on {self.config.grpc_port}, HTTP on {self.config.http_port}\n"
+            + yaml.safe_dump(raw, sort_keys=False)
+        )
+        return path
+
+    def _serve_status(self) -> dict:
+        result = subprocess.run(
+            [self._tool("serve"), "status", "--address", self.dashboard],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if result.returncode != 0:
+            return {}
+        with contextlib.suppress(yaml.YAMLError):
+            return yaml.safe_load(result.stdout) or {}
+        return {}
+
+    def ask(self, step: str, title: str, expect_version: int, wait_s: float = 0.0) -> None:
+        """The README's client command on one image, then on every sample with labels."""
+        _say(title)
+        deadline = time.monotonic() + wait_s
+        single = [
+            sys.executable,
+            "client/grpc_client.py",
+            "--image",
+            "data/0.png",
+            "--model",
+            MODEL_NAME,
+            "--host",
+            "localhost",
+            "--port",
+            str(self.config.grpc_port),
+        ]
+        every = [
+            sys.executable,
+            "client/grpc_client.py",
+            "--image",
+            "data",
+            "--labels",
+            "data/samples.json",
+            "--model",
+            MODEL_NAME,
+            "--port",
+            str(self.config.grpc_port),
+            "--json",
+        ]
+        while True:
+            document = json.loads(self._run(step, every, timeout_s=120))
+            answered = {p["version"] for p in document["predictions"]}
+            if answered == {expect_version}:
+                break
+            if time.monotonic() > deadline:
+                raise StepFailed(
+                    f"{step}: expected version {expect_version} to answer, got {sorted(answered)}"
+                )
+            time.sleep(1)
+        for line in self._run(step + "-single", single, timeout_s=120).splitlines():
+            _say("      " + line)
+        digits = " ".join(str(p["digit"]) for p in document["predictions"])
+        _say(
+            f"      all samples (version {expect_version}): {digits}  ->  {document['correct']}/{document['checked']} correct"
+        )
+        self.report.answers[expect_version] = document["predictions"]
+
+    def shutdown(self) -> None:
+        if self.config.keep_running:
+            _say(
+                f"==> [7/7] Leaving Ray and the app running: dashboard {self.dashboard}; "
+                f"stop with `serve shutdown -y --address {self.dashboard}` and `ray stop`"
+            )
+            return
+        _say("==> [7/7] Cleaning up: serve shutdown, ray stop")
+        if self.deployed:
+            with contextlib.suppress(StepFailed, OSError):
+                self._run(
+                    "7-serve-shutdown",
+                    [self._tool("serve"), "shutdown", "-y", "--address", self.dashboard],
+                    120,
+                )
+        if self.started_ray:
+            with contextlib.suppress(StepFailed, OSError):
+                self._run("7-ray-stop", [self._tool("ray"), "stop"], 120)
+
+
+class Prober:
+    """Asks for one sample digit every ``interval_s`` in a thread; counts answers by version."""
+
+    def __init__(self, port: int, interval_s: float = 0.2) -> None:
+        from client.images import read_image_bytes, to_mnist_tensor
+        from client.messages import ModelTarget, images_batch
+        from client.transport import GrpcTransport
+
+        path = SAMPLES_DIR / "0.png"
+        self._batch = images_batch([to_mnist_tensor(path, read_image_bytes(path))])
+        self._target = ModelTarget(MODEL_NAME)
+        self._transport = GrpcTransport("localhost", port, timeout_s=10)
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self.versions: dict[int, int] = {}
+        self.failures: list[str] = []
+        self._thread = threading.Thread(target=self._loop, name="prober", daemon=True)
+
+    def _loop(self) -> None:
+        from client.errors import ClientError
+
+        while not self._stop.is_set():
+            try:
+                version = self._transport.predict(self._target, self._batch).version
+                self.versions[version] = self.versions.get(version, 0) + 1
+            except ClientError as exc:
+                self.failures.append(str(exc))
+            self._stop.wait(self._interval_s)
+
+    def __enter__(self) -> Prober:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self._transport.close()
+
+
+def _versions(store: Path) -> list[int]:
+    if not store.is_dir():
+        return []
+    return sorted(int(p.name) for p in store.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAY_PREFIX = re.compile(r"^\(\w+ pid=\d+(?:, ip=[\d.]+)?\)\s*")  # "(RayTrainWorker pid=123) "
+_RAY_CLI_PREFIX = re.compile(
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+\w+ \S+ -- "
+)  # "<time> SUCC cli.py:67 -- "
+
+
+def _worth_echoing(line: str) -> str | None:
+    """The line without Ray's colours and prefixes if it is one to show, else None."""
+    text = _RAY_CLI_PREFIX.sub("", _RAY_PREFIX.sub("", _ANSI.sub("", line.strip())))
+    if "[repeated" in text:
+        return None
+    if text.startswith("error:") or any(marker in text for marker in _ECHO_MARKERS):
+        return text
+    return None
+
+
+def summary(journey: Journey, ok: bool) -> str:
+    report, config = journey.report, journey.config
+    minutes, seconds = divmod(int(time.monotonic() - report.started), 60)
+    rows: list[tuple[str, str]] = [
+        ("dashboard", (report.dashboard or "-") + ("" if config.keep_running else " (stopped)")),
+        ("model store", f"{config.store}: versions {', '.join(map(str, report.versions)) or 'none'}"),
+    ]
+    for version, metrics in report.versions.items():
+        accuracy = metrics.get("test_accuracy")
+        shown = f"{accuracy * 100:.2f} %" if isinstance(accuracy, float) else "?"
+        rows.append(
+            (
+                f"version {version}",
+                f"test accuracy {shown} on {metrics.get('test_examples', '?')} images, "
+                f"{metrics.get('epochs', '?')} epoch(s), {metrics.get('workers', '?')} Ray Train workers, "
+                f"{metrics.get('train_wall_s', '?')} s",
+            )
+        )
+    for version, predictions in report.answers.items():
+        right = sum(bool(p.get("correct")) for p in predictions)
+        digits = " ".join(str(p["digit"]) for p in predictions)
+        rows.append((f"answers v{version}", f"{digits}  ({right}/{len(predictions)} sample digits correct)"))
+    if report.probe:
+        rows.append(
+            (
+                "while retraining",
+                f"{report.probe['requests']} requests, {report.probe['failed']} failed, "
+                f"answered by versions {report.probe['versions']}",
+            )
+        )
+    rows += [("logs", str(config.logs)), ("took", f"{minutes} min {seconds:02d} s")]
+    lines = ["", "Summary" + ("" if ok else " (FAILED)")]
+    lines += [f"  {key:<17} {value}" for key, value in rows]
+    return "\n".join(lines)
+
+
+def run(config: PipelineConfig) -> int:
+    others = running_ray_processes()
+    if others:
+        print(
+            f"error: a Ray cluster is already running on this machine ({', '.join(others[:4])}); this "
+            "script starts and stops its own. Stop the other one first (`ray stop`).",
+            file=sys.stderr,
+        )
+        return 2
+    for port in (config.grpc_port, config.http_port):
+        if _port_busy(port):
+            print(f"error: port {port} is in use; pass --grpc-port/--http-port", file=sys.stderr)
+            return 2
+    journey = Journey(config)
+    ok = False
+    _say(f"Run directory: {config.run_dir}")
+    try:
+        journey.start_ray()
+        v1 = journey.train(
+            "2-train-v1",
+            f"==> [2/7] Training version 1 with Ray Train ({config.num_workers} workers)",
+            config.epochs_v1,
+            init_from_latest=False,
+        )
+        journey.deploy()
+        journey.ask("4-client-v1", f"==> [4/7] Asking the app (gRPC :{config.grpc_port})", expect_version=v1)
+        with Prober(config.grpc_port) as prober:
+            v2 = journey.train(
+                "5-train-v2",
+                "==> [5/7] Training version 2 (fine-tuned from the latest) while serving",
+                config.epochs_v2,
+                init_from_latest=True,
+            )
+            journey.ask(
+                "6-client-v2", f"==> [6/7] Waiting for version {v2} to answer", expect_version=v2, wait_s=120
+            )
+        journey.report.probe = {
+            "requests": sum(prober.versions.values()) + len(prober.failures),
+            "failed": len(prober.failures),
+            "versions": ", ".join(f"{v} ({n}x)" for v, n in sorted(prober.versions.items())) or "none",
+        }
+        if prober.failures:
+            raise StepFailed(
+                f"{len(prober.failures)} requests failed while version 2 was published: {prober.failures[0]}"
+            )
+        wrong = [
+            p["image"] for answers in journey.report.answers.values() for p in answers if not p.get("correct")
+        ]
+        if wrong:
+            raise StepFailed(f"sample digits read wrongly: {', '.join(wrong)}")
+        ok = True
+    except StepFailed as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+    finally:
+        journey.shutdown()
+        _say(summary(journey, ok))
+    return 0 if ok else 1
+
+
+def parse_args(argv: Sequence[str] | None = None) -> PipelineConfig:
+    parser = argparse.ArgumentParser(prog="mnist-pipeline", description=__doc__.split("\n\n")[0])
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=REPO / "runs" / f"pipeline-{stamp}",
+        help="model store, Ray Train results and logs of this run (default: runs/pipeline-<time>)",
+    )
+    parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (default: 2)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs for version 1 (default: 3)")
+    parser.add_argument(
+        "--epochs-v2", type=int, default=1, help="fine-tuning epochs for version 2 (default: 1)"
+    )
+    parser.add_argument("--smoke-test", action="store_true", help="train on 30,000 images (tests)")
+    parser.add_argument("--grpc-port", type=int, default=9000)
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--step-timeout-s", type=float, default=1800.0, help="limit of each training run")
+    parser.add_argument(
+        "--keep-running", action="store_true", help="leave Ray and the app running at the end"
+    )
+    args = parser.parse_args(argv)
+    if args.num_workers < 1 or args.epochs < 1 or args.epochs_v2 < 1:
+        parser.error("--num-workers, --epochs and --epochs-v2 must be >= 1")
+    if args.run_dir.exists() and any(args.run_dir.iterdir()):
+        parser.error(f"--run-dir {args.run_dir} is not empty (each run publishes versions 1 and 2 afresh)")
+    return PipelineConfig(
+        run_dir=args.run_dir.resolve(),
+        num_workers=args.num_workers,
+        epochs_v1=args.epochs,
+        epochs_v2=args.epochs_v2,
+        smoke_test=args.smoke_test,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        step_timeout_s=args.step_timeout_s,
+        keep_running=args.keep_running,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    if not __package__:
+        sys.path.insert(0, str(REPO))  # run as a script: make the repo root importable
+    sys.exit(main())
