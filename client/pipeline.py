@@ -15,7 +15,7 @@ Every step is the command a user would type; their output goes to ``<run dir>/lo
 important lines are echoed. The run ends with a summary. Exit code 0 means every step worked and
 every sample digit was read correctly by both versions; 1 means a step failed (the message
 says which and where its log is); 2 means a bad command line or a Ray cluster already running
-here (this script starts and stops its own).
+here (this script starts and stops its own); 130 means interrupted (Ctrl-C), after clean-up.
 """
 
 from __future__ import annotations
@@ -44,9 +44,15 @@ SERVE_CONFIG = REPO / "serve_configs" / "local.yaml"
 SAMPLES_DIR = REPO / "data"
 SAMPLE_LABELS = SAMPLES_DIR / "samples.json"
 MODEL_NAME = "mnist"
+DASHBOARD_PORT = 8265
+_RAY_DEFAULT_PORTS = {
+    "--port": 6379,
+    "--dashboard-agent-listen-port": 52365,
+    "--ray-client-server-port": 10001,
+}
 REPLICA_CPUS = 0.5  # serve_configs/local.yaml's ray_actor_options.num_cpus
 # Lines of `ray job submit`'s output worth showing (the rest goes to the log file).
-_ECHO_MARKERS = ("[rank 0] epoch", "Published version", "NOT PUBLISHED", "Job '", "Training finished")
+_ECHO_MARKERS = ("Published version", "NOT PUBLISHED", "Job '", "Training finished")
 
 
 class StepFailed(Exception):
@@ -134,7 +140,7 @@ class Journey:
             TF_CPP_MIN_LOG_LEVEL="2",
         )
         self.env.pop("RAY_ADDRESS", None)
-        self.dashboard_port = 8265 if not _port_busy(8265) else _free_port()
+        self.dashboard_port = DASHBOARD_PORT if not _port_busy(DASHBOARD_PORT) else _free_port()
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.started_ray = False
         self.deployed = False
@@ -164,9 +170,9 @@ class Journey:
                     log.write(line)
                     lines.append(line)
                     shown = _worth_echoing(line) if echo else None
-                    if shown and shown not in echoed:
-                        echoed.add(shown)
-                        _say("      " + shown)
+                    if shown and shown[0] not in echoed:
+                        echoed.add(shown[0])
+                        _say("      " + shown[1])
                 code = process.wait()
             except BaseException:
                 self._kill(process)
@@ -204,26 +210,21 @@ class Journey:
     # -- the steps ----------------------------------------------------------------------------
     def start_ray(self) -> None:
         _say(f"==> [1/7] Starting a local Ray cluster (dashboard {self.dashboard}, token auth)")
-        self._run(
-            "1-ray-start",
-            [
-                self._tool("ray"),
-                "start",
-                "--head",
-                "--port",
-                str(_free_port()),
-                "--dashboard-host",
-                "127.0.0.1",
-                "--dashboard-port",
-                str(self.dashboard_port),
-                "--dashboard-agent-listen-port",
-                str(_free_port()),
-                "--ray-client-server-port",
-                str(_free_port()),
-                "--disable-usage-stats",
-            ],
-            timeout_s=180,
-        )
+        argv = [
+            self._tool("ray"),
+            "start",
+            "--head",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--disable-usage-stats",
+        ]
+        if self.dashboard_port != DASHBOARD_PORT:
+            argv += ["--dashboard-port", str(self.dashboard_port)]
+        # Ray's other fixed default ports: take a free one only where the default is taken.
+        for flag, default in _RAY_DEFAULT_PORTS.items():
+            if _port_busy(default):
+                argv += [flag, str(_free_port())]
+        self._run("1-ray-start", argv, timeout_s=180)
         self.started_ray = True
         self.report.dashboard = self.dashboard
 
@@ -279,6 +280,7 @@ class Journey:
             120,
         )
         self.deployed = True
+        _say(f"    $ serve status --address {self.dashboard}    (every 2 s until the app is RUNNING)")
         deadline = time.monotonic() + 300
         while True:
             status = self._serve_status()
@@ -434,20 +436,33 @@ def _versions(store: Path) -> list[int]:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_REPEATED = re.compile(r"\s*\[repeated \d+x across cluster\]")
+_EPOCH = re.compile(r"^\[rank \d+\] epoch (\d+)/\d+:")
 _RAY_PREFIX = re.compile(r"^\(\w+ pid=\d+(?:, ip=[\d.]+)?\)\s*")  # "(RayTrainWorker pid=123) "
 _RAY_CLI_PREFIX = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+\w+ \S+ -- "
 )  # "<time> SUCC cli.py:67 -- "
 
 
-def _worth_echoing(line: str) -> str | None:
-    """The line without Ray's colours and prefixes if it is one to show, else None."""
+def _worth_echoing(line: str) -> tuple[str, str] | None:
+    """(dedup key, text) of a line to show, without Ray's colours and prefixes; None to skip it.
+
+    One line per epoch: Ray's log deduplication folds the ranks' near-identical epoch lines
+    into one, from whichever rank came first, marked ``[repeated Nx across cluster]``.
+    """
     text = _RAY_CLI_PREFIX.sub("", _RAY_PREFIX.sub("", _ANSI.sub("", line.strip())))
-    if "[repeated" in text:
-        return None
+    text = _REPEATED.sub("", text)
+    epoch = _EPOCH.search(text)
+    if epoch:
+        return f"epoch {epoch.group(1)}", text
     if text.startswith("error:") or any(marker in text for marker in _ECHO_MARKERS):
-        return text
+        return text, text
     return None
+
+
+def _shown_path(path: Path) -> str:
+    """Relative to the repository when inside it (as the commands are shown), else absolute."""
+    return os.path.relpath(path, REPO) if path.is_relative_to(REPO) else str(path)
 
 
 def summary(journey: Journey, ok: bool) -> str:
@@ -455,7 +470,10 @@ def summary(journey: Journey, ok: bool) -> str:
     minutes, seconds = divmod(int(time.monotonic() - report.started), 60)
     rows: list[tuple[str, str]] = [
         ("dashboard", (report.dashboard or "-") + ("" if config.keep_running else " (stopped)")),
-        ("model store", f"{config.store}: versions {', '.join(map(str, report.versions)) or 'none'}"),
+        (
+            "model store",
+            f"{_shown_path(config.store)}: versions {', '.join(map(str, report.versions)) or 'none'}",
+        ),
     ]
     for version, metrics in report.versions.items():
         accuracy = metrics.get("test_accuracy")
@@ -480,7 +498,7 @@ def summary(journey: Journey, ok: bool) -> str:
                 f"answered by versions {report.probe['versions']}",
             )
         )
-    rows += [("logs", str(config.logs)), ("took", f"{minutes} min {seconds:02d} s")]
+    rows += [("logs", _shown_path(config.logs)), ("took", f"{minutes} min {seconds:02d} s")]
     lines = ["", "Summary" + ("" if ok else " (FAILED)")]
     lines += [f"  {key:<17} {value}" for key, value in rows]
     return "\n".join(lines)
@@ -500,7 +518,7 @@ def run(config: PipelineConfig) -> int:
             print(f"error: port {port} is in use; pass --grpc-port/--http-port", file=sys.stderr)
             return 2
     journey = Journey(config)
-    ok = False
+    ok = interrupted = False
     _say(f"Run directory: {config.run_dir}")
     try:
         journey.start_ray()
@@ -540,11 +558,16 @@ def run(config: PipelineConfig) -> int:
     except StepFailed as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr, flush=True)
+        print("error: interrupted; cleaning up", file=sys.stderr, flush=True)
+        interrupted = True
     finally:
-        journey.shutdown()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip it
+        try:
+            journey.shutdown()
+        finally:
+            signal.signal(signal.SIGINT, previous)
         _say(summary(journey, ok))
-    return 0 if ok else 1
+    return 0 if ok else (130 if interrupted else 1)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> PipelineConfig:

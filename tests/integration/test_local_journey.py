@@ -1,0 +1,193 @@
+"""End to end: the README's main command (client/pipeline.py) on a real local Ray, with real tools.
+
+The pipeline runs ``ray start``, two ``ray job submit`` trainings (smaller: --smoke-test),
+``serve deploy``, the client, and is asked to leave the app running so the README's own serving
+commands can be run against it verbatim; the module then stops everything with the README's
+clean-up commands and checks nothing of Ray is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from client.pipeline import DASHBOARD_PORT, _free_port, _port_busy, running_ray_processes
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+README = (REPO / "README.md").read_text()
+BIN = Path(sys.executable).parent
+SAMPLES = json.loads((REPO / "data" / "samples.json").read_text())
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # `python`, `ray`, `serve` of this venv
+    env["RAY_AUTH_MODE"] = "token"
+    return env
+
+
+def _blocks(marker: str) -> list[tuple[str, str]]:
+    """(language, code) of every README code block right after ``<!-- readme-check: marker -->``."""
+    pattern = rf"<!-- readme-check: {re.escape(marker)} -->\n```(\w+)\n(.*?)```"
+    return re.findall(pattern, README, flags=re.S)
+
+
+def _cleanup_commands(dashboard: str) -> list[str]:
+    """What the pipeline runs at the end (without --keep-running); this module runs them itself."""
+    return [f"serve shutdown -y --address {dashboard}", "ray stop"]
+
+
+@pytest.fixture(scope="module")
+def journey(tmp_path_factory):
+    deadline = time.monotonic() + 60  # earlier modules' ray.shutdown() may still be finishing
+    while running_ray_processes() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not running_ray_processes(), f"a Ray cluster is already running: {running_ray_processes()}"
+    default_ports = not _port_busy(9000) and not _port_busy(8000) and not _port_busy(DASHBOARD_PORT)
+    grpc_port, http_port = (9000, 8000) if default_ports else (_free_port(), _free_port())
+    run_dir = tmp_path_factory.mktemp("journey") / "run"
+    argv = [
+        sys.executable, "client/pipeline.py", "--smoke-test", "--epochs", "2", "--epochs-v2", "1",
+        "--run-dir", str(run_dir), "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+        "--keep-running", "--step-timeout-s", "600",
+    ]  # fmt: skip
+    result = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1500)
+    print(result.stdout[-6000:], result.stderr[-4000:])
+    dashboard = re.search(r"dashboard\s+(http://127\.0\.0\.1:\d+)", result.stdout)
+    try:
+        yield {
+            "result": result,
+            "run_dir": run_dir,
+            "default_ports": default_ports,
+            "dashboard": dashboard.group(1) if dashboard else None,
+        }
+    finally:
+        # The README's clean-up commands (its step-by-step block ends with them).
+        address = dashboard.group(1) if dashboard else f"http://127.0.0.1:{DASHBOARD_PORT}"
+        for command in _cleanup_commands(address):
+            subprocess.run(shlex.split(command), env=_env(), capture_output=True, timeout=120)
+        deadline = time.monotonic() + 30
+        while running_ray_processes() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not running_ray_processes(), "ray stop left Ray processes behind"
+
+
+def test_pipeline_publishes_two_versions_and_the_client_reads_the_samples(journey):
+    result = journey["result"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    steps = re.findall(r"^==> \[(\d)/7\]", out, flags=re.M)
+    assert steps == [str(i) for i in range(1, 8)]
+    # the README's client command, with the seed's exact output format
+    assert re.search(
+        r"^      Predicted Digit:  7\n      Predicted Confidence:  (?:0\.9\d{3}|1\.0000)$", out, re.M
+    )
+    expected = " ".join(str(SAMPLES[f"{i}.png"]) for i in range(10))
+    assert re.search(rf"answers v1\s+{expected}  \(10/10 sample digits correct\)", out)
+    assert re.search(rf"answers v2\s+{expected}  \(10/10 sample digits correct\)", out)
+    probe = re.search(r"while retraining\s+(\d+) requests, (\d+) failed, answered by versions (.*)", out)
+    assert probe and int(probe.group(1)) > 0 and probe.group(2) == "0"
+    assert "1 (" in probe.group(3)  # version 1 answered while version 2 was being trained
+    store = journey["run_dir"] / "models" / "mnist"
+    assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == ["1", "2"]
+    v2 = json.loads((store / "2" / "assets.extra" / "metrics.json").read_text())
+    assert v2["init_from"] and v2["init_from"].endswith("/1") and v2["workers"] == 2
+    assert v2["test_accuracy"] >= 0.95
+
+
+def _shape(command: str) -> tuple[tuple[str, ...], frozenset[str], tuple[str, ...], frozenset[str]]:
+    """(leading words, flags, entrypoint words, entrypoint flags) of a command line."""
+    words = shlex.split(command.split("    (")[0], comments=True)
+    if "--" in words:
+        head, entry = words[: words.index("--")], words[words.index("--") + 1 :]
+    else:
+        head, entry = words, []
+
+    def split(tokens: list[str]) -> tuple[tuple[str, ...], frozenset[str]]:
+        leading = []
+        for token in tokens:
+            if token.startswith("-"):
+                break
+            leading.append(token)
+        return tuple(leading), frozenset(t for t in tokens if t.startswith("-"))
+
+    lead, flags = split(head)
+    entry_lead, entry_flags = split(entry)
+    return lead, flags, entry_lead, entry_flags
+
+
+# Flags only the pipeline passes: its run's own checkpoint directory and the test's smaller
+# training (train.py), and Ray's default ports where something else holds them (ray start).
+_PIPELINE_ONLY_TRAIN = frozenset({"--storage-path", "--smoke-test"})
+_PIPELINE_ONLY_RAY_START = frozenset(
+    {"--port", "--dashboard-port", "--dashboard-agent-listen-port", "--ray-client-server-port"}
+)
+
+
+def test_readme_step_by_step_block_is_what_the_pipeline_ran(journey):
+    ((language, block),) = _blocks("pipeline-steps")
+    readme = [
+        line
+        for line in block.splitlines()
+        if line.strip() and not line.startswith(("source ", "export ", "#"))
+    ]
+    ran = []
+    for line in journey["result"].stdout.splitlines():
+        if line.startswith("    $ ") and (not ran or ran[-1] != line[6:]):
+            ran.append(line[6:])  # a command repeated while waiting counts once
+    ran += _cleanup_commands(journey["dashboard"])  # --keep-running left these to the fixture
+    assert len(readme) == len(ran), (readme, ran)
+    for documented, executed in zip(readme, ran):
+        lead, flags, entry_lead, entry_flags = _shape(documented)
+        run_lead, run_flags, run_entry_lead, run_entry_flags = _shape(executed)
+        if journey["default_ports"]:
+            assert lead == run_lead, (documented, executed)  # also the config file: serve_configs/local.yaml
+        else:
+            assert lead[:2] == run_lead[:2], (documented, executed)
+        only = _PIPELINE_ONLY_RAY_START if lead[:2] == ("ray", "start") else frozenset()
+        assert flags == run_flags - only, (documented, executed)
+        assert (entry_lead, entry_flags) == (run_entry_lead, run_entry_flags - _PIPELINE_ONLY_TRAIN)
+
+
+def test_readme_serving_commands_run_against_the_app(journey):
+    if not journey["default_ports"]:
+        pytest.skip("ports 9000/8000/8265 were taken, so the app runs on other ports than the README's")
+    blocks = _blocks("run-against-app")
+    assert [language for language, _ in blocks] == ["bash", "python", "bash"]
+    for language, code in blocks:
+        if language == "python":
+            argv = [sys.executable, "-c", code]
+        else:
+            argv = ["bash", "-euo", "pipefail", "-c", code]
+        result = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (code, result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert '"error"' not in result.stdout, result.stdout
+        if language == "python":
+            assert result.stdout.split()[-1] in ("1", "2")  # the version that answered
+        elif "grpc_client" in code:
+            assert "Predicted Digit:  7\nPredicted Confidence:  " in result.stdout
+            assert "10/10 correct" in result.stdout
+            assert "exit 6: no such label" in result.stdout  # the documented NOT_FOUND exit code
+        else:
+            assert '"model_version_status"' in result.stdout and '"predictions"' in result.stdout
+
+
+def test_readme_set_up_commands_are_what_ci_runs():
+    commands = re.findall(r"```bash\n(python3 -m venv .venv && [^\n]+)\n```", README)
+    assert len(commands) == 2, commands
+    main, tests = commands
+    assert main.endswith(".venv/bin/python client/pipeline.py")  # what the journey fixture runs
+    assert tests.endswith(".venv/bin/pytest -q")
+    assert main.rsplit(" && ", 1)[0] == tests.rsplit(" && ", 1)[0]  # the same install
+    assert tests in (REPO / ".ci" / "run").read_text()

@@ -1,0 +1,95 @@
+"""client/pipeline.py's own logic, without Ray: what it echoes, refuses and reports."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from client import pipeline
+from client.pipeline import Journey, PipelineConfig, _worth_echoing, parse_args, summary
+
+
+@pytest.mark.parametrize(
+    ("line", "shown"),
+    [
+        ("\x1b[36m(RayTrainWorker pid=5101)\x1b[0m [rank 0] epoch 1/3: loss 0.12", ("epoch 1", "[rank 0] epoch 1/3: loss 0.12")),
+        ("(RayTrainWorker pid=7, ip=10.0.0.2) [rank 1] epoch 2/3: x [repeated 2x across cluster]", ("epoch 2", "[rank 1] epoch 2/3: x")),
+        ("2026-11-25 02:15:41,864\tSUCC cli.py:67 -- \x1b[32mJob 'raysubmit_Y' succeeded\x1b[39m", ("Job 'raysubmit_Y' succeeded",) * 2),
+        ("Published version 2 of mnist at /m/2 (test accuracy 0.99)", ("Published version 2 of mnist at /m/2 (test accuracy 0.99)",) * 2),
+        ("error: training failed: boom", ("error: training failed: boom",) * 2),
+        ("E0000 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: x", None),
+        ("(RayTrainWorker pid=1) [rank 0] resumed after epoch 1", None),
+    ],
+)  # fmt: skip
+def test_worth_echoing(line: str, shown: tuple[str, str] | None) -> None:
+    assert _worth_echoing(line) == shown
+
+
+def test_commands_are_shown_as_a_user_types_them(tmp_path: Path) -> None:
+    bin_dir = Path(sys.executable).parent
+    shown = Journey._display(
+        [str(bin_dir / "ray"), "job", "submit", "--working-dir", str(pipeline.REPO), "--", sys.executable,
+         str(pipeline.REPO / "serve_configs" / "local.yaml"), str(tmp_path)]
+    )  # fmt: skip
+    assert shown == [
+        "ray",
+        "job",
+        "submit",
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "serve_configs/local.yaml",
+        str(tmp_path),
+    ]
+
+
+def test_refuses_to_start_beside_another_ray_cluster(monkeypatch, tmp_path, capsys) -> None:
+    monkeypatch.setattr(pipeline, "running_ray_processes", lambda: ["gcs_server (123)"])
+    assert pipeline.run(PipelineConfig(run_dir=tmp_path / "run")) == 2
+    assert "a Ray cluster is already running on this machine (gcs_server (123))" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing was started or written
+
+
+def test_refuses_busy_serving_ports(monkeypatch, tmp_path, capsys) -> None:
+    monkeypatch.setattr(pipeline, "running_ray_processes", lambda: [])
+    monkeypatch.setattr(pipeline, "_port_busy", lambda port: port == 9000)
+    assert pipeline.run(PipelineConfig(run_dir=tmp_path / "run")) == 2
+    assert "port 9000 is in use; pass --grpc-port/--http-port" in capsys.readouterr().err
+
+
+def test_command_line_checks(tmp_path: Path, capsys) -> None:
+    config = parse_args(["--run-dir", str(tmp_path / "new"), "--epochs", "2", "--smoke-test"])
+    assert (config.epochs_v1, config.smoke_test, config.store) == (
+        2,
+        True,
+        tmp_path / "new" / "models" / "mnist",
+    )
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "x").write_text("")
+    for argv in (["--run-dir", str(tmp_path / "used")], ["--epochs", "0"], ["--num-workers", "0"]):
+        with pytest.raises(SystemExit) as info:
+            parse_args(argv)
+        assert info.value.code == 2
+    assert "is not empty" in capsys.readouterr().err
+
+
+def test_summary_reports_versions_answers_and_the_probe(tmp_path: Path) -> None:
+    journey = Journey(PipelineConfig(run_dir=tmp_path))
+    journey.report.dashboard = "http://127.0.0.1:8265"
+    journey.report.versions = {
+        1: {"test_accuracy": 0.9912, "test_examples": 10000, "epochs": 3, "workers": 2, "train_wall_s": 95.1}
+    }
+    journey.report.answers = {1: [{"digit": 7, "correct": True}, {"digit": 3, "correct": False}]}
+    journey.report.probe = {"requests": 40, "failed": 0, "versions": "1 (30x), 2 (10x)"}
+    text = summary(journey, ok=False)
+    assert "Summary (FAILED)" in text
+    assert (
+        "version 1         test accuracy 99.12 % on 10000 images, 3 epoch(s), 2 Ray Train workers, 95.1 s"
+        in text
+    )
+    assert "answers v1        7 3  (1/2 sample digits correct)" in text
+    assert "while retraining  40 requests, 0 failed, answered by versions 1 (30x), 2 (10x)" in text
+    assert "http://127.0.0.1:8265 (stopped)" in text
