@@ -32,6 +32,7 @@ if __name__ == "__main__" and not __package__:
 from client.errors import ClientError, ExitCode  # noqa: E402
 from client.images import collect_image_paths, load_labels, read_image_bytes, to_mnist_tensor  # noqa: E402
 from client.messages import Batch, InputMode, ModelTarget, bytes_batch, images_batch  # noqa: E402
+from client.protos import use_light_import  # noqa: E402
 
 DEFAULT_GRPC_PORT = 9000
 DEFAULT_HTTP_PORT = 8000
@@ -255,7 +256,9 @@ def format_json(results: list[ImageResult], config: ClientConfig, elapsed_s: flo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; for a process of its own (it imports the protos without TensorFlow)."""
     config = parse_args(argv)
+    use_light_import()
     try:
         results, elapsed_s = classify(config)
     except ClientError as exc:

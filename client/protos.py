@@ -3,10 +3,16 @@
 ``tensorflow_serving.apis.predict_pb2`` imports ``tensorflow.core.framework.tensor_pb2``, and
 that import first runs ``tensorflow/__init__.py``: ~2.5 s, hundreds of MiB and C++ log lines
 on stderr that ``TF_CPP_MIN_LOG_LEVEL`` no longer silences -- all for a client that only needs
-generated message classes. :func:`load_protos` imports those modules under a bare package object
-standing in for ``tensorflow`` (same files, same search path) and removes it again, so a later
-``import tensorflow`` in the same process still runs the real package and finds the very same
-proto modules. If TensorFlow is already imported, or the light import fails, it imports normally.
+generated message classes.
+
+Command-line entry points that never use TensorFlow itself (``client/grpc_client.py``,
+``client/pipeline.py``) call :func:`use_light_import` first: :func:`load_protos` then imports
+the proto modules under a bare package object standing in for ``tensorflow`` (same files, same
+search path) and removes it again. That is only for such processes: a later real
+``import tensorflow`` triggered from inside another TF Serving proto import can fail on the
+already-loaded submodules (seen: ``NameError: name 'Example' is not defined``). Library users
+(``bench/``, tests, your code) get the normal import. If TensorFlow is already imported, or
+the light import fails, it imports normally too.
 """
 
 from __future__ import annotations
@@ -27,10 +33,19 @@ _MODULES = (
 )
 
 
+_light_import = False
+
+
+def use_light_import() -> None:
+    """Opt in, for a process that will never import TensorFlow itself (see the module doc)."""
+    global _light_import
+    _light_import = True
+
+
 @functools.cache
 def load_protos() -> None:
-    """Import the client's proto modules (once), without TensorFlow's runtime when possible."""
-    if "tensorflow" in sys.modules:
+    """Import the client's proto modules (once); without TensorFlow's runtime if opted in."""
+    if not _light_import or "tensorflow" in sys.modules:
         _import_all()
         return
     spec = importlib.util.find_spec("tensorflow")

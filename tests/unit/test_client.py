@@ -537,3 +537,20 @@ def test_malformed_responses_are_client_errors(outputs, message) -> None:
     }
     with pytest.raises(ClientError, match="malformed response"):
         parse_rest_response(rows, expected=1, version=None)
+
+
+def test_library_use_leaves_tensorflow_importable() -> None:
+    """bench/ and other library users build requests, then import TensorFlow's own protos."""
+    code = (
+        "from client.messages import ModelTarget, images_batch, predict_request\n"
+        "import numpy as np\n"
+        "predict_request(ModelTarget('mnist'), images_batch([np.zeros((28, 28), np.uint8)]))\n"
+        "from tensorflow_serving.apis import prediction_service_pb2_grpc\n"
+        "import tensorflow as tf\n"
+        "print(tf.train.Example.__name__)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "Example"
