@@ -151,7 +151,7 @@ class Predictor:
         if unknown:
             raise InvalidArgumentError(f"output_filter names unknown outputs {sorted(unknown)}")
         item = _Item(version, pinned, run_signature, inputs, tuple(request.output_filter), size)
-        if size > self.live.max_batch_size:  # too big to share a batch: run it alone
+        if size >= self.live.max_batch_size:  # fills a batch by itself: waiting gains nothing
             outputs = await self._run_group([item])
             result = outputs[0]
         else:

@@ -172,6 +172,31 @@ def test_concurrent_requests_are_batched_by_image_count(store):
     assert sum(calls) == 12 and max(calls) <= 8 and len(calls) < 12  # real batches, capped at 8 images
 
 
+def test_requests_that_fill_a_batch_skip_the_queue_and_run_concurrently(store):
+    """Serve runs one batch at a time; a request as big as a batch gains nothing from queueing."""
+    in_flight, peak = [0], [0]
+
+    async def body(predictor, backend):
+        original = backend.predict
+
+        async def slow(version, signature, inputs, output_filter):
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+            try:
+                await asyncio.sleep(0.2)
+                return await original(version, signature, inputs, output_filter)
+            finally:
+                in_flight[0] -= 1
+
+        backend.predict = slow
+        full = [predictor.predict(_request(TEST.images[i * 8 : i * 8 + 8])) for i in range(3)]
+        return await asyncio.gather(*full)
+
+    results = _run(store, body, live=LiveConfig(max_batch_size=8, batch_wait_timeout_s=0.05))
+    assert [len(r.outputs["classes"]) for r in results] == [8, 8, 8]
+    assert peak[0] == 3  # all three ran at once, none waited for another's batch
+
+
 def _expected_classes(store, n):
     import tensorflow as tf
 
