@@ -55,7 +55,9 @@ _BY_STATUS = {
 
 def status_error(code_name: str, details: str) -> ClientError:
     """The ClientError for a status the server answered with (``code_name`` like ``NOT_FOUND``)."""
-    details = " ".join((details or "").split()) or "(no details)"
+    details = (
+        "".join(c if c.isprintable() else "?" for c in " ".join((details or "").split())) or "(no details)"
+    )
     return ClientError(
         f"server answered {code_name}: {details}", _BY_STATUS.get(code_name, ExitCode.SERVER_ERROR)
     )

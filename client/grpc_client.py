@@ -9,7 +9,8 @@ the client preprocesses each image into MNIST's uint8 28x28 form (the server's o
 calls ``serving_default``; ``--send-bytes`` sends the encoded files to ``predict_image_bytes``
 and lets the server do it. Every call has a deadline (``--timeout-s``).
 
-Exit codes: 0 answered, 2 bad command line, 3 image file missing/unreadable/not an image,
+Exit codes: 0 answered, 2 bad command line, 3 image file missing/unreadable/not an image
+(checked here in both modes; whether it shows a digit is the server's call in bytes mode),
 4 server unreachable, 5 deadline exceeded, 6 NOT_FOUND (model, version, label), 7 INVALID_ARGUMENT,
 8 any other server error. Failures print one line on stderr.
 """
@@ -30,7 +31,13 @@ if __name__ == "__main__" and not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from client.errors import ClientError, ExitCode  # noqa: E402
-from client.images import collect_image_paths, load_labels, read_image_bytes, to_mnist_tensor  # noqa: E402
+from client.images import (  # noqa: E402
+    check_decodable,
+    collect_image_paths,
+    load_labels,
+    read_image_bytes,
+    to_mnist_tensor,
+)
 from client.messages import Batch, InputMode, ModelTarget, bytes_batch, images_batch  # noqa: E402
 from client.protos import use_light_import  # noqa: E402
 
@@ -165,7 +172,9 @@ def _batches(paths: list[Path], config: ClientConfig) -> list[tuple[list[Path], 
         data = encoded[start : start + config.batch_size]
         if config.mode is InputMode.TENSOR:
             batch = images_batch([to_mnist_tensor(p, d) for p, d in zip(chunk, data)])
-        else:
+        else:  # the server decodes and preprocesses; a file that is no image is caught here
+            for path, encoded_image in zip(chunk, data):
+                check_decodable(path, encoded_image)
             batch = bytes_batch(data)
         chunks.append((chunk, batch))
     return chunks

@@ -26,17 +26,22 @@ def collect_image_paths(paths: Iterable[str | Path]) -> list[Path]:
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
-            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not inside:
-                raise ImageFileError(
-                    f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in directory {path}"
+        try:
+            if path.is_dir():
+                inside = sorted(
+                    p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                 )
-            found.extend(inside)
-        elif path.exists():
-            found.append(path)
-        else:
-            raise ImageFileError(f"image file not found: {path}")
+                if not inside:
+                    raise ImageFileError(
+                        f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in directory {path}"
+                    )
+                found.extend(inside)
+            elif path.exists():
+                found.append(path)
+            else:
+                raise ImageFileError(f"image file not found: {path}")
+        except OSError as exc:  # unreadable directory, name too long, ...
+            raise ImageFileError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not found:
         raise ImageFileError("no images given")
     return found
@@ -51,6 +56,14 @@ def read_image_bytes(path: Path) -> bytes:
     if not data:
         raise ImageFileError(f"image file is empty: {path}")
     return data
+
+
+def check_decodable(path: Path, data: bytes) -> None:
+    """ImageFileError unless ``data`` decodes as an image (what bytes mode checks before sending)."""
+    try:
+        decode_image(data)
+    except ServingError as exc:
+        raise ImageFileError(f"{path}: not an image: {exc.message}") from None
 
 
 def to_mnist_tensor(path: Path, data: bytes) -> np.ndarray:

@@ -52,7 +52,7 @@ def load_protos() -> None:
     if spec is None or not spec.submodule_search_locations:
         _import_all()  # raises the usual ImportError
         return
-    light = types.ModuleType("tensorflow", "package placeholder: proto modules only")
+    light = types.ModuleType("tensorflow", "stand-in package: proto modules only")
     light.__path__ = list(spec.submodule_search_locations)
     sys.modules["tensorflow"] = light
     try:

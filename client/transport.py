@@ -7,9 +7,10 @@ and return :class:`client.messages.Predictions`; every failure becomes a
 
 from __future__ import annotations
 
+import http.client
 import json
 import ssl
-import time
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -117,7 +118,12 @@ def _predict_response_from_bytes(data: bytes) -> Any:
 
 
 class RestTransport:
-    """TF Serving's REST ``POST /v1/models/...:predict`` (HTTPS with ``tls``)."""
+    """TF Serving's REST ``POST /v1/models/...:predict`` (HTTPS with ``tls``).
+
+    The deadline covers the whole call: urllib's own timeout bounds each socket operation only,
+    so the call runs in a daemon thread that is given up on at the deadline (a server dripping
+    bytes cannot stretch it; the abandoned thread ends at its next socket timeout).
+    """
 
     def __init__(
         self, host: str, port: int, *, timeout_s: float, tls: bool = False, ca_cert: Path | None = None
@@ -129,40 +135,62 @@ class RestTransport:
         self.timeout_s = timeout_s
         self._context = None
         if scheme == "https":
-            ca = _read_ca(ca_cert)
-            self._context = ssl.create_default_context(cadata=ca.decode("ascii") if ca else None)
+            try:
+                self._context = ssl.create_default_context(cafile=str(ca_cert) if ca_cert else None)
+            except (ssl.SSLError, OSError) as exc:
+                raise ClientError(
+                    f"cannot use CA certificate {ca_cert}: {getattr(exc, 'strerror', None) or exc}",
+                    exit_code=ExitCode.USAGE,
+                ) from None
 
     def predict(self, target: ModelTarget, batch: Batch) -> Predictions:
         url = self.base_url + rest_path(target)
-        data = json.dumps(rest_body(batch)).encode()
         request = urllib.request.Request(
-            url, data=data, method="POST", headers={"Content-Type": "application/json"}
-        )
-        deadline = time.monotonic() + self.timeout_s
-        try:
-            # urllib's timeout bounds each socket operation; the answer is one small JSON object,
-            # and the check below turns a slow drip past the deadline into the same error.
-            with urllib.request.urlopen(request, timeout=self.timeout_s, context=self._context) as response:
-                raw = response.read()
-                version_header = response.headers.get(MODEL_VERSION_HEADER)
-        except urllib.error.HTTPError as exc:
-            raise self._http_error(exc) from None
-        except TimeoutError:
-            raise self._deadline() from None
-        except urllib.error.URLError as exc:
-            if isinstance(exc.reason, TimeoutError):
-                raise self._deadline() from None
-            raise UnreachableError(f"cannot reach {self.base_url} (HTTP): {exc.reason}") from None
-        except (ConnectionError, OSError) as exc:
-            raise UnreachableError(f"cannot reach {self.base_url} (HTTP): {exc}") from None
-        if time.monotonic() > deadline:
+            url, data=json.dumps(rest_body(batch)).encode(), method="POST",
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        outcome: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                with urllib.request.urlopen(
+                    request, timeout=self.timeout_s, context=self._context
+                ) as response:
+                    outcome["raw"] = response.read()
+                    outcome["version"] = response.headers.get(MODEL_VERSION_HEADER)
+            except BaseException as exc:  # handed to the caller's thread below
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=call, name="rest-predict", daemon=True)
+        worker.start()
+        worker.join(self.timeout_s)
+        if worker.is_alive():
             raise self._deadline()
+        if "error" in outcome:
+            raise self._error(outcome["error"]) from None
         try:
-            body = json.loads(raw)
+            body = json.loads(outcome["raw"])
         except ValueError:
             raise ClientError(f"malformed response from {url}: not JSON") from None
-        version = int(version_header) if version_header and version_header.isdigit() else None
+        header = outcome["version"]
+        version = int(header) if header and header.isdigit() else None
         return parse_rest_response(body, expected=len(batch), version=version)
+
+    def _error(self, exc: BaseException) -> ClientError:
+        if isinstance(exc, urllib.error.HTTPError):
+            return self._http_error(exc)
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if isinstance(reason, TimeoutError):
+            return self._deadline()
+        if isinstance(reason, http.client.HTTPException):  # a peer that does not speak HTTP
+            return UnreachableError(
+                f"cannot talk HTTP to {self.base_url}: {type(reason).__name__} {_first_line(str(reason))}"
+            )
+        if isinstance(reason, OSError | ssl.SSLError | urllib.error.URLError):
+            return UnreachableError(f"cannot reach {self.base_url} (HTTP): {_first_line(str(reason))}")
+        return ClientError(
+            f"request to {self.base_url} failed: {type(exc).__name__}: {_first_line(str(exc))}"
+        )
 
     def _deadline(self) -> DeadlineError:
         return DeadlineError(f"no answer from {self.base_url} within {self.timeout_s:g} s (--timeout-s)")
@@ -170,7 +198,7 @@ class RestTransport:
     def _http_error(self, exc: urllib.error.HTTPError) -> ClientError:
         try:
             message = json.loads(exc.read()).get("error", "")
-        except (ValueError, AttributeError, OSError):
+        except (ValueError, AttributeError, OSError, http.client.HTTPException):
             message = ""
         code = HTTP_TO_GRPC.get(exc.code)
         name = code.value if code is not None else f"HTTP {exc.code}"
@@ -187,4 +215,6 @@ class RestTransport:
 
 
 def _first_line(text: str) -> str:
-    return " ".join(text.split())[:300]
+    """One printable line of at most 300 characters (server text can hold anything)."""
+    printable = "".join(c if c.isprintable() else "?" for c in " ".join(str(text).split()))
+    return printable[:300]

@@ -61,10 +61,12 @@ def journey(tmp_path_factory):
         "--run-dir", str(run_dir), "--grpc-port", str(grpc_port), "--http-port", str(http_port),
         "--keep-running", "--step-timeout-s", "600",
     ]  # fmt: skip
-    result = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1500)
-    print(result.stdout[-6000:], result.stderr[-4000:])
-    dashboard = re.search(r"dashboard\s+(http://127\.0\.0\.1:\d+)", result.stdout)
+    dashboard = None
     try:
+        # Every step of the pipeline has its own limit; this one only guards against a hang.
+        result = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=2400)
+        print(result.stdout[-6000:], result.stderr[-4000:])
+        dashboard = re.search(r"dashboard\s+(http://127\.0\.0\.1:\d+)", result.stdout)
         yield {
             "result": result,
             "run_dir": run_dir,
@@ -97,7 +99,7 @@ def test_pipeline_publishes_two_versions_and_the_client_reads_the_samples(journe
     assert re.search(rf"answers v2\s+{expected}  \(10/10 sample digits correct\)", out)
     probe = re.search(r"while retraining\s+(\d+) requests, (\d+) failed, answered by versions (.*)", out)
     assert probe and int(probe.group(1)) > 0 and probe.group(2) == "0"
-    assert "1 (" in probe.group(3)  # version 1 answered while version 2 was being trained
+    assert re.match(r"1 \(\d+x\)", probe.group(3))  # version 1 answered while version 2 was trained
     store = journey["run_dir"] / "models" / "mnist"
     assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == ["1", "2"]
     v2 = json.loads((store / "2" / "assets.extra" / "metrics.json").read_text())

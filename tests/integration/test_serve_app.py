@@ -18,6 +18,7 @@ import pytest
 import ray
 import tensorflow as tf
 import yaml
+from PIL import Image
 from ray import serve
 from ray.serve.config import gRPCOptions
 from ray.serve.schema import ServeDeploySchema
@@ -243,7 +244,7 @@ def test_rest_status_metadata_and_errors(served):
     assert status == 400 and "uint8 range" in body["error"]
 
 
-def test_command_line_client_against_the_app(served, capsys):
+def test_command_line_client_against_the_app(served, capsys, tmp_path):
     from client import grpc_client
     from client.errors import ExitCode
 
@@ -275,8 +276,10 @@ def test_command_line_client_against_the_app(served, capsys):
     assert code == ExitCode.NOT_FOUND and "version 9" in err
     code, _, err = run("--image", samples, "--rest", "--port", http_port, "--model", "other")
     assert code == ExitCode.NOT_FOUND and "(HTTP 404" in err
-    code, _, err = run("--image", str(REPO / "data" / "make_samples.py"), "--send-bytes", "--port", grpc_port)
-    assert code == ExitCode.INVALID_ARGUMENT and "not a recognised image format" in err
+    blank = tmp_path / "blank.png"  # a valid PNG with no digit: the server's preprocessing refuses it
+    Image.new("L", (40, 40), color=255).save(blank)
+    code, _, err = run("--image", str(blank), "--send-bytes", "--port", grpc_port)
+    assert code == ExitCode.INVALID_ARGUMENT and "image has no digit (blank)" in err
 
 
 def test_new_version_is_served_under_load_without_failures(served):

@@ -9,6 +9,7 @@ distinct exit codes.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import shutil
@@ -171,6 +172,14 @@ def rest_stub(rest_server: tuple[Behaviour, int]) -> tuple[Behaviour, int]:
     behaviour.fail, behaviour.delay_s, behaviour.version = None, 0.0, 3
     behaviour.requests.clear()
     return behaviour, port
+
+
+@pytest.fixture(autouse=True)
+def _library_import_mode(monkeypatch) -> None:
+    """main() opts its process into the TensorFlow-free proto import; undo that after each test."""
+    from client import protos
+
+    monkeypatch.setattr(protos, "_light_import", protos._light_import)
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -355,12 +364,112 @@ def test_server_status_codes(request, capsys, stub, status, exit_code) -> None:
         )
 
 
+def test_server_side_unavailable_is_a_server_error_not_unreachable(grpc_stub, capsys) -> None:
+    behaviour, port = grpc_stub
+    behaviour.fail = (grpc.StatusCode.UNAVAILABLE, "model 'mnist' has no version loaded yet")
+    code, _, err = _run(capsys, "--image", str(DATA / "0.png"), "--port", str(port))
+    assert code == ExitCode.SERVER_ERROR
+    assert err.startswith("error: server answered UNAVAILABLE: model 'mnist' has no version loaded yet")
+
+
+def test_rest_to_a_peer_that_does_not_speak_http(capsys) -> None:
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def garbage() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"\x00\x00\x18\x04\x00\x00\x00\x00\x00 not http at all\r\n\r\n")
+
+    thread = threading.Thread(target=garbage, daemon=True)
+    thread.start()
+    try:
+        port = listener.getsockname()[1]
+        code, out, err = _run(
+            capsys, "--image", str(DATA / "0.png"), "--rest", "--port", str(port), "--timeout-s", "5"
+        )
+    finally:
+        listener.close()
+    assert (code, out) == (ExitCode.UNREACHABLE, "")
+    assert err.startswith(f"error: cannot talk HTTP to http://localhost:{port}: BadStatusLine")
+    assert err.count("\n") == 1
+
+
+def test_rest_deadline_covers_a_slowly_dripping_answer(capsys) -> None:
+    """urllib's timeout is per socket read; the client's deadline is for the whole call."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def drip() -> None:
+        connection, _ = listener.accept()
+        with connection, contextlib.suppress(OSError):
+            connection.recv(65536)
+            connection.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+            )
+            for _ in range(40):  # a byte every 0.1 s: each read is quick, the answer never ends in time
+                connection.sendall(b" ")
+                time.sleep(0.1)
+
+    threading.Thread(target=drip, daemon=True).start()
+    started = time.monotonic()
+    try:
+        port = listener.getsockname()[1]
+        code, out, err = _run(
+            capsys, "--image", str(DATA / "0.png"), "--rest", "--port", str(port), "--timeout-s", "0.8"
+        )
+    finally:
+        listener.close()
+    assert time.monotonic() - started < 2.5
+    assert (code, out) == (ExitCode.DEADLINE, "")
+    assert "within 0.8 s (--timeout-s)" in err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read labels file"),
+        ("{not json", "is not JSON"),
+        ('{"0.png": 12}', "must map file names to digits 0-9"),
+    ],
+)
+def test_bad_labels_file_is_a_usage_error(grpc_stub, capsys, tmp_path, content, message) -> None:
+    labels = tmp_path / "labels.json"
+    if content is not None:
+        labels.write_text(content)
+    code, _, err = _run(
+        capsys, "--image", str(DATA / "0.png"), "--port", str(grpc_stub[1]), "--labels", str(labels)
+    )
+    assert code == ExitCode.USAGE and message in err
+    assert grpc_stub[0].requests == []
+
+
 def test_missing_image_file(grpc_stub, capsys, tmp_path) -> None:
     behaviour, port = grpc_stub
     code, out, err = _run(capsys, "--image", str(tmp_path / "nope.png"), "--port", str(port))
     assert (code, out) == (ExitCode.IMAGE, "") and code == 3
     assert err == f"error: image file not found: {tmp_path / 'nope.png'}\n"
     assert behaviour.requests == []  # nothing was sent
+
+
+def test_not_an_image_in_bytes_mode_is_caught_before_sending(grpc_stub, capsys, tmp_path) -> None:
+    bad = tmp_path / "notes.png"
+    bad.write_text("not a png")
+    code, _, err = _run(
+        capsys, "--image", str(DATA / "0.png"), str(bad), "--port", str(grpc_stub[1]), "--send-bytes"
+    )
+    assert code == ExitCode.IMAGE
+    assert err.startswith(
+        f"error: {bad}: not an image: image_bytes: cannot decode image: not a recognised image format"
+    )
+    assert grpc_stub[0].requests == []
 
 
 def test_not_an_image_in_tensor_mode(grpc_stub, capsys, tmp_path) -> None:
@@ -487,6 +596,14 @@ def test_tls_with_ca_cert(tls_files, capsys) -> None:
         assert code == ExitCode.UNREACHABLE
     finally:
         server.stop(grace=None)
+
+
+def test_bad_ca_cert_for_https_is_a_usage_error(capsys, tmp_path) -> None:
+    bad = tmp_path / "ca.pem"
+    bad.write_bytes(b"\x30\x82 not a certificate")
+    code, _, err = _run(capsys, "--image", str(DATA / "0.png"), "--rest", "--ca-cert", str(bad))
+    assert code == ExitCode.USAGE
+    assert err.startswith(f"error: cannot use CA certificate {bad}")
 
 
 def test_unreadable_ca_cert_is_a_usage_error(capsys, tmp_path) -> None:

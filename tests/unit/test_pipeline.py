@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,31 @@ def test_summary_reports_versions_answers_and_the_probe(tmp_path: Path) -> None:
     assert "answers v1        7 3  (1/2 sample digits correct)" in text
     assert "while retraining  40 requests, 0 failed, answered by versions 1 (30x), 2 (10x)" in text
     assert "http://127.0.0.1:8265 (stopped)" in text
+
+
+def test_a_step_that_outlives_its_limit_is_killed_and_named(tmp_path: Path) -> None:
+    journey = Journey(PipelineConfig(run_dir=tmp_path))
+    journey.kill_grace_s = 1.0
+    started = time.monotonic()
+    with pytest.raises(
+        pipeline.StepFailed, match=r"^slow-step timed out after 0.5 s; last lines of .*slow-step.log"
+    ):
+        journey._run("slow-step", ["bash", "-c", "echo started; trap '' TERM; sleep 60"], timeout_s=0.5)
+    assert time.monotonic() - started < 10  # SIGTERM ignored: SIGKILL followed after the grace period
+
+
+def test_an_unplanned_error_is_one_line_and_still_cleans_up(monkeypatch, tmp_path, capsys) -> None:
+    monkeypatch.setattr(pipeline, "running_ray_processes", lambda: [])
+    monkeypatch.setattr(pipeline, "_port_busy", lambda port: False)
+    cleaned = []
+
+    def broken_start(self) -> None:
+        self.started_ray = True
+        raise ValueError("metrics.json is not JSON")
+
+    monkeypatch.setattr(Journey, "start_ray", broken_start)
+    monkeypatch.setattr(Journey, "shutdown", lambda self: cleaned.append(self.started_ray))
+    assert pipeline.run(PipelineConfig(run_dir=tmp_path / "run")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ValueError: metrics.json is not JSON (logs: ") and err.count("\n") == 1
+    assert cleaned == [True]
