@@ -113,12 +113,17 @@ def grpc_server() -> Iterator[tuple[Behaviour, int]]:
     server.stop(grace=None)
 
 
-@pytest.fixture
-def grpc_stub(grpc_server: tuple[Behaviour, int]) -> tuple[Behaviour, int]:
-    behaviour, port = grpc_server
+def _fresh(server: tuple[Behaviour, int]) -> tuple[Behaviour, int]:
+    """A module-scoped stand-in server, its behaviour back to answering at once."""
+    behaviour, _ = server
     behaviour.fail, behaviour.delay_s, behaviour.version = None, 0.0, 3
     behaviour.requests.clear()
-    return behaviour, port
+    return server
+
+
+@pytest.fixture
+def grpc_stub(grpc_server: tuple[Behaviour, int]) -> tuple[Behaviour, int]:
+    return _fresh(grpc_server)
 
 
 _HTTP_STATUS = {grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.INVALID_ARGUMENT: 400}
@@ -168,10 +173,7 @@ def rest_server() -> Iterator[tuple[Behaviour, int]]:
 
 @pytest.fixture
 def rest_stub(rest_server: tuple[Behaviour, int]) -> tuple[Behaviour, int]:
-    behaviour, port = rest_server
-    behaviour.fail, behaviour.delay_s, behaviour.version = None, 0.0, 3
-    behaviour.requests.clear()
-    return behaviour, port
+    return _fresh(rest_server)
 
 
 @pytest.fixture(autouse=True)
@@ -372,28 +374,36 @@ def test_server_side_unavailable_is_a_server_error_not_unreachable(grpc_stub, ca
     assert err.startswith("error: server answered UNAVAILABLE: model 'mnist' has no version loaded yet")
 
 
-def test_rest_to_a_peer_that_does_not_speak_http(capsys) -> None:
+@contextlib.contextmanager
+def _raw_tcp_peer(answer) -> Iterator[int]:
+    """A TCP server on a free port that runs ``answer(connection)`` for one connection."""
     import socket
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
 
-    def garbage() -> None:
+    def serve_one() -> None:
         connection, _ = listener.accept()
-        with connection:
+        with connection, contextlib.suppress(OSError):
             connection.recv(65536)
-            connection.sendall(b"\x00\x00\x18\x04\x00\x00\x00\x00\x00 not http at all\r\n\r\n")
+            answer(connection)
 
-    thread = threading.Thread(target=garbage, daemon=True)
-    thread.start()
+    threading.Thread(target=serve_one, daemon=True).start()
     try:
-        port = listener.getsockname()[1]
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+def test_rest_to_a_peer_that_does_not_speak_http(capsys) -> None:
+    def garbage(connection) -> None:
+        connection.sendall(b"\x00\x00\x18\x04\x00\x00\x00\x00\x00 not http at all\r\n\r\n")
+
+    with _raw_tcp_peer(garbage) as port:
         code, out, err = _run(
             capsys, "--image", str(DATA / "0.png"), "--rest", "--port", str(port), "--timeout-s", "5"
         )
-    finally:
-        listener.close()
     assert (code, out) == (ExitCode.UNREACHABLE, "")
     assert err.startswith(f"error: cannot talk HTTP to http://localhost:{port}: BadStatusLine")
     assert err.count("\n") == 1
@@ -401,32 +411,20 @@ def test_rest_to_a_peer_that_does_not_speak_http(capsys) -> None:
 
 def test_rest_deadline_covers_a_slowly_dripping_answer(capsys) -> None:
     """urllib's timeout is per socket read; the client's deadline is for the whole call."""
-    import socket
 
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
+    def drip(connection) -> None:
+        connection.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        )
+        for _ in range(40):  # a byte every 0.1 s: each read is quick, the answer never ends in time
+            connection.sendall(b" ")
+            time.sleep(0.1)
 
-    def drip() -> None:
-        connection, _ = listener.accept()
-        with connection, contextlib.suppress(OSError):
-            connection.recv(65536)
-            connection.sendall(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
-            )
-            for _ in range(40):  # a byte every 0.1 s: each read is quick, the answer never ends in time
-                connection.sendall(b" ")
-                time.sleep(0.1)
-
-    threading.Thread(target=drip, daemon=True).start()
     started = time.monotonic()
-    try:
-        port = listener.getsockname()[1]
+    with _raw_tcp_peer(drip) as port:
         code, out, err = _run(
             capsys, "--image", str(DATA / "0.png"), "--rest", "--port", str(port), "--timeout-s", "0.8"
         )
-    finally:
-        listener.close()
     assert time.monotonic() - started < 2.5
     assert (code, out) == (ExitCode.DEADLINE, "")
     assert "within 0.8 s (--timeout-s)" in err
