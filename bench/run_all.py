@@ -36,6 +36,7 @@ import grpc
 import yaml
 
 from bench.loadgen import build_requests, format_result, run_load
+from ray_app.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SERVE_CONFIG = REPO / "serve_configs" / "local.yaml"
@@ -111,16 +112,10 @@ class Running:
 
 
 # -- processes -----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _free_port_range(width: int) -> int:
     """First port of ``width`` consecutive ports that are free right now."""
     for _ in range(50):
-        first = _free_port()
+        first = free_port()
         if first + width > 65000:
             continue
         ports = range(first, first + width)
@@ -331,7 +326,7 @@ def _listening(host: str, ports: range) -> list[int]:
 @contextlib.contextmanager
 def baseline_server(variant: Variant, args: argparse.Namespace, workdir: Path) -> Iterator[Running]:
     """Start ``bench.baseline_server`` on a free port; stop it on exit."""
-    port = _free_port()
+    port = free_port()
     log = workdir / f"{variant.name}.log"
     model_dir = Path(args.model_base_path) / args.model_name / str(args.model_version)
     cmd = [sys.executable, "-m", "bench.baseline_server", "--port", str(port), "--model-dir", str(model_dir)]
@@ -368,7 +363,7 @@ def _write_serve_config(variant: Variant, path: Path, http_port: int, grpc_port:
 @contextlib.contextmanager
 def serve_app(variant: Variant, args: argparse.Namespace, workdir: Path) -> Iterator[Running]:
     """``serve run -a local`` a copy of serve_configs/local.yaml in a fresh RAY_TMPDIR; stop it on exit."""
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     config_path = workdir / f"{variant.name}.yaml"
     _write_serve_config(variant, config_path, http_port, grpc_port)
     ray_tmp = Path(tempfile.mkdtemp(prefix="rb", dir="/tmp"))  # short: Ray's socket paths have a limit

@@ -28,7 +28,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from ray_app.ports import free_port, port_in_use
 
 REPO = Path(__file__).resolve().parent.parent
 SERVE_CONFIG = REPO / "serve_configs" / "local.yaml"
@@ -90,17 +91,6 @@ class Report:
     probe: dict[str, object] = field(default_factory=dict)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_busy(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _say(message: str) -> None:
     print(message, flush=True)
 
@@ -141,7 +131,7 @@ class Journey:
             TF_CPP_MIN_LOG_LEVEL="2",
         )
         self.env.pop("RAY_ADDRESS", None)
-        self.dashboard_port = DASHBOARD_PORT if not _port_busy(DASHBOARD_PORT) else _free_port()
+        self.dashboard_port = DASHBOARD_PORT if not port_in_use(DASHBOARD_PORT) else free_port()
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.started_ray = False
         self.deployed = False
@@ -236,8 +226,8 @@ class Journey:
             argv += ["--dashboard-port", str(self.dashboard_port)]
         # Ray's other fixed default ports: take a free one only where the default is taken.
         for flag, default in _RAY_DEFAULT_PORTS.items():
-            if _port_busy(default):
-                argv += [flag, str(_free_port())]
+            if port_in_use(default):
+                argv += [flag, str(free_port())]
         self.started_ray = True  # before: a half-started cluster must be stopped too
         self._run("1-ray-start", argv, timeout_s=180)
         self.report.dashboard = self.dashboard
@@ -560,7 +550,7 @@ def run(config: PipelineConfig) -> int:
         )
         return 2
     for port in (config.grpc_port, config.http_port):
-        if _port_busy(port):
+        if port_in_use(port):
             print(f"error: port {port} is in use; pass --grpc-port/--http-port", file=sys.stderr)
             return 2
     journey = Journey(config)

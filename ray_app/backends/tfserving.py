@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,16 +27,10 @@ from ray_app.backends.base import desired_versions
 from ray_app.backends.remote import RemoteBackend
 from ray_app.config import AppConfig
 from ray_app.errors import UnavailableError
+from ray_app.ports import free_port
 from training import model_store
 
 logger = logging.getLogger("ray.serve")
-
-
-def free_port() -> int:
-    """A TCP port free right now on loopback (the child binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def model_server_config(config: AppConfig, specific_versions: Iterable[int] | None):

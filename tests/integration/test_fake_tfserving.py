@@ -14,7 +14,6 @@ import dataclasses
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -39,6 +38,7 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
+from ray_app.ports import free_port
 from tests.fake_tfserving import install_fake_tfserving
 from tests.fake_tfserving import server as fake_server
 from training import model_store
@@ -63,12 +63,6 @@ class RunningServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _publish(export: Path, base_path: Path, version: int) -> None:
@@ -135,7 +129,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, exported_model: Path) -> It
     shutil.copytree(exported_model / "variables", base_path / "9" / "variables")
 
     executable = install_fake_tfserving(tmp_path_factory.mktemp("bin"))
-    port, rest_port = _free_port(), _free_port()
+    port, rest_port = free_port(), free_port()
     log_path = base_path.parent / "server.log"
     command = [
         str(executable),

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from client.pipeline import DASHBOARD_PORT, _free_port, _port_busy, running_ray_processes
+from client.pipeline import DASHBOARD_PORT, default_ports, running_ray_processes
+from ray_app.ports import free_port, port_in_use
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -53,8 +54,9 @@ def journey(tmp_path_factory):
     while running_ray_processes() and time.monotonic() < deadline:
         time.sleep(1)
     assert not running_ray_processes(), f"a Ray cluster is already running: {running_ray_processes()}"
-    default_ports = not _port_busy(9000) and not _port_busy(8000) and not _port_busy(DASHBOARD_PORT)
-    grpc_port, http_port = (9000, 8000) if default_ports else (_free_port(), _free_port())
+    defaults = (*default_ports(), DASHBOARD_PORT)
+    default_ports_free = not any(port_in_use(port) for port in defaults)
+    grpc_port, http_port = default_ports() if default_ports_free else (free_port(), free_port())
     run_dir = tmp_path_factory.mktemp("journey") / "run"
     argv = [
         sys.executable, "client/pipeline.py", "--smoke-test", "--epochs", "2", "--epochs-v2", "1",
@@ -70,7 +72,7 @@ def journey(tmp_path_factory):
         yield {
             "result": result,
             "run_dir": run_dir,
-            "default_ports": default_ports,
+            "default_ports": default_ports_free,
             "dashboard": dashboard.group(1) if dashboard else None,
         }
     finally:

@@ -31,8 +31,8 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from ray_app.backends.tfserving import free_port
 from ray_app.config import AppConfig
+from ray_app.ports import free_port
 from tests.conftest import publish_copy
 from training.data import load_mnist
 

@@ -40,6 +40,7 @@ from client.messages import (
     rest_body,
     rest_path,
 )
+from ray_app.ports import free_port
 from ray_app.tensors import from_ndarray, to_ndarray
 
 REPO = Path(__file__).resolve().parents[2]
@@ -190,14 +191,6 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
     return code, out, err
 
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # -- answers ----------------------------------------------------------------------------------------
 def test_one_image_prints_the_original_two_lines(grpc_stub, capsys) -> None:
     behaviour, port = grpc_stub
@@ -317,7 +310,7 @@ def test_rest_send_bytes_uses_b64(rest_stub, capsys) -> None:
 # -- errors: one line on stderr, a distinct exit code each ------------------------------------------
 @pytest.mark.parametrize("rest", [False, True], ids=["grpc", "rest"])
 def test_unreachable_server(capsys, rest) -> None:
-    port = _closed_port()
+    port = free_port()  # free, so closed
     code, out, err = _run(
         capsys, "--image", str(DATA / "0.png"), "--port", str(port), *(["--rest"] if rest else [])
     )
@@ -513,7 +506,7 @@ def test_bad_command_lines_exit_2(capsys, argv) -> None:
 
 
 def test_script_mode_has_no_traceback_and_loads_no_tensorflow_runtime() -> None:
-    port = _closed_port()
+    port = free_port()  # free, so closed
     started = time.monotonic()
     result = subprocess.run(
         [

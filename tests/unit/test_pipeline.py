@@ -56,7 +56,7 @@ def test_refuses_to_start_beside_another_ray_cluster(monkeypatch, tmp_path, caps
 
 def test_refuses_busy_serving_ports(monkeypatch, tmp_path, capsys) -> None:
     monkeypatch.setattr(pipeline, "running_ray_processes", lambda: [])
-    monkeypatch.setattr(pipeline, "_port_busy", lambda port: port == 9000)
+    monkeypatch.setattr(pipeline, "port_in_use", lambda port: port == 9000)
     assert pipeline.run(PipelineConfig(run_dir=tmp_path / "run")) == 2
     assert "port 9000 is in use; pass --grpc-port/--http-port" in capsys.readouterr().err
 
@@ -109,7 +109,7 @@ def test_a_step_that_outlives_its_limit_is_killed_and_named(tmp_path: Path) -> N
 
 def test_an_unplanned_error_is_one_line_and_still_cleans_up(monkeypatch, tmp_path, capsys) -> None:
     monkeypatch.setattr(pipeline, "running_ray_processes", lambda: [])
-    monkeypatch.setattr(pipeline, "_port_busy", lambda port: False)
+    monkeypatch.setattr(pipeline, "port_in_use", lambda port: False)
     cleaned = []
 
     def broken_start(self) -> None:
