@@ -53,11 +53,15 @@ _BY_STATUS = {
 }
 
 
+def one_line(text: object, max_chars: int | None = None) -> str:
+    """``text`` as one printable line (server text can hold anything), cut at ``max_chars``."""
+    printable = "".join(c if c.isprintable() else "?" for c in " ".join(str(text or "").split()))
+    return printable if max_chars is None else printable[:max_chars]
+
+
 def status_error(code_name: str, details: str) -> ClientError:
     """The ClientError for a status the server answered with (``code_name`` like ``NOT_FOUND``)."""
-    details = (
-        "".join(c if c.isprintable() else "?" for c in " ".join((details or "").split())) or "(no details)"
-    )
+    details = one_line(details) or "(no details)"
     return ClientError(
         f"server answered {code_name}: {details}", _BY_STATUS.get(code_name, ExitCode.SERVER_ERROR)
     )

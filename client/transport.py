@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from client.errors import ClientError, DeadlineError, ExitCode, UnreachableError, status_error
+from client.errors import ClientError, DeadlineError, ExitCode, UnreachableError, one_line, status_error
 from client.messages import (
     Batch,
     ModelTarget,
@@ -214,7 +214,5 @@ class RestTransport:
         self.close()
 
 
-def _first_line(text: str) -> str:
-    """One printable line of at most 300 characters (server text can hold anything)."""
-    printable = "".join(c if c.isprintable() else "?" for c in " ".join(str(text).split()))
-    return printable[:300]
+def _first_line(text: object) -> str:
+    return one_line(text, max_chars=300)
