@@ -2,7 +2,8 @@
 
     python client/pipeline.py            # ~3 min on 2 cores; --help for the knobs
 
-1. ``ray start --head``: a local Ray cluster, dashboard on 127.0.0.1 only, token auth on.
+1. ``ray get-auth-token --generate`` (creates ``~/.ray/auth_token`` only when no token exists),
+   then ``ray start --head``: a local Ray cluster, dashboard on 127.0.0.1 only, token auth on.
 2. ``ray job submit ... python training/train.py``: Ray Train (2 workers) publishes version 1.
 3. ``serve deploy serve_configs/local.yaml``: the app answers TF Serving's gRPC and REST APIs.
 4. ``python client/grpc_client.py``: reads the sample digits in ``data/``.
@@ -137,19 +138,24 @@ class Journey:
         self.deployed = False
 
     # -- running commands ---------------------------------------------------------------------
-    def _run(self, step: str, argv: Sequence[str], timeout_s: float, echo: bool = False) -> str:
-        """Run one command, its output into logs/<step>.log; StepFailed if it fails or times out."""
+    def _run(
+        self, step: str, argv: Sequence[str], timeout_s: float, echo: bool = False, keep_stdout: bool = True
+    ) -> str:
+        """Run one command, its output into logs/<step>.log; StepFailed if it fails or times out.
+
+        ``keep_stdout=False`` discards stdout (shown as ``>/dev/null``) and logs only stderr.
+        """
         self.config.logs.mkdir(parents=True, exist_ok=True)
         log_path = self.config.logs / f"{step}.log"
-        _say(f"    $ {shlex.join(self._display(argv))}")
+        _say(f"    $ {shlex.join(self._display(argv))}" + ("" if keep_stdout else " >/dev/null"))
         lines: list[str] = []
         with open(log_path, "w") as log:
             process = subprocess.Popen(
                 argv,
                 cwd=REPO,
                 env=self.env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
+                stdout=subprocess.PIPE if keep_stdout else subprocess.DEVNULL,
+                stderr=subprocess.STDOUT if keep_stdout else subprocess.PIPE,
                 text=True,
                 start_new_session=True,
             )
@@ -163,7 +169,7 @@ class Journey:
             timer.start()
             try:
                 echoed: set[str] = set()
-                for line in process.stdout:
+                for line in process.stdout if keep_stdout else process.stderr:
                     log.write(line)
                     lines.append(line)
                     shown = _worth_echoing(line) if echo else None
@@ -212,8 +218,22 @@ class Journey:
         return str(path) if path.exists() else name
 
     # -- the steps ----------------------------------------------------------------------------
+    def ensure_token(self) -> None:
+        """Token auth needs a token before ``ray start``: Ray's own command creates one if none exists.
+
+        ``ray get-auth-token --generate`` never overwrites a token; it prints the token, which is
+        a secret, so its stdout goes nowhere (neither the console nor the log).
+        """
+        existing = existing_token_source(self.env)
+        self._run("1-auth-token", [self._tool("ray"), "get-auth-token", "--generate"], 60, keep_stdout=False)
+        if existing:
+            _say(f"      using the existing Ray token ({existing})")
+        else:
+            _say(f"      created a Ray token at {default_token_path(self.env)} (none existed)")
+
     def start_ray(self) -> None:
         _say(f"==> [1/7] Starting a local Ray cluster (dashboard {self.dashboard}, token auth)")
+        self.ensure_token()
         argv = [
             self._tool("ray"),
             "start",
@@ -434,6 +454,27 @@ class Prober:
         self._stop.set()
         self._thread.join(timeout=30)
         self._transport.close()
+
+
+def default_token_path(env: dict[str, str]) -> Path:
+    """Where ``ray get-auth-token --generate`` writes a new token: ``~/.ray/auth_token``."""
+    return Path(env.get("HOME") or Path.home()) / ".ray" / "auth_token"
+
+
+def existing_token_source(env: dict[str, str]) -> str | None:
+    """Where Ray would find a token (the places its token loader looks, in its order), or None."""
+    if env.get("RAY_AUTH_TOKEN", "").strip():
+        return "RAY_AUTH_TOKEN"
+    custom = env.get("RAY_AUTH_TOKEN_PATH")
+    if custom:
+        with contextlib.suppress(OSError):
+            if Path(custom).read_text().strip():
+                return f"RAY_AUTH_TOKEN_PATH={custom}"
+    default = default_token_path(env)
+    with contextlib.suppress(OSError):
+        if default.read_text().strip():
+            return str(default)
+    return None
 
 
 def _local_config() -> dict:

@@ -122,3 +122,58 @@ def test_an_unplanned_error_is_one_line_and_still_cleans_up(monkeypatch, tmp_pat
     err = capsys.readouterr().err
     assert err.startswith("error: ValueError: metrics.json is not JSON (logs: ") and err.count("\n") == 1
     assert cleaned == [True]
+
+
+def _fake_ray_tool(tmp_path: Path) -> Path:
+    """A `ray` stand-in whose `get-auth-token --generate` behaves like Ray's (create if missing, print it)."""
+    script = tmp_path / "bin" / "ray"
+    script.parent.mkdir()
+    script.write_text(
+        "#!/usr/bin/env bash\n"
+        'token="$HOME/.ray/auth_token"\n'
+        '[ "$1 $2" = "get-auth-token --generate" ] || exit 9\n'
+        'if [ ! -s "$token" ]; then mkdir -p "$HOME/.ray"; echo "Generating new authentication token..." >&2;'
+        ' printf secret-new > "$token"; fi\n'
+        'cat "$token"\n'
+    )
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.parametrize("had_token", [False, True])
+def test_a_fresh_home_gets_a_token_and_an_existing_one_is_kept(tmp_path, monkeypatch, capsys, had_token) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    if had_token:
+        (home / ".ray").mkdir()
+        (home / ".ray" / "auth_token").write_text("secret-old")
+    journey = Journey(PipelineConfig(run_dir=tmp_path / "run"))
+    journey.env.update(HOME=str(home))
+    for variable in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        journey.env.pop(variable, None)
+    tool = _fake_ray_tool(tmp_path)
+    monkeypatch.setattr(Journey, "_tool", lambda self, name: str(tool))
+    journey.ensure_token()
+    out = capsys.readouterr().out
+    token = (home / ".ray" / "auth_token").read_text()
+    assert token == ("secret-old" if had_token else "secret-new")  # never overwritten
+    assert "get-auth-token --generate >/dev/null" in out
+    if had_token:
+        assert f"using the existing Ray token ({home / '.ray' / 'auth_token'})" in out
+    else:
+        assert f"created a Ray token at {home / '.ray' / 'auth_token'} (none existed)" in out
+    log = (tmp_path / "run" / "logs" / "1-auth-token.log").read_text()
+    assert "secret" not in out + log  # the token is a secret: neither shown nor logged
+
+
+def test_token_sources_in_the_order_ray_reads_them(tmp_path: Path) -> None:
+    from client.pipeline import existing_token_source
+
+    custom = tmp_path / "token"
+    assert existing_token_source({"HOME": str(tmp_path)}) is None
+    assert existing_token_source({"HOME": str(tmp_path), "RAY_AUTH_TOKEN_PATH": str(custom)}) is None
+    custom.write_text("abc")
+    assert existing_token_source({"HOME": str(tmp_path), "RAY_AUTH_TOKEN_PATH": str(custom)}) == (
+        f"RAY_AUTH_TOKEN_PATH={custom}"
+    )
+    assert existing_token_source({"HOME": str(tmp_path), "RAY_AUTH_TOKEN": "x"}) == "RAY_AUTH_TOKEN"
