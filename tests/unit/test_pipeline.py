@@ -141,7 +141,9 @@ def _fake_ray_tool(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("had_token", [False, True])
-def test_a_fresh_home_gets_a_token_and_an_existing_one_is_kept(tmp_path, monkeypatch, capsys, had_token) -> None:
+def test_a_fresh_home_gets_a_token_and_an_existing_one_is_kept(
+    tmp_path, monkeypatch, capsys, had_token
+) -> None:
     home = tmp_path / "home"
     home.mkdir()
     if had_token:
