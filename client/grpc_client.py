@@ -39,7 +39,6 @@ from client.images import (  # noqa: E402
     to_mnist_tensor,
 )
 from client.messages import Batch, InputMode, ModelTarget, bytes_batch, images_batch  # noqa: E402
-from client.protos import use_light_import  # noqa: E402
 
 DEFAULT_GRPC_PORT = 9000
 DEFAULT_HTTP_PORT = 8000
@@ -265,9 +264,8 @@ def format_json(results: list[ImageResult], config: ClientConfig, elapsed_s: flo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; for a process of its own (it imports the protos without TensorFlow)."""
+    """The command line."""
     config = parse_args(argv)
-    use_light_import()
     try:
         results, elapsed_s = classify(config)
     except ClientError as exc:

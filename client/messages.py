@@ -21,14 +21,22 @@ from typing import Any
 import numpy as np
 
 from client.errors import ClientError
-from client.protos import load_protos
-from ray_app.errors import InvalidArgumentError
-from ray_app.signatures import IMAGE_BYTES_INPUT, IMAGE_BYTES_SIGNATURE, SERVING_DEFAULT
+from ray_app.protocol.names import (
+    CLASSES_OUTPUT,
+    IMAGE_BYTES_INPUT,
+    IMAGE_BYTES_SIGNATURE,
+    IMAGES_INPUT,
+    NUM_CLASSES,
+    PROBABILITIES_OUTPUT,
+    SERVING_DEFAULT,
+)
+from ray_app.protocol.protos import predict_pb2
+from ray_app.protocol.status import ServingError
+from ray_app.protocol.tensors import from_ndarray, to_ndarray
 
-IMAGES_INPUT = "images"  # serving_default's input (training/export.py)
-PROBABILITIES_OUTPUT = "probabilities"
-CLASSES_OUTPUT = "classes"
-NUM_CLASSES = 10
+# A response tensor declaring more elements than this is refused before it is decoded (4 MiB of
+# float32: far more than any batch the client sends can be answered with).
+MAX_RESPONSE_ELEMENTS = 1 << 20
 
 
 class InputMode(enum.Enum):
@@ -100,13 +108,8 @@ class Predictions:
 
 
 # -- gRPC -------------------------------------------------------------------------------------------
-def predict_request(target: ModelTarget, batch: Batch) -> Any:
-    """A ``tensorflow_serving.apis.predict_pb2.PredictRequest`` for ``batch``."""
-    load_protos()
-    from tensorflow_serving.apis import predict_pb2
-
-    from ray_app.tensors import from_ndarray
-
+def predict_request(target: ModelTarget, batch: Batch) -> predict_pb2.PredictRequest:
+    """TF Serving's ``PredictRequest`` for ``batch`` (images in ``tensor_content``, as TF's clients send)."""
     request = predict_pb2.PredictRequest()
     request.model_spec.name = target.name
     request.model_spec.signature_name = batch.mode.signature
@@ -115,25 +118,22 @@ def predict_request(target: ModelTarget, batch: Batch) -> Any:
     elif target.version_label is not None:
         request.model_spec.version_label = target.version_label
     if batch.mode is InputMode.TENSOR:
-        tensor = from_ndarray(np.ascontiguousarray(batch.images))
+        tensor = from_ndarray(np.ascontiguousarray(batch.images), tensor_content=True)
     else:
         tensor = from_ndarray(np.array(batch.encoded, dtype=object))
     request.inputs[batch.mode.input_name].CopyFrom(tensor)
     return request
 
 
-def parse_predict_response(response: Any, expected: int) -> Predictions:
-    """Read a ``PredictResponse``; ClientError if it lacks the outputs or has the wrong shape."""
-    load_protos()
-    from ray_app.tensors import to_ndarray
-
+def parse_predict_response(response: predict_pb2.PredictResponse, expected: int) -> Predictions:
+    """Read a ``PredictResponse`` (typed fields or ``tensor_content``); ClientError if it is malformed."""
     try:
         outputs = {
-            name: to_ndarray(response.outputs[name], name)
+            name: to_ndarray(response.outputs[name], name, max_elements=MAX_RESPONSE_ELEMENTS)
             for name in (PROBABILITIES_OUTPUT, CLASSES_OUTPUT)
             if name in response.outputs
         }
-    except InvalidArgumentError as exc:
+    except ServingError as exc:
         raise ClientError(f"malformed response: {exc.message}") from None
     version = response.model_spec.version.value if response.model_spec.HasField("version") else None
     return _predictions(outputs, expected, version)

@@ -698,9 +698,6 @@ def parse_args(argv: Sequence[str] | None = None) -> PipelineConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from client.protos import use_light_import
-
-    use_light_import()  # this process never imports TensorFlow itself (the prober needs the protos)
     return run(parse_args(argv))
 
 

@@ -29,9 +29,9 @@ from client.messages import (
     rest_body,
     rest_path,
 )
-from client.protos import load_protos
-from ray_app.errors import HTTP_TO_GRPC
-from ray_app.signatures import MODEL_VERSION_HEADER
+from ray_app.protocol.names import MODEL_VERSION_HEADER
+from ray_app.protocol.protos import predict_pb2
+from ray_app.protocol.status import HTTP_TO_GRPC
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
@@ -80,7 +80,7 @@ class GrpcTransport:
         self._predict = self._channel.unary_unary(
             _PREDICT_METHOD,
             request_serializer=lambda message: message.SerializeToString(),
-            response_deserializer=_predict_response_from_bytes,
+            response_deserializer=predict_pb2.PredictResponse.FromString,
         )
 
     def predict(self, target: ModelTarget, batch: Batch) -> Predictions:
@@ -108,13 +108,6 @@ class GrpcTransport:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def _predict_response_from_bytes(data: bytes) -> Any:
-    load_protos()
-    from tensorflow_serving.apis import predict_pb2
-
-    return predict_pb2.PredictResponse.FromString(data)
 
 
 class RestTransport:

@@ -33,12 +33,19 @@ class TFServingOptions(_Strict):
 
 
 class Limits(_Strict):
-    """Guards applied before any work is done for a request."""
+    """Guards applied before any work is done for a request (each refusal is RESOURCE_EXHAUSTED / 429).
 
-    max_request_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    A request's declared sizes (message length, Content-Length, tensor shapes, image headers) are
+    compared with these before anything is allocated or decoded.
+    """
+
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, gt=0)  # body; also bounds decoded tensors
     max_images_per_request: int = Field(default=1024, gt=0)
-    max_image_pixels: int = Field(default=4_000_000, gt=0)  # decompression-bomb guard
+    max_image_pixels: int = Field(default=4_000_000, gt=0)  # per encoded image: decompression-bomb guard
+    max_request_pixels: int = Field(default=16_000_000, gt=0)  # all encoded images of one request
     max_image_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    decode_threads: int = Field(default=1, ge=1)  # image decoding threads, not shared with inference
+    max_pending_decodes: int = Field(default=16, ge=1)  # image-bytes requests decoding or queued for it
 
 
 class AppConfig(_Strict):
@@ -51,6 +58,8 @@ class AppConfig(_Strict):
     poll_interval_s: float = Field(default=2.0, gt=0)
     num_versions: int = Field(default=2, ge=1)  # latest N versions kept loaded
     backend_timeout_s: float = Field(default=10.0, gt=0)  # deadline of each backend RPC
+    load_retry_initial_s: float = Field(default=2.0, gt=0)  # backoff after a failed version load
+    load_retry_max_s: float = Field(default=300.0, gt=0)  # the backoff doubles up to this
     tfserving: TFServingOptions = Field(default_factory=TFServingOptions)
     limits: Limits = Field(default_factory=Limits)
 

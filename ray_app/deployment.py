@@ -1,50 +1,89 @@
 """The Ray Serve deployment: both front doors (gRPC and REST) on one batching replica.
 
-gRPC methods are named like TF Serving's RPCs (the proxy routes by method name) and get
-raw request bytes (see ``ray_app.grpc_servicers``). REST routes are FastAPI routes on
-TF Serving's paths. Both delegate to one ``Predictor``; errors map through one table.
+gRPC methods are named like TF Serving's RPCs (Serve routes by method name) and get raw
+request bytes (see ``ray_app.grpc_servicers``). REST requests under ``/v1/`` go to one route
+that dispatches on TF Serving's own URL patterns (``ray_app.rest_api.route``). Both delegate to
+one ``Predictor``; errors map through one table (``ray_app.protocol.status``).
 """
 
 import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, Response
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ray_app.errors import ServingError, UnimplementedError, to_status
-from ray_app.signatures import MODEL_VERSION_HEADER
+from ray_app.protocol.names import MODEL_VERSION_HEADER
+from ray_app.protocol.status import ResourceExhaustedError, ServingError, UnimplementedError, to_status
 
 logger = logging.getLogger("ray.serve")
 
-http_app = FastAPI(title="MNIST on Ray Serve (TF Serving REST API)")
+http_app = FastAPI(title="MNIST on Ray Serve (TF Serving REST API)", docs_url=None, redoc_url=None)
+
+GRPC_MESSAGE_LIMIT = 1024  # TF Serving cuts gRPC error messages here (grpc_status_util.cc)
+# libevent's own page, which TF Serving answers for paths outside /v1/.
+NOT_FOUND_PAGE = (
+    "<HTML><HEAD>\n<TITLE>404 Not Found</TITLE>\n</HEAD><BODY>\n<H1>Not Found</H1>\n</BODY></HTML>\n"
+)
+_JSON = "application/json"
+_METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 
 
-def _error_response(exc: BaseException) -> JSONResponse:
-    _, status, message = to_status(exc)
+def _log_unexpected(exc: BaseException) -> None:
     if not isinstance(exc, ServingError):
-        logger.exception("request failed", exc_info=exc)
-    return JSONResponse({"error": message}, status_code=status)
+        logger.error("request failed", exc_info=exc)
+
+
+def _error_response(exc: BaseException) -> Response:
+    from ray_app.rest_api import error_json
+
+    _log_unexpected(exc)
+    _, status, message = to_status(exc)
+    return Response(error_json(message), status_code=status, media_type=_JSON)
 
 
 def _grpc_fail(exc: BaseException, grpc_context: Any) -> None:
     import grpc
 
+    _log_unexpected(exc)
     code, _, message = to_status(exc)
-    if not isinstance(exc, ServingError):
-        logger.exception("request failed", exc_info=exc)
+    if len(message) > GRPC_MESSAGE_LIMIT:
+        message = message[:GRPC_MESSAGE_LIMIT] + "...TRUNCATED"
     grpc_context.set_code(getattr(grpc.StatusCode, code.value))
     grpc_context.set_details(message)
 
 
-def _version(value: str | None) -> int | None:
-    from ray_app.errors import InvalidArgumentError
+def _path_and_query(request: Request) -> str:
+    """The raw (undecoded) path plus ``?query``: what TF Serving matches its URL patterns on."""
+    raw = request.scope.get("raw_path") or request.url.path.encode()
+    query = request.scope.get("query_string") or b""
+    return raw.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
 
-    if value is None:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise InvalidArgumentError(f"version must be a positive integer, got {value!r}")
-    return int(value)
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused (RESOURCE_EXHAUSTED) as soon as it is known to exceed ``max_bytes``.
+
+    A declared Content-Length is checked before anything is read; a body without one (chunked)
+    is read up to the limit and no further.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ResourceExhaustedError(f"request body is {declared} bytes; the limit is {max_bytes}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ResourceExhaustedError(f"request body is over the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@http_app.exception_handler(StarletteHTTPException)
+async def _not_found(request: Request, exc: StarletteHTTPException) -> Response:
+    if exc.status_code == 404:
+        return HTMLResponse(NOT_FOUND_PAGE, status_code=404, media_type="text/html; charset=ISO-8859-1")
+    return Response(exc.detail or "", status_code=exc.status_code)
 
 
 @serve.deployment(name="MnistServer")
@@ -66,7 +105,7 @@ class MnistServer:
             app_config.model_name,
             app_config.model_base_path,
             self._backend.kind,
-            self._backend.versions(),
+            self._backend.versions() or "none yet (waiting for the first one)",
         )
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -80,6 +119,7 @@ class MnistServer:
             raise RuntimeError(problem)
 
     async def __del__(self) -> None:
+        self._predictor.close()
         await self._backend.stop()
 
     # -- gRPC: tensorflow.serving.PredictionService / ModelService --------------------------------
@@ -94,134 +134,70 @@ class MnistServer:
             return empty()
 
     async def Predict(self, request: bytes, grpc_context: Any):  # noqa: N802
-        from tensorflow_serving.apis import predict_pb2
-
         from ray_app import grpc_api
+        from ray_app.protocol.protos import predict_pb2
 
         return await self._grpc(grpc_api.predict, request, grpc_context, predict_pb2.PredictResponse)
 
     async def GetModelMetadata(self, request: bytes, grpc_context: Any):  # noqa: N802
-        from tensorflow_serving.apis import get_model_metadata_pb2
-
         from ray_app import grpc_api
+        from ray_app.protocol.protos import get_model_metadata_pb2
 
-        return await self._grpc(
-            grpc_api.get_model_metadata,
-            request,
-            grpc_context,
-            get_model_metadata_pb2.GetModelMetadataResponse,
-        )
+        empty = get_model_metadata_pb2.GetModelMetadataResponse
+        return await self._grpc(grpc_api.get_model_metadata, request, grpc_context, empty)
 
     async def GetModelStatus(self, request: bytes, grpc_context: Any):  # noqa: N802
-        from tensorflow_serving.apis import get_model_status_pb2
-
         from ray_app import grpc_api
+        from ray_app.protocol.protos import get_model_status_pb2
 
-        return await self._grpc(
-            grpc_api.get_model_status, request, grpc_context, get_model_status_pb2.GetModelStatusResponse
-        )
-
-    async def _unimplemented(self, method: str, grpc_context: Any, empty):
-        message = f"{method} is not implemented by this server; use Predict (signature 'serving_default')"
-        _grpc_fail(UnimplementedError(message), grpc_context)
-        return empty()
+        empty = get_model_status_pb2.GetModelStatusResponse
+        return await self._grpc(grpc_api.get_model_status, request, grpc_context, empty)
 
     async def Classify(self, request: bytes, grpc_context: Any):  # noqa: N802
-        from tensorflow_serving.apis import classification_pb2
+        from ray_app import grpc_api
+        from ray_app.protocol.protos import classification_pb2
 
-        return await self._unimplemented("Classify", grpc_context, classification_pb2.ClassificationResponse)
+        empty = classification_pb2.ClassificationResponse
+        return await self._grpc(grpc_api.classify, request, grpc_context, empty)
 
     async def Regress(self, request: bytes, grpc_context: Any):  # noqa: N802
-        from tensorflow_serving.apis import regression_pb2
+        from ray_app import grpc_api
+        from ray_app.protocol.protos import regression_pb2
 
-        return await self._unimplemented("Regress", grpc_context, regression_pb2.RegressionResponse)
+        return await self._grpc(grpc_api.regress, request, grpc_context, regression_pb2.RegressionResponse)
 
     async def MultiInference(self, request: bytes, grpc_context: Any):  # noqa: N802
-        from tensorflow_serving.apis import inference_pb2
+        from ray_app import grpc_api
+        from ray_app.protocol.protos import inference_pb2
 
-        return await self._unimplemented("MultiInference", grpc_context, inference_pb2.MultiInferenceResponse)
+        empty = inference_pb2.MultiInferenceResponse
+        return await self._grpc(grpc_api.multi_inference, request, grpc_context, empty)
 
     async def HandleReloadConfigRequest(self, request: bytes, grpc_context: Any):  # noqa: N802
-        from tensorflow_serving.apis import model_management_pb2
+        from ray_app.protocol.protos import model_management_pb2
 
-        return await self._unimplemented(
-            "HandleReloadConfigRequest (configure models through the Serve config)",
-            grpc_context,
-            model_management_pb2.ReloadConfigResponse,
+        message = (
+            "HandleReloadConfigRequest is not supported: models are configured by the Serve config "
+            "(`serve deploy`), and new versions are picked up from the model store"
         )
+        _grpc_fail(UnimplementedError(message), grpc_context)
+        return model_management_pb2.ReloadConfigResponse()
 
     # -- REST: TF Serving's HTTP API ---------------------------------------------------------------
-    async def _rest(self, fn, *args) -> JSONResponse:
-        try:
-            result = fn(*args)
-            if hasattr(result, "__await__"):
-                result = await result
-            return JSONResponse(result)
-        except Exception as exc:
-            return _error_response(exc)
-
-    async def _rest_predict(self, request: Request, name: str, version: str | None, label: str | None):
+    @http_app.api_route("/v1/{path:path}", methods=_METHODS)
+    async def rest_v1(self, request: Request, path: str) -> Response:
         from ray_app import rest_api
 
         try:
-            limits = self._predictor.config.limits
-            body = rest_api.parse_body(await request.body(), limits.max_request_bytes)
-            inference, rows = rest_api.to_inference_request(
-                self._predictor, name, _version(version), label, body
-            )
-            result = await self._predictor.predict(inference)
-            return JSONResponse(
-                rest_api.to_response(result, rows), headers={MODEL_VERSION_HEADER: str(result.version)}
-            )
+            where = rest_api.route(request.method, _path_and_query(request))
+            if where.kind == "status":
+                return Response(rest_api.status(self._predictor, where), media_type=_JSON)
+            if where.kind == "metadata":
+                return Response(rest_api.metadata(self._predictor, where), media_type=_JSON)
+            body = await read_body(request, self._predictor.config.limits.max_request_bytes)
+            if where.kind != "predict":
+                rest_api.examples_request(self._predictor, where, body)
+            text, version = await rest_api.predict(self._predictor, where, body)
+            return Response(text, media_type=_JSON, headers={MODEL_VERSION_HEADER: str(version)})
         except Exception as exc:
             return _error_response(exc)
-
-    @http_app.post("/v1/models/{name}:predict")
-    async def predict_latest(self, request: Request, name: str):
-        return await self._rest_predict(request, name, None, None)
-
-    @http_app.post("/v1/models/{name}/versions/{version}:predict")
-    async def predict_version(self, request: Request, name: str, version: str):
-        return await self._rest_predict(request, name, version, None)
-
-    @http_app.post("/v1/models/{name}/labels/{label}:predict")
-    async def predict_label(self, request: Request, name: str, label: str):
-        return await self._rest_predict(request, name, None, label)
-
-    @http_app.get("/v1/models/{name}")
-    async def status_latest(self, name: str):
-        from ray_app import rest_api
-
-        return await self._rest(rest_api.model_status, self._predictor, name, None, None)
-
-    @http_app.get("/v1/models/{name}/versions/{version}")
-    async def status_version(self, name: str, version: str):
-        from ray_app import rest_api
-
-        return await self._rest(lambda: rest_api.model_status(self._predictor, name, _version(version), None))
-
-    @http_app.get("/v1/models/{name}/labels/{label}")
-    async def status_label(self, name: str, label: str):
-        from ray_app import rest_api
-
-        return await self._rest(rest_api.model_status, self._predictor, name, None, label)
-
-    @http_app.get("/v1/models/{name}/metadata")
-    async def metadata_latest(self, name: str):
-        from ray_app import rest_api
-
-        return await self._rest(rest_api.model_metadata, self._predictor, name, None, None)
-
-    @http_app.get("/v1/models/{name}/versions/{version}/metadata")
-    async def metadata_version(self, name: str, version: str):
-        from ray_app import rest_api
-
-        return await self._rest(
-            lambda: rest_api.model_metadata(self._predictor, name, _version(version), None)
-        )
-
-    @http_app.get("/v1/models/{name}/labels/{label}/metadata")
-    async def metadata_label(self, name: str, label: str):
-        from ray_app import rest_api
-
-        return await self._rest(rest_api.model_metadata, self._predictor, name, None, label)

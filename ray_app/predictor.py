@@ -1,9 +1,11 @@
 """Model logic behind both front doors: version routing, input checks, batching, backend calls.
 
-Transport-free: the gRPC and REST adapters turn their messages into an ``InferenceRequest``
-and an ``InferenceResult`` back. Batching uses Ray Serve's ``@serve.batch``; a batch is
-split by (version, signature, inputs, output filter) so different models never share a
-backend call, and it counts images, not requests.
+Transport-free: the gRPC and REST adapters :meth:`Predictor.resolve` a request's model, version
+and signature first, check what the request *declares* against it
+(:meth:`Predictor.check_declared`) before decoding any tensor, then :meth:`Predictor.run` the
+decoded inputs and turn the :class:`InferenceResult` back into their own format. Batching uses
+Ray Serve's ``@serve.batch``; a batch is split by (version, signature, inputs, output filter) so
+different models never share a backend call, and it counts images, not requests.
 """
 
 from __future__ import annotations
@@ -11,34 +13,49 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 from ray import serve
 
 from ray_app import preprocessing
-from ray_app.backends.base import Backend
+from ray_app.backends.base import Backend, VersionState
 from ray_app.config import AppConfig, LiveConfig
-from ray_app.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError
-from ray_app.signatures import (
-    IMAGE_BYTES_INPUT,
-    IMAGE_BYTES_SIGNATURE,
-    IMAGE_BYTES_SPEC,
-    SERVING_DEFAULT,
-    SignatureSpec,
-    lookup,
+from ray_app.preprocessing import MNIST_SIZE_PX
+from ray_app.protocol.names import IMAGE_BYTES_INPUT, IMAGE_BYTES_SIGNATURE, IMAGES_INPUT, SERVING_DEFAULT
+from ray_app.protocol.status import (
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    ServingError,
 )
+from ray_app.protocol.tensors import STRING, element_count
+from ray_app.signatures import IMAGE_BYTES_SPEC, SignatureSpec, lookup
 
 
 @dataclass(frozen=True)
 class InferenceRequest:
+    """A request with decoded inputs (what tests and in-process callers build)."""
+
     model_name: str
     inputs: dict[str, np.ndarray]
     signature_name: str = ""  # "" means serving_default
     version: int | None = None
     version_label: str | None = None
     output_filter: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Target:
+    """A request's model, version and signature, resolved against what is loaded."""
+
+    model_name: str
+    version: int
+    pinned: bool  # the client named the version (by number or label); False: latest/canary
+    signature_name: str  # never empty: "" resolves to serving_default
+    spec: SignatureSpec
 
 
 @dataclass(frozen=True)
@@ -63,6 +80,12 @@ def _batch_images(items: list[_Item]) -> int:
     return sum(item.size for item in items)
 
 
+def _servable_not_found(name: str, version: int | None) -> str:
+    """TF Serving's NOT_FOUND text (``ServableRequest::DebugString``)."""
+    request = f"Specific({name}, {version})" if version is not None else f"Latest({name})"
+    return f"Servable not found for request: {request}"
+
+
 class Predictor:
     """One per replica process: Ray Serve keeps a single batch queue per decorated method."""
 
@@ -71,6 +94,10 @@ class Predictor:
         self.backend = backend
         self.live = LiveConfig()
         self._rng = rng or random.Random()
+        # Encoded images are decoded here, never on the threads inference uses: a few requests of
+        # huge blank PNGs can then delay other image-bytes requests, not every request.
+        self._decoder = ThreadPoolExecutor(config.limits.decode_threads, thread_name_prefix="decode")
+        self._pending_decodes = 0  # image-bytes requests decoding or waiting for a decoder thread
 
     # -- configuration -------------------------------------------------------------------------
     def reconfigure(self, live: LiveConfig) -> None:
@@ -80,27 +107,32 @@ class Predictor:
         self._run_batch.set_batch_wait_timeout_s(live.batch_wait_timeout_s)
         self.backend.set_pinned_versions(live.version_labels.values())
 
+    def close(self) -> None:
+        self._decoder.shutdown(wait=False, cancel_futures=True)
+
     # -- versions ------------------------------------------------------------------------------
-    def check_model(self, name: str) -> None:
+    def check_model(self, name: str, version: int | None = None) -> None:
+        """TF Serving's answers for a missing or unknown model name."""
+        if not name:
+            raise InvalidArgumentError("ModelSpec has no name specified.")
         if name != self.config.model_name:
-            raise NotFoundError(f"model {name!r} not found; this server serves {self.config.model_name!r}")
+            raise NotFoundError(_servable_not_found(name, version))
 
     def resolve_version(self, version: int | None, label: str | None) -> tuple[int, bool]:
         """(version to run, whether the client pinned it), following labels and the canary share."""
+        name = self.config.model_name
         loaded = self.backend.versions()
-        if not loaded:
-            raise UnavailableError(f"no version of {self.config.model_name!r} is loaded yet")
-        if version:
-            if version not in loaded:
-                raise NotFoundError(
-                    f"version {version} of model {self.config.model_name!r} is not loaded; loaded: {loaded}"
-                )
-            return version, True
         labels = self.live.version_labels
         if label:
             if label not in labels:
-                raise NotFoundError(f"unknown version label {label!r}; labels: {sorted(labels)}")
-            return self._labelled(label, loaded), True
+                raise InvalidArgumentError(f"Unrecognized servable version label: {label}")
+            version = labels[label]
+        if version:
+            if version not in loaded:
+                raise NotFoundError(_servable_not_found(name, version))
+            return version, True
+        if not loaded:
+            raise NotFoundError(f"{_servable_not_found(name, None)} ({self._nothing_loaded()})")
         canary_share = self.live.canary_traffic_percent
         if canary_share > 0 and labels.get("canary") in loaded and self._rng.random() * 100 < canary_share:
             return labels["canary"], False
@@ -108,23 +140,24 @@ class Predictor:
             return labels["stable"], False
         return loaded[-1], False
 
-    def status_versions(self, model_name: str, version: int | None, label: str | None) -> list[int]:
-        """Loaded versions a status request asks about (all, one, or a label's), NOT_FOUND otherwise."""
-        self.check_model(model_name)
-        loaded = self.backend.versions()
-        if label:
-            version, _ = self.resolve_version(None, label)
-        if version is None:
-            return loaded
-        if version not in loaded:
-            raise NotFoundError(f"version {version} of {model_name!r} is not loaded")
-        return [version]
+    def _nothing_loaded(self) -> str:
+        if any(state.error for state in self.backend.version_states().values()):
+            return "no version could be loaded; the model status says why"
+        return "no version is loaded yet; waiting for the first one to be published"
 
-    def _labelled(self, label: str, loaded: Sequence[int]) -> int:
-        version = self.live.version_labels[label]
-        if version not in loaded:
-            raise NotFoundError(f"label {label!r} points to version {version}, which is not loaded: {loaded}")
-        return version
+    def status(self, model_name: str, version: int | None) -> dict[int, VersionState]:
+        """TF Serving's GetModelStatus: one version's state, or every version's, newest first.
+
+        Labels are ignored, as TF Serving does. NOT_FOUND with its texts when nothing matches.
+        """
+        states = self.backend.version_states() if model_name == self.config.model_name else {}
+        if version is not None:
+            if version not in states:
+                raise NotFoundError(f"Could not find version {version} of model {model_name}")
+            return {version: states[version]}
+        if not states:
+            raise NotFoundError(f"Could not find any versions of model {model_name}")
+        return dict(sorted(states.items(), reverse=True))
 
     def signatures(self, version: int) -> dict[str, SignatureSpec]:
         """The model's signatures plus the app's image-bytes signature."""
@@ -133,50 +166,128 @@ class Predictor:
             specs[IMAGE_BYTES_SIGNATURE] = IMAGE_BYTES_SPEC
         return specs
 
+    def resolve(
+        self, model_name: str, version: int | None = None, label: str | None = None, signature_name: str = ""
+    ) -> Target:
+        """Which version and signature answer: TF Serving's NOT_FOUND / INVALID_ARGUMENT /
+        FAILED_PRECONDITION answers, before any input is read."""
+        self.check_model(model_name, version)
+        resolved, pinned = self.resolve_version(version, label)
+        signature = signature_name or SERVING_DEFAULT
+        spec = lookup(self.signatures(resolved), signature)
+        return Target(self.config.model_name, resolved, pinned, signature, spec)
+
+    # -- inputs --------------------------------------------------------------------------------
+    def check_declared(
+        self,
+        target: Target,
+        declared: Mapping[str, tuple[int, tuple[int, ...]]],
+        output_filter: Sequence[str],
+    ) -> None:
+        """TF Serving's checks on what a request declares, then the limits, before decoding anything.
+
+        ``declared`` maps each input alias to its ``(DataType, shape)``. Besides the signature
+        (names, dtypes, shapes, output filter) it enforces at most ``max_images_per_request``
+        examples, and that no input decodes to more than ``max_request_bytes`` (a one-value
+        fill or a huge declared shape): RESOURCE_EXHAUSTED.
+        """
+        spec, signature = target.spec, target.signature_name
+        spec.check_input_names(list(declared))
+        for alias in sorted(declared):
+            tf_dtype, shape = declared[alias]
+            spec.check_input(signature, alias, tf_dtype, shape)
+            self._check_size(alias, spec.inputs[alias].dtype, shape)
+        spec.check_output_filter(output_filter)
+
+    def _check_size(self, alias: str, dtype: np.dtype | None, shape: Sequence[int]) -> None:
+        limits = self.config.limits
+        if shape and shape[0] > limits.max_images_per_request:
+            raise ResourceExhaustedError(
+                f"{shape[0]} images in one request; the limit is {limits.max_images_per_request}"
+            )
+        if dtype is not None and dtype != STRING:
+            need = element_count(shape) * dtype.itemsize
+            if need > limits.max_request_bytes:
+                raise ResourceExhaustedError(
+                    f"input {alias!r} of shape {list(shape)} would take {need} bytes to decode; "
+                    f"the limit is max_request_bytes ({limits.max_request_bytes})"
+                )
+
+    def max_elements(self, dtype: np.dtype) -> int:
+        """The most elements one decoded input of ``dtype`` may have (see :meth:`check_declared`)."""
+        if dtype == STRING:
+            return self.config.limits.max_images_per_request
+        return self.config.limits.max_request_bytes // np.dtype(dtype).itemsize
+
     # -- inference -----------------------------------------------------------------------------
     async def predict(self, request: InferenceRequest) -> InferenceResult:
-        self.check_model(request.model_name)
-        version, pinned = self.resolve_version(request.version, request.version_label)
-        signature = request.signature_name or SERVING_DEFAULT
-        spec = lookup(self.signatures(version), signature, self.config.model_name, version)
-        size = spec.check_inputs(signature, request.inputs)
-        limit = self.config.limits.max_images_per_request
-        if size > limit:
-            raise ResourceExhaustedError(f"{size} images in one request; the limit is {limit}")
-        run_signature, inputs = signature, request.inputs
-        if signature == IMAGE_BYTES_SIGNATURE:
+        """Resolve and run a request whose inputs are already decoded (tests, in-process callers)."""
+        target = self.resolve(
+            request.model_name, request.version, request.version_label, request.signature_name
+        )
+        return await self.run(target, request.inputs, request.output_filter)
+
+    async def run(
+        self, target: Target, inputs: Mapping[str, np.ndarray], output_filter: Sequence[str] = ()
+    ) -> InferenceResult:
+        """Check decoded inputs, batch them with other requests, and run them on the backend."""
+        size = target.spec.check_inputs(target.signature_name, inputs)
+        for alias, array in inputs.items():
+            self._check_size(alias, array.dtype, array.shape)
+        target.spec.check_output_filter(output_filter)
+        run_signature, run_inputs = target.signature_name, dict(inputs)
+        if run_signature == IMAGE_BYTES_SIGNATURE:
             run_signature = SERVING_DEFAULT
-            inputs = {"images": await self._decode_images(inputs[IMAGE_BYTES_INPUT])}
-        unknown = set(request.output_filter) - set(spec.outputs)
-        if unknown:
-            raise InvalidArgumentError(f"output_filter names unknown outputs {sorted(unknown)}")
-        item = _Item(version, pinned, run_signature, inputs, tuple(request.output_filter), size)
-        if size >= self.live.max_batch_size:  # fills a batch by itself: waiting gains nothing
+            run_inputs = {IMAGES_INPUT: await self._decode_images(inputs[IMAGE_BYTES_INPUT])}
+        item = _Item(target.version, target.pinned, run_signature, run_inputs, tuple(output_filter), size)
+        if size >= self.live.max_batch_size or size == 0:  # waiting for a batch gains nothing
             outputs = await self._run_group([item])
             result = outputs[0]
         else:
             result = await self._run_batch(item)
         if isinstance(result, Exception):
             raise result
-        return InferenceResult(self.config.model_name, item.version, signature, result)
+        return InferenceResult(target.model_name, item.version, target.signature_name, result)
 
     async def _decode_images(self, encoded: np.ndarray) -> np.ndarray:
+        """Decode and preprocess encoded images on the decoder threads, within the pixel budgets."""
         limits = self.config.limits
+        items = [bytes(data) for data in encoded.reshape(-1)]
+        if not items:
+            return np.zeros((0, MNIST_SIZE_PX, MNIST_SIZE_PX), dtype=np.uint8)
+        pixels = 0
+        for index, data in enumerate(items):  # headers only: nothing is decompressed yet
+            try:
+                pixels += preprocessing.declared_pixels(data, max_bytes=limits.max_image_bytes)
+            except ServingError as exc:
+                raise type(exc)(f"image {index}: {exc.message}") from exc
+        if pixels > limits.max_request_pixels:
+            raise ResourceExhaustedError(
+                f"the images hold {pixels} pixels in all; the limit per request is {limits.max_request_pixels}"
+            )
+        if self._pending_decodes >= limits.max_pending_decodes:
+            raise ResourceExhaustedError(
+                f"{self._pending_decodes} image-bytes requests are already being decoded; retry later"
+            )
 
         def decode_all() -> np.ndarray:
             images = []
-            for index, data in enumerate(encoded.reshape(-1)):
+            for index, data in enumerate(items):
                 try:
                     images.append(
                         preprocessing.preprocess_bytes(
-                            bytes(data), max_pixels=limits.max_image_pixels, max_bytes=limits.max_image_bytes
+                            data, max_pixels=limits.max_image_pixels, max_bytes=limits.max_image_bytes
                         )
                     )
-                except (InvalidArgumentError, ResourceExhaustedError) as exc:
+                except ServingError as exc:
                     raise type(exc)(f"image {index}: {exc.message}") from exc
             return np.stack(images)
 
-        return await asyncio.to_thread(decode_all)
+        self._pending_decodes += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._decoder, decode_all)
+        finally:
+            self._pending_decodes -= 1
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, batch_size_fn=_batch_images)
     async def _run_batch(self, items: list[_Item]) -> list[dict[str, np.ndarray] | Exception]:

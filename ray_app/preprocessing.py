@@ -36,7 +36,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ray_app.errors import InvalidArgumentError, ResourceExhaustedError
+from ray_app.protocol.status import InvalidArgumentError, ResourceExhaustedError
 
 DEFAULT_MAX_IMAGE_PIXELS: int = 4_000_000  # decompression-bomb guard (width * height)
 DEFAULT_MAX_IMAGE_BYTES: int = 4 * 1024 * 1024
@@ -86,6 +86,28 @@ def decode_image(
         except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, ...
             raise InvalidArgumentError(f"image_bytes: cannot decode image: {_describe(exc)}") from exc
     return image
+
+
+def declared_pixels(data: bytes, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> int:
+    """Width x height as the image's header declares them; no pixel data is decompressed.
+
+    For budgets over several images (a request's total), checked before any of them is decoded.
+    Same errors as :func:`decode_image` for empty, oversized or unrecognisable data.
+    """
+    if not data:
+        raise InvalidArgumentError("image_bytes: empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise ResourceExhaustedError(f"image_bytes: {len(data)} bytes, over the limit of {max_bytes} bytes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the caller's budget decides
+        try:
+            with Image.open(io.BytesIO(data), formats=_ALLOWED_FORMATS) as image:
+                width, height = image.size
+        except Image.DecompressionBombError as exc:
+            raise ResourceExhaustedError(f"image is too large to decode: {exc}") from exc
+        except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, ...
+            raise InvalidArgumentError(f"image_bytes: cannot decode image: {_describe(exc)}") from exc
+    return width * height
 
 
 def load_image_file(path: str | os.PathLike[str], **limits: int) -> Image.Image:

@@ -1,9 +1,15 @@
 """TF Serving's REST API <-> the predictor (the HTTP front door's model-facing half).
 
-Request bodies follow TF Serving: row format ``{"instances": [...]}`` or columnar
-``{"inputs": ...}``, optional ``"signature_name"``; binary values as ``{"b64": "..."}``.
-Responses: ``{"predictions": ...}`` (row) or ``{"outputs": ...}`` (columnar); errors
-``{"error": "..."}`` with the status from ``ray_app.errors``.
+Follows TF Serving's ``http_rest_api_handler.cc``, ``http_rest_api_util.cc`` and
+``util/json_tensor.cc``: the same URL patterns (matched on the raw path, case-insensitive),
+"Malformed request" for anything else under ``/v1/``, JSON bodies parsed and converted by the
+signature's dtypes with TF Serving's error texts, row (``instances`` -> ``predictions``) and
+columnar (``inputs`` -> ``outputs``) formats, ``{"b64": ...}`` for binary values, numbers
+rendered as TF Serving renders them, and errors as ``{"error": "..."}`` with its HTTP statuses.
+
+Deliberate differences (see README): an echoed request document is cut to
+``MAX_ECHOED_CHARS``; JSON syntax errors use RapidJSON's texts for the common cases only;
+documents nested deeper than ``MAX_JSON_DEPTH`` are refused.
 """
 
 from __future__ import annotations
@@ -11,171 +17,482 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any
+import math
+import re
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
+from google.protobuf import json_format
 
-from ray_app.errors import InvalidArgumentError, ResourceExhaustedError
-from ray_app.predictor import InferenceRequest, InferenceResult, Predictor
-from ray_app.signatures import SERVING_DEFAULT, SignatureSpec, TensorSpec, lookup
-from ray_app.tensors import dtype_name, dtype_of_numpy
+from ray_app import grpc_api
+from ray_app.predictor import InferenceResult, Predictor
+from ray_app.protocol.protos import model_pb2, types_pb2
+from ray_app.protocol.status import InvalidArgumentError, UnimplementedError
+from ray_app.protocol.tensors import STRING, tf_dtype_string
+from ray_app.signatures import SignatureNotFoundError, SignatureSpec, TensorSpec
+
+MAX_JSON_DEPTH = 64  # tensors have at most 32 dimensions; nothing legitimate nests deeper
+MAX_ECHOED_CHARS = 1000
+
+_PREDICT_PATH = re.compile(
+    r"/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)", re.I
+)
+_STATUS_PATH = re.compile(
+    r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?", re.I
+)
+_INT64_MAX = 2**63 - 1
+
+Kind = Literal["predict", "classify", "regress", "status", "metadata"]
 
 
-def parse_body(body: bytes, max_bytes: int) -> dict[str, Any]:
-    if len(body) > max_bytes:
-        raise ResourceExhaustedError(f"request body is {len(body)} bytes; the limit is {max_bytes}")
+@dataclass(frozen=True)
+class Route:
+    """What a REST request asks for, parsed from its method and raw path as TF Serving does."""
+
+    kind: Kind
+    model_name: str
+    version: int | None = None
+    label: str | None = None
+
+    def model_spec(self) -> model_pb2.ModelSpec:
+        spec = model_pb2.ModelSpec(name=self.model_name)
+        if self.version is not None:
+            spec.version.value = self.version
+        elif self.label is not None:
+            spec.version_label = self.label
+        return spec
+
+
+def route(method: str, path_and_query: str) -> Route:
+    """Dispatch like ``HttpRestApiHandler::ProcessRequest``; INVALID_ARGUMENT "Malformed request" else."""
+    malformed = InvalidArgumentError(f"Malformed request: {method} {path_and_query}")
+    pattern = {"POST": _PREDICT_PATH, "GET": _STATUS_PATH}.get(method)
+    match = pattern.fullmatch(path_and_query) if pattern else None
+    if match is None:
+        raise malformed
+    name, version_text, label, last = match.groups()
+    if method == "GET" and not name:
+        raise InvalidArgumentError("Missing model name in request.")
+    if method == "POST" and last not in ("predict", "classify", "regress"):
+        raise malformed  # the pattern is case-insensitive, the verb comparison is not
+    version = None
+    if version_text is not None:
+        version = int(version_text)
+        if version > _INT64_MAX:
+            raise InvalidArgumentError(f"Failed to convert version: {version_text} to numeric.")
+    kind: Kind = last if method == "POST" else ("metadata" if last == "metadata" else "status")
+    return Route(kind, urllib.parse.unquote(name), version, urllib.parse.unquote(label) if label else None)
+
+
+# -- JSON in -----------------------------------------------------------------------------------------
+_RAPIDJSON_TEXT = {  # Python's json messages -> RapidJSON's (what TF Serving quotes)
+    "Expecting value": "Invalid value.",
+    "Expecting property name enclosed in double quotes": "Missing a name for object member.",
+    "Expecting ':' delimiter": "Missing a colon after a name of object member.",
+    "Extra data": "The document root must not be followed by other values.",
+    "Unterminated string starting at": "Missing a closing quotation mark in string.",
+    "Invalid \\escape": "Invalid escape character in string.",
+    "Invalid \\uXXXX escape": "Incorrect hex digit after \\u escape in string.",
+    "Invalid control character at": "Invalid encoding in string.",
+}
+
+
+def parse_json(body: bytes) -> Any:
+    """The request document; TF Serving's "JSON Parse error: ..." (400) when it is not JSON."""
+    if not body:
+        raise InvalidArgumentError("JSON Parse error: The document is empty")
+    text = body.decode("utf-8", "surrogateescape")  # RapidJSON does not validate UTF-8 either
     try:
-        parsed = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidArgumentError(f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(parsed, dict):
-        raise InvalidArgumentError("request body must be a JSON object")
-    return parsed
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        message = _RAPIDJSON_TEXT.get(exc.msg, exc.msg)
+        if exc.msg == "Expecting ',' delimiter":
+            message = _comma_text(text, exc.pos)
+        raise InvalidArgumentError(f"JSON Parse error: {message} at offset: {exc.pos}") from None
+    except RecursionError:
+        raise InvalidArgumentError(f"JSON Parse error: nesting deeper than {MAX_JSON_DEPTH} levels") from None
+    if _depth_exceeds(document, MAX_JSON_DEPTH):
+        raise InvalidArgumentError(f"JSON Parse error: nesting deeper than {MAX_JSON_DEPTH} levels")
+    return document
 
 
-def _decode_b64(value: Any) -> Any:
-    """Replace ``{"b64": ...}`` objects by bytes, recursively."""
-    if isinstance(value, dict) and set(value) == {"b64"}:
+def _comma_text(text: str, position: int) -> str:
+    """RapidJSON names the container a missing comma belongs to; find the innermost open one."""
+    stack, in_string, escaped = [], False, False
+    for char in text[:position]:
+        if in_string:
+            escaped = not escaped and char == "\\"
+            in_string = escaped or char != '"'
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            stack.append(char)
+        elif char in "]}" and stack:
+            stack.pop()
+    if stack and stack[-1] == "[":
+        return "Missing a comma or ']' after an array element."
+    return "Missing a comma or '}' after an object member."
+
+
+def _depth_exceeds(document: Any, limit: int) -> bool:
+    """Whether lists/objects nest deeper than ``limit`` (iterative: no recursion on hostile input)."""
+    pending = [(document, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, list | dict):
+            if depth > limit:
+                return True
+            children = value.values() if isinstance(value, dict) else value
+            pending.extend((child, depth + 1) for child in children if isinstance(child, list | dict))
+    return False
+
+
+def _echo(value: Any, pretty: bool = False) -> str:
+    text = json.dumps(
+        value, indent=4 if pretty else None, separators=None if pretty else (",", ":"), ensure_ascii=False
+    )
+    return text if len(text) <= MAX_ECHOED_CHARS else text[:MAX_ECHOED_CHARS] + "...(cut)"
+
+
+def _format_error(document: Any, *parts: str) -> InvalidArgumentError:
+    """``FormatError``: the whole document, pretty-printed, then the problem."""
+    return InvalidArgumentError(f"JSON Value: {_echo(document, pretty=True)} {''.join(parts)}")
+
+
+def _json_type(value: Any) -> str:
+    """RapidJSON's type name of a parsed value (what TF Serving's type errors say)."""
+    if value is None:
+        return "Null"
+    if value is True:
+        return "True"
+    if value is False:
+        return "False"
+    if isinstance(value, dict):
+        return "Object"
+    if isinstance(value, list):
+        return "Array"
+    return "String" if isinstance(value, str) else "Number"
+
+
+def _is_b64(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and "b64" in value
+
+
+def _is_object(value: Any) -> bool:
+    return isinstance(value, dict) and not _is_b64(value)
+
+
+# -- JSON -> tensors ---------------------------------------------------------------------------------
+def _type_error(value: Any, spec: TensorSpec) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        f"JSON Value: {_echo(value)} Type: {_json_type(value)} is not of expected type: "
+        f"{tf_dtype_string(spec.tf_dtype)}"
+    )
+
+
+def _leaves(value: Any):
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, list):
+            pending.extend(reversed(item))
+        else:
+            yield item
+
+
+# JSON integer ranges by dtype (RapidJSON's IsInt / IsInt64 / IsUint / IsUint64), and the largest
+# integer a float type holds exactly (TF Serving refuses integers beyond it).
+_INT_RANGES = {
+    types_pb2.DT_INT32: (-(2**31), 2**31 - 1),
+    types_pb2.DT_INT16: (-(2**31), 2**31 - 1),
+    types_pb2.DT_INT8: (-(2**31), 2**31 - 1),
+    types_pb2.DT_UINT8: (-(2**31), 2**31 - 1),
+    types_pb2.DT_UINT16: (-(2**31), 2**31 - 1),
+    types_pb2.DT_INT64: (-(2**63), 2**63 - 1),
+    types_pb2.DT_UINT32: (0, 2**32 - 1),
+    types_pb2.DT_UINT64: (0, 2**64 - 1),
+}
+_EXACT_INT = {types_pb2.DT_FLOAT: (2**24 - 1, "float"), types_pb2.DT_DOUBLE: (2**53 - 1, "double")}
+
+
+def _check_leaf(value: Any, spec: TensorSpec) -> None:
+    """TF Serving's ``AddValueToTensor`` checks on one JSON value."""
+    dtype = spec.tf_dtype
+    if dtype in _EXACT_INT:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _type_error(value, spec)
+        limit, kind = _EXACT_INT[dtype]
+        if isinstance(value, int) and abs(value) > limit:
+            raise InvalidArgumentError(
+                f"Cannot convert JSON value: {value} to {kind} without loss of precision."
+            )
+    elif dtype in _INT_RANGES:
+        low, high = _INT_RANGES[dtype]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _type_error(value, spec)
+    elif dtype == types_pb2.DT_BOOL:
+        if not isinstance(value, bool):
+            raise _type_error(value, spec)
+
+
+def _string_leaf(value: Any, spec: TensorSpec) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    if isinstance(value, dict) and "b64" in value:
+        if len(value) != 1 or not isinstance(value["b64"], str):
+            raise InvalidArgumentError(f"JSON Value: {_echo(value)} not formatted correctly for base64 data")
         try:
             return base64.b64decode(value["b64"], validate=True)
-        except (binascii.Error, TypeError, ValueError) as exc:
-            raise InvalidArgumentError(f"invalid base64 value: {exc}") from exc
-    if isinstance(value, list):
-        return [_decode_b64(v) for v in value]
-    return value
+        except (binascii.Error, ValueError):
+            raise InvalidArgumentError("Unable to base64 decode") from None
+    raise _type_error(value, spec)
 
 
-def _to_array(name: str, value: Any, spec: TensorSpec | None) -> np.ndarray:
-    """JSON values -> numpy, cast to the signature's dtype only when no value changes."""
-    value = _decode_b64(value)
-    try:
-        if spec is not None and spec.dtype == np.dtype(object):
-            array = np.array(value, dtype=object)
-            flat = array.reshape(-1)
-            for i, item in enumerate(flat):
-                if isinstance(item, str):
-                    flat[i] = item.encode()
-                elif not isinstance(item, bytes):
-                    raise InvalidArgumentError(f"input {name!r}: expected strings or b64 values")
-            return array
-        array = np.array(value)
-    except ValueError as exc:  # ragged nesting
-        raise InvalidArgumentError(f"input {name!r}: not a rectangular array ({exc})") from exc
-    if array.dtype.kind not in "biuf":
-        raise InvalidArgumentError(f"input {name!r}: expected numbers, got {array.dtype.kind!r} values")
-    if spec is None or array.dtype == spec.dtype or array.size == 0:
-        return array.astype(spec.dtype) if spec is not None else array
-    target = spec.dtype
-    if target.kind in "iu":
-        if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-            raise InvalidArgumentError(f"input {name!r} contains NaN or infinity")
-        if array.dtype.kind == "f" and not np.all(np.equal(np.mod(array, 1), 0)):
-            raise InvalidArgumentError(f"input {name!r}: expected integers ({target.name}), got fractions")
-        info = np.iinfo(target)
-        if array.min() < info.min or array.max() > info.max:
-            raise InvalidArgumentError(
-                f"input {name!r}: values outside the {target.name} range [{info.min}, {info.max}]"
-            )
-    return array.astype(target)
-
-
-def to_inference_request(
-    predictor: Predictor, model_name: str, version: int | None, label: str | None, body: dict[str, Any]
-) -> tuple[InferenceRequest, bool]:
-    """The request, and whether it used the row (``instances``) format."""
-    signature = body.get("signature_name") or ""
-    if not isinstance(signature, str):
-        raise InvalidArgumentError("signature_name must be a string")
-    has_rows, has_columns = "instances" in body, "inputs" in body
-    if has_rows == has_columns:
-        raise InvalidArgumentError('the body needs exactly one of "instances" (row) or "inputs" (columnar)')
-    predictor.check_model(model_name)
-    resolved, _ = predictor.resolve_version(version, label)
-    specs = predictor.signatures(resolved)
-    input_specs = lookup(specs, signature or SERVING_DEFAULT, model_name, resolved).inputs
-    payload = body["instances"] if has_rows else body["inputs"]
-    named = _named_inputs(payload, has_rows, list(input_specs))
-    inputs = {k: _to_array(k, v, input_specs.get(k)) for k, v in named.items()}
-    request = InferenceRequest(
-        model_name=model_name,
-        inputs=inputs,
-        signature_name=signature,
-        version=resolved,
-        version_label=None,
+def to_tensor(alias: str, value: Any, spec: TensorSpec) -> np.ndarray:
+    """One input's JSON value -> an array of the signature's dtype (TF Serving's conversions)."""
+    if spec.dtype is None or spec.tf_dtype == types_pb2.DT_HALF:
+        raise UnimplementedError(
+            f"Conversion of JSON Value: {_echo(value)} to type: {tf_dtype_string(spec.tf_dtype)}"
+        )
+    if spec.dtype == STRING:
+        array = _rectangular(alias, value, object)
+        flat = array.reshape(-1)
+        for index, leaf in enumerate(flat):
+            flat[index] = _string_leaf(leaf, spec)
+        return array
+    array = _rectangular(alias, value, None)
+    if array.size == 0:
+        return np.zeros(array.shape, dtype=spec.dtype)
+    kind = array.dtype.kind
+    fits = (
+        (spec.tf_dtype in _EXACT_INT and kind in "f")
+        or (spec.tf_dtype in _EXACT_INT and kind in "iu" and _within(array, _EXACT_INT[spec.tf_dtype][0]))
+        or (spec.tf_dtype in _INT_RANGES and kind in "iu" and _in_range(array, *_INT_RANGES[spec.tf_dtype]))
+        or (spec.tf_dtype == types_pb2.DT_BOOL and kind == "b")
     )
-    return request, has_rows
+    if not fits:  # find the value TF Serving would name (only on the error path)
+        for leaf in _leaves(value):
+            _check_leaf(leaf, spec)
+        raise _type_error(value, spec)
+    return array.astype(spec.dtype)  # narrow integer types wrap, like TF Serving's C++ casts
 
 
-def _named_inputs(payload: Any, rows: bool, names: list[str]) -> dict[str, Any]:
-    if rows:
-        if not isinstance(payload, list):
-            raise InvalidArgumentError('"instances" must be a list')
-        if payload and all(isinstance(r, dict) and "b64" not in r for r in payload):
-            keys = set(payload[0])
-            if any(set(r) != keys for r in payload):
-                raise InvalidArgumentError("every instance must name the same inputs")
-            return {k: [r[k] for r in payload] for k in keys}
+def _within(array: np.ndarray, limit: int) -> bool:
+    return not array.size or int(np.abs(array).max()) <= limit
+
+
+def _in_range(array: np.ndarray, low: int, high: int) -> bool:
+    return not array.size or (int(array.min()) >= low and int(array.max()) <= high)
+
+
+def _rectangular(alias: str, value: Any, dtype: type | None) -> np.ndarray:
+    """``value`` as an n-d array; TF Serving's error when the nesting is ragged."""
+    try:
+        array = np.array(value, dtype=dtype)
+    except (ValueError, OverflowError):  # ragged nesting, or integers beyond 64 bits
+        array = None
+    if array is None or (dtype is None and array.dtype == object):
+        shapes = [np.shape(np.array(v, dtype=object)) for v in value] if isinstance(value, list) else []
+        if len(set(shapes)) > 1:
+            first = shapes[0]
+            index = next(i for i, s in enumerate(shapes) if s != first)
+            raise InvalidArgumentError(
+                f"Failed to process element: {index} of 'instances' list. Error: INVALID_ARGUMENT: Expecting "
+                f"shape [{','.join(map(str, first))}] but got: [{','.join(map(str, shapes[index]))}]"
+            )
+        return np.array(value, dtype=object)
+    return array
+
+
+def _instances(document: dict, payload: Any, spec: SignatureSpec) -> dict[str, np.ndarray]:
+    if not isinstance(payload, list):
+        raise _format_error(document, "Excepting 'instances' to be an list/array")
+    if not payload:
+        raise _format_error(document, "No values in 'instances' array")
+    names = sorted(spec.inputs)
+    if _is_object(payload[0]):
+        for index, element in enumerate(payload):
+            if not _is_object(element):
+                raise InvalidArgumentError(f"Expecting object but got list at item {index} of input list")
+            if set(element) != set(names):
+                raise InvalidArgumentError(
+                    f"Failed to process element: {index} of 'instances' list. JSON object: {_echo(element)} "
+                    f"keys must be equal to: {','.join(names)}"
+                )
+        columns = {name: [element[name] for element in payload] for name in names}
+    else:
         if len(names) != 1:
-            raise InvalidArgumentError(f"the signature takes {names}: give instances as objects by name")
-        return {names[0]: payload}
-    if isinstance(payload, dict):
-        return payload
-    if len(names) != 1:
-        raise InvalidArgumentError(f'the signature takes {names}: give "inputs" as an object by name')
-    return {names[0]: payload}
+            raise InvalidArgumentError(
+                "instances is a plain list, but expecting list of objects as multiple input tensors "
+                "required as per tensorinfo_map"
+            )
+        for index, element in enumerate(payload):
+            if _is_object(element):
+                raise InvalidArgumentError(
+                    f"Expecting value/list but got object at item {index} of input list"
+                )
+        columns = {names[0]: payload}
+    return {name: to_tensor(name, values, spec.inputs[name]) for name, values in columns.items()}
 
 
-def _jsonable(array: np.ndarray) -> Any:
-    if array.dtype == np.dtype(object):
-        return [{"b64": base64.b64encode(v).decode()} for v in array.reshape(-1)]
-    return array.tolist()
+def _columns(payload: Any, spec: SignatureSpec) -> dict[str, np.ndarray]:
+    names = sorted(spec.inputs)
+    if not _is_object(payload):
+        if len(names) != 1:
+            raise InvalidArgumentError(
+                "inputs is a plain value/list, but expecting an object as multiple input tensors "
+                "required as per tensorinfo_map"
+            )
+        return {names[0]: to_tensor(names[0], payload, spec.inputs[names[0]])}
+    for name in names:
+        if name not in payload:
+            raise InvalidArgumentError(f"Missing named input: {name} in 'inputs' object.")
+    return {name: to_tensor(name, payload[name], spec.inputs[name]) for name in names}  # extra keys ignored
 
 
-def to_response(result: InferenceResult, rows: bool) -> dict[str, Any]:
+# -- tensors -> JSON ---------------------------------------------------------------------------------
+def format_float(value: float, double: bool = False) -> str:
+    """TF Serving's ``WriteDecimal``: 6 significant digits if they round-trip, else 9 (17 for double)."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "-Infinity" if value < 0 else "Infinity"
+    text = f"{value:.6g}"
+    back = float(text) if double else float(np.float32(text))
+    if back != value:
+        text = f"{value:.17g}" if double else f"{value:.9g}"
+    if "." not in text and "e" not in text:
+        text += ".0"
+    return text
+
+
+def _json_array(array: np.ndarray, as_b64: bool) -> str:
+    """One tensor (or one batch item of it) as JSON text, values rendered as TF Serving does."""
+    kind = array.dtype.kind
+    if kind == "f":
+        double = array.dtype == np.float64
+        render = lambda v: format_float(float(v), double)  # noqa: E731
+    elif kind == "b":
+        render = lambda v: "true" if v else "false"  # noqa: E731
+    elif kind in "iu":
+        render = str
+    elif as_b64:
+        render = lambda v: json.dumps({"b64": base64.b64encode(bytes(v)).decode("ascii")})  # noqa: E731
+    else:
+        render = lambda v: json.dumps(bytes(v).decode("utf-8", "replace"), ensure_ascii=False)  # noqa: E731
+
+    def nested(a: np.ndarray) -> str:
+        if a.ndim == 0:
+            return render(a.item() if kind != "O" else a[()])
+        return "[" + ", ".join(nested(sub) for sub in a) + "]"
+
+    return nested(array)
+
+
+def to_json(result: InferenceResult, rows: bool) -> str:
+    """``MakeJsonFromTensors``: ``predictions`` (row) or ``outputs`` (columnar)."""
     outputs = result.outputs
+    if not outputs:
+        raise InvalidArgumentError("Cannot convert empty tensor map to JSON")
+    b64 = {name: value.dtype == STRING and name.endswith("_bytes") for name, value in outputs.items()}
     if not rows:
         if len(outputs) == 1:
-            return {"outputs": _jsonable(next(iter(outputs.values())))}
-        return {"outputs": {k: _jsonable(v) for k, v in outputs.items()}}
+            ((name, value),) = outputs.items()
+            return '{"outputs": ' + _json_array(value, b64[name]) + "}"
+        body = ", ".join(f"{json.dumps(n)}: {_json_array(v, b64[n])}" for n, v in outputs.items())
+        return '{"outputs": {' + body + "}}"
+    batch = None
+    for name, value in outputs.items():
+        if value.ndim == 0:
+            raise InvalidArgumentError(f"Tensor name: {name} has no shape information ")
+        if value.shape[0] == 0:
+            raise InvalidArgumentError(f"Tensor name: {name} has invalid batch size: 0")
+        if batch is not None and value.shape[0] != batch:
+            raise InvalidArgumentError(
+                f"Tensor name: {name} has inconsistent batch size: {value.shape[0]} expecting: {batch}"
+            )
+        batch = value.shape[0]
     if len(outputs) == 1:
-        return {"predictions": _jsonable(next(iter(outputs.values())))}
-    columns = {k: _jsonable(v) for k, v in outputs.items()}
-    count = len(next(iter(columns.values())))
-    return {"predictions": [{k: col[i] for k, col in columns.items()} for i in range(count)]}
-
-
-def model_status(predictor: Predictor, model_name: str, version: int | None, label: str | None) -> dict:
-    versions = predictor.status_versions(model_name, version, label)
-    return {
-        "model_version_status": [
-            {"version": str(v), "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
-            for v in versions
+        ((name, value),) = outputs.items()
+        items = [_json_array(value[i], b64[name]) for i in range(batch)]
+    else:
+        items = [
+            "{" + ", ".join(f"{json.dumps(n)}: {_json_array(v[i], b64[n])}" for n, v in outputs.items()) + "}"
+            for i in range(batch)
         ]
-    }
+    return '{"predictions": [' + ", ".join(items) + "]}"
 
 
-def _tensor_json(name: str, spec: TensorSpec) -> dict[str, Any]:
-    dims = [{"size": str(-1 if d is None else d), "name": ""} for d in spec.shape or ()]
-    return {
-        "dtype": dtype_name(dtype_of_numpy(spec.dtype)),
-        "tensor_shape": {"dim": dims, "unknown_rank": spec.shape is None},
-        "name": name,
-    }
+def error_json(message: str) -> str:
+    """TF Serving's error body (``MakeJsonFromStatus``)."""
+    return json.dumps({"error": message}, indent=4, ensure_ascii=False)
 
 
-def _signature_json(spec: SignatureSpec) -> dict[str, Any]:
-    return {
-        "inputs": {k: _tensor_json(k, v) for k, v in spec.inputs.items()},
-        "outputs": {k: _tensor_json(k, v) for k, v in spec.outputs.items()},
-        "method_name": spec.method_name,
-    }
+# -- the handlers ------------------------------------------------------------------------------------
+async def predict(predictor: Predictor, where: Route, body: bytes) -> tuple[str, int]:
+    """``:predict``: the JSON answer and the version that ran."""
+    document = parse_json(body)
+    if not isinstance(document, dict):
+        raise InvalidArgumentError(f"JSON Value: {_echo(document, pretty=True)} Is not object")
+    signature = document.get("signature_name", "")
+    if not isinstance(signature, str):
+        raise _format_error(document, "not formatted correctly. 'signature_name' key must be a string value.")
+    try:
+        target = predictor.resolve(where.model_name, where.version, where.label, signature)
+    except SignatureNotFoundError as exc:
+        raise InvalidArgumentError(
+            f'Serving signature name: "{exc.signature}" not found in signature def'
+        ) from None
+    if not target.spec.inputs:
+        raise InvalidArgumentError(f"Failed to get input map for signature: {signature or 'DEFAULT'}")
+    has_rows, has_columns = "instances" in document, "inputs" in document
+    if has_rows and has_columns:
+        raise _format_error(
+            document, "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist "
+        )
+    if has_rows:
+        inputs = _instances(document, document["instances"], target.spec)
+    elif has_columns:
+        inputs = _columns(document["inputs"], target.spec)
+    else:
+        raise InvalidArgumentError("Missing 'inputs' or 'instances' key")
+    result = await predictor.run(target, inputs)
+    return to_json(result, rows=has_rows), result.version
 
 
-def model_metadata(predictor: Predictor, model_name: str, version: int | None, label: str | None) -> dict:
-    predictor.check_model(model_name)
-    resolved, _ = predictor.resolve_version(version, label)
-    signatures = {name: _signature_json(spec) for name, spec in predictor.signatures(resolved).items()}
-    return {
-        "model_spec": {"name": model_name, "signature_name": "", "version": str(resolved)},
-        "metadata": {"signature_def": {"signature_def": signatures}},
-    }
+def examples_request(predictor: Predictor, where: Route, body: bytes) -> None:
+    """``:classify`` / ``:regress``: TF Serving's body checks, then its signature checks (always refused)."""
+    document = parse_json(body)
+    if not isinstance(document, dict):
+        raise InvalidArgumentError(f"JSON Value: {_echo(document, pretty=True)} Is not object")
+    signature = document.get("signature_name", "")
+    if not isinstance(signature, str):
+        raise _format_error(document, "not formatted correctly. 'signature_name' key must be a string value.")
+    if "examples" not in document:
+        raise _format_error(document, "When method is classify, key 'examples' is expected and was not found")
+    if not isinstance(document["examples"], list):
+        raise _format_error(document, "Expecting 'examples' value to be an list/array")
+    if not document["examples"]:
+        raise _format_error(document, "'examples' value is an empty array")
+    spec = where.model_spec()
+    spec.signature_name = signature
+    method = grpc_api.CLASSIFY_METHOD if where.kind == "classify" else grpc_api.REGRESS_METHOD
+    grpc_api.check_tf_example_request(predictor, spec, method)
+
+
+def status(predictor: Predictor, where: Route) -> str:
+    """``GET /v1/models/{m}[/versions/{v}]``: TF Serving's status JSON (a label is ignored, as there)."""
+    response = grpc_api.model_status(predictor, where.model_spec())
+    return json_format.MessageToJson(response, indent=1, always_print_fields_with_no_presence=True) + "\n"
+
+
+def metadata(predictor: Predictor, where: Route) -> str:
+    """``GET .../metadata``: assembled as TF Serving assembles it (``ToJsonString``)."""
+    response = grpc_api.model_metadata(predictor, where.model_spec(), ["signature_def"])
+    options = {"indent": 1, "always_print_fields_with_no_presence": True, "preserving_proto_field_name": True}
+    signature_map = grpc_api.signature_def_map(predictor.signatures(response.model_spec.version.value))
+    model_spec = json_format.MessageToJson(response.model_spec, **options)
+    signature_defs = json_format.MessageToJson(signature_map, **options)
+    return '{\n"model_spec":' + model_spec + ',\n"metadata": {"signature_def": ' + signature_defs + "}\n}\n"

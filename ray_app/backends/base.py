@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import numpy as np
 
 from ray_app.signatures import SignatureSpec
+
+# TF Serving's ModelVersionStatus.State names (get_model_status.proto).
+State = Literal["START", "LOADING", "AVAILABLE", "UNLOADING", "END"]
+
+
+@dataclass(frozen=True)
+class VersionState:
+    """What model status reports for one version (TF Serving's ModelVersionStatus)."""
+
+    state: State
+    error: str | None = None  # why it is not AVAILABLE (e.g. a failed load), None when fine
+    error_code: str = "OK"  # a tensorflow::error::Code name: OK, UNKNOWN, NOT_FOUND, ...
+
+
+AVAILABLE = VersionState("AVAILABLE")
 
 
 class Backend(Protocol):
@@ -16,12 +32,15 @@ class Backend(Protocol):
     kind: str
 
     async def start(self) -> None:
-        """Load what is there now; return once at least the start-up state is known."""
+        """Load what is there now; return once the start-up state is known (possibly no version yet)."""
 
     async def stop(self) -> None: ...
 
     def versions(self) -> list[int]:
         """Versions that can answer now, ascending."""
+
+    def version_states(self) -> dict[int, VersionState]:
+        """Every version the backend knows of: AVAILABLE ones, and ones loading or failed to load."""
 
     def signatures(self, version: int) -> Mapping[str, SignatureSpec]: ...
 
@@ -34,7 +53,7 @@ class Backend(Protocol):
         """Run one (already validated, possibly batched) request."""
 
     def health_problem(self) -> str | None:
-        """Why the backend cannot serve, or None when it can."""
+        """Why the backend cannot serve, or None when it can (or is waiting for a first version)."""
 
 
 def desired_versions(available: Iterable[int], num_versions: int, pinned: Iterable[int]) -> set[int]:

@@ -3,6 +3,9 @@
 It watches the model store like TF Serving does: every ``poll_interval_s`` it lists the
 versions, loads new ones off the event loop (and replays their warmup records), and drops
 the ones that fall out of the policy, swapping the set of loaded versions as one object.
+A version that fails to load (corrupt, or a transient error such as an NFS hiccup or lack of
+memory) is never served, is reported in model status (state END with the error), and is
+tried again with exponential backoff; the versions already loaded keep serving meanwhile.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from ray_app.backends.base import desired_versions
+from ray_app.backends.base import AVAILABLE, VersionState, desired_versions
 from ray_app.config import AppConfig
-from ray_app.signatures import SignatureSpec, TensorSpec
+from ray_app.protocol.protos import error_codes_pb2, saved_model_pb2
+from ray_app.protocol.status import FailedPreconditionError, error_for_code
+from ray_app.signatures import SignatureSpec
 from training import model_store
 
 logger = logging.getLogger("ray.serve")
@@ -33,27 +39,22 @@ class LoadedVersion:
     specs: Mapping[str, SignatureSpec]
 
 
-def _spec_of(tensor_spec: Any) -> TensorSpec:
-    shape = None if tensor_spec.shape.rank is None else tuple(tensor_spec.shape.as_list())
-    dtype = (
-        np.dtype(object) if tensor_spec.dtype.name == "string" else np.dtype(tensor_spec.dtype.as_numpy_dtype)
-    )
-    return TensorSpec(dtype, shape)
+def read_signature_defs(path: Path) -> dict[str, SignatureSpec]:
+    """The SignatureDefs in a version's ``saved_model.pb``, exactly as TF Serving reads them."""
+    saved_model = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
+    if not saved_model.meta_graphs:
+        raise ValueError(f"{path / 'saved_model.pb'} holds no MetaGraph")
+    signature_defs = saved_model.meta_graphs[0].signature_def
+    return {name: SignatureSpec.from_signature_def(sig) for name, sig in signature_defs.items()}
 
 
 def load_version(path: Path, version: int) -> LoadedVersion:
     """Load one SavedModel version and replay its warmup records (blocking; run in a thread)."""
     import tensorflow as tf
 
+    specs = read_signature_defs(path)
     saved_model = tf.saved_model.load(str(path))
     functions = dict(saved_model.signatures)
-    specs = {
-        name: SignatureSpec(
-            inputs={k: _spec_of(v) for k, v in fn.structured_input_signature[1].items()},
-            outputs={k: _spec_of(v) for k, v in fn.structured_outputs.items()},
-        )
-        for name, fn in functions.items()
-    }
     loaded = LoadedVersion(version, saved_model, functions, specs)
     _warm_up(loaded, path)
     return loaded
@@ -67,7 +68,7 @@ def _warm_up(loaded: LoadedVersion, path: Path) -> None:
         return
     from tensorflow_serving.apis import prediction_log_pb2
 
-    from ray_app.tensors import to_ndarray
+    from ray_app.protocol.tensors import to_ndarray
 
     count = 0
     for raw in tf.data.TFRecordDataset(str(records)).take(100):
@@ -83,12 +84,41 @@ def _warm_up(loaded: LoadedVersion, path: Path) -> None:
 def run_signature(
     loaded: LoadedVersion, signature: str, inputs: Mapping[str, np.ndarray], output_filter: Iterable[str]
 ) -> dict[str, np.ndarray]:
-    """Run one signature (blocking; run in a thread)."""
+    """Run one signature (blocking; run in a thread). TF's own errors keep their code and text,
+    as TF Serving answers them (e.g. INVALID_ARGUMENT from a kernel)."""
     import tensorflow as tf
 
-    outputs = loaded.functions[signature](**{k: tf.constant(v) for k, v in inputs.items()})
+    try:
+        outputs = loaded.functions[signature](**{k: tf.constant(v) for k, v in inputs.items()})
+    except tf.errors.OpError as exc:
+        raise error_for_code(error_codes_pb2.Code.Name(exc.error_code), exc.message) from exc
     wanted = set(output_filter) or set(outputs)
     return {k: v.numpy() for k, v in outputs.items() if k in wanted}
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    """A version that failed to load: why, how often, and when it is tried again."""
+
+    error: str
+    attempts: int
+    retry_at_s: float  # time.monotonic() after which the next attempt may run
+
+
+def retry_delay_s(attempts: int, initial_s: float, max_s: float) -> float:
+    """Exponential backoff: ``initial_s`` after the first failure, doubling, at most ``max_s``."""
+    return min(max_s, initial_s * 2 ** (attempts - 1))
+
+
+def versions_to_keep(loaded: Iterable[int], wanted: set[int]) -> set[int]:
+    """The loaded versions to keep: the wanted ones, plus as many of the newest others as wanted
+    versions are missing (not loaded yet, or failed), so a bad new version never leaves fewer
+    versions serving than the policy asks for (TF Serving's availability-preserving policy)."""
+    loaded = set(loaded)
+    keep = loaded & wanted
+    missing = len(wanted) - len(keep)
+    others = sorted(loaded - wanted)
+    return keep | set(others[len(others) - missing :] if missing > 0 else [])
 
 
 class EmbeddedBackend:
@@ -97,13 +127,17 @@ class EmbeddedBackend:
     def __init__(self, config: AppConfig) -> None:
         self._config = config
         self._loaded: dict[int, LoadedVersion] = {}
-        self._failed: dict[int, str] = {}
+        self._failed: dict[int, LoadFailure] = {}
+        self._loading: set[int] = set()
         self._pinned: set[int] = set()
         self._task: asyncio.Task[None] | None = None
         self._sync_lock = asyncio.Lock()
 
     async def start(self) -> None:
-        await self.sync()
+        try:
+            await self.sync()
+        except Exception:  # an unreadable store must not fail the replica: polling retries
+            logger.exception("first look at the model store failed; will retry")
         self._task = asyncio.get_running_loop().create_task(self._poll_forever())
 
     async def stop(self) -> None:
@@ -113,6 +147,12 @@ class EmbeddedBackend:
 
     def versions(self) -> list[int]:
         return sorted(self._loaded)
+
+    def version_states(self) -> dict[int, VersionState]:
+        states = {v: VersionState("END", f.error, "UNKNOWN") for v, f in self._failed.items()}
+        states.update({v: VersionState("LOADING") for v in self._loading})
+        states.update({v: AVAILABLE for v in self._loaded})
+        return states
 
     def signatures(self, version: int) -> Mapping[str, SignatureSpec]:
         return self._loaded[version].specs
@@ -124,15 +164,17 @@ class EmbeddedBackend:
         self, version: int, signature: str, inputs: Mapping[str, np.ndarray], output_filter: Iterable[str]
     ) -> dict[str, np.ndarray]:
         loaded = self._loaded[version]
+        if signature not in loaded.functions:  # e.g. __saved_model_init_op: described, not callable
+            raise FailedPreconditionError(f"signature {signature!r} of version {version} cannot be run")
         return await asyncio.to_thread(run_signature, loaded, signature, inputs, tuple(output_filter))
 
     def health_problem(self) -> str | None:
-        if self._loaded:
+        """Unhealthy only when nothing can be served because loads failed (waiting is healthy)."""
+        if self._loaded or not self._failed:
             return None
-        where = self._config.model_base_path
-        failures = "; ".join(f"version {v}: {e}" for v, e in sorted(self._failed.items()))
-        return f"no loadable version of {self._config.model_name!r} in {where}" + (
-            f" ({failures})" if failures else ""
+        failures = "; ".join(f"version {v}: {f.error}" for v, f in sorted(self._failed.items()))
+        return (
+            f"no version of {self._config.model_name!r} in {self._config.model_base_path} loads ({failures})"
         )
 
     async def _poll_forever(self) -> None:
@@ -144,26 +186,46 @@ class EmbeddedBackend:
                 logger.exception("model store poll failed")
 
     async def sync(self) -> None:
-        """Bring the loaded set in line with the store and the policy."""
+        """Bring the loaded set in line with the store and the policy; retry failed loads with backoff."""
         async with self._sync_lock:
             available = model_store.list_versions(self._config.model_base_path)
             wanted = desired_versions(available, self._config.num_versions, self._pinned)
-            new = sorted(wanted - set(self._loaded) - set(self._failed))
+            now_s = time.monotonic()
+            due = sorted(
+                v
+                for v in wanted - set(self._loaded)
+                if v not in self._failed or self._failed[v].retry_at_s <= now_s
+            )
             loaded = dict(self._loaded)
-            for version in new:
+            for version in due:
                 path = model_store.version_path(self._config.model_base_path, version)
+                self._loading.add(version)
                 try:
                     loaded[version] = await asyncio.to_thread(load_version, path, version)
+                    self._failed.pop(version, None)
                     logger.info("loaded %s version %d from %s", self._config.model_name, version, path)
                 except Exception as exc:  # a broken version must not take the others down
-                    logger.exception("failed to load version %d from %s", version, path)
-                    self._failed[version] = f"{type(exc).__name__}: {exc}"
-            dropped = set(loaded) - wanted
-            if not wanted and loaded:
-                dropped = set()  # the store vanished: keep serving what we have
+                    self._record_failure(version, path, exc)
+                finally:
+                    self._loading.discard(version)
+            self._failed = {v: f for v, f in self._failed.items() if v in wanted}
+            keep = versions_to_keep(loaded, wanted)
+            if not wanted:
+                keep = set(loaded)  # the store vanished or is unreadable: keep serving what we have
+            dropped = set(loaded) - keep
             for version in dropped:
                 del loaded[version]
                 logger.info("unloaded %s version %d", self._config.model_name, version)
             self._loaded = loaded  # one swap: requests see either the old or the new set
             if dropped:
                 gc.collect()  # dropped SavedModels sit in reference cycles
+
+    def _record_failure(self, version: int, path: Path, exc: Exception) -> None:
+        attempts = self._failed[version].attempts + 1 if version in self._failed else 1
+        delay_s = retry_delay_s(attempts, self._config.load_retry_initial_s, self._config.load_retry_max_s)
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        self._failed[version] = LoadFailure(error, attempts, time.monotonic() + delay_s)
+        logger.error(
+            "failed to load version %d from %s (attempt %d; next try in %.0f s): %s",
+            version, path, attempts, delay_s, error,
+        )  # fmt: skip

@@ -1,7 +1,8 @@
 """Backend that forwards to a TF Serving ``PredictionService`` over gRPC (one batch, one Predict).
 
-Loaded versions come from ``ModelService.GetModelStatus`` (polled), signatures from
-``GetModelMetadata``. Every RPC carries a deadline (``backend_timeout_s``).
+Versions and their states come from ``ModelService.GetModelStatus`` (polled), signatures from
+``GetModelMetadata``. Every RPC carries a deadline (``backend_timeout_s``). TensorFlow-free:
+TF Serving's messages come from ``ray_app.protocol`` and the methods are called by path.
 """
 
 from __future__ import annotations
@@ -12,39 +13,32 @@ from collections.abc import Iterable, Mapping
 
 import grpc
 import numpy as np
-from tensorflow_serving.apis import (
+
+from ray_app.backends.base import VersionState
+from ray_app.protocol.protos import (
     get_model_metadata_pb2,
     get_model_status_pb2,
+    model_management_pb2,
     model_pb2,
-    model_service_pb2_grpc,
     predict_pb2,
-    prediction_service_pb2_grpc,
 )
-
-from ray_app.errors import UnavailableError, error_for_code
-from ray_app.signatures import SignatureSpec, TensorSpec
-from ray_app.tensors import from_ndarray, numpy_dtype, to_ndarray
+from ray_app.protocol.status import UnavailableError, error_for_code
+from ray_app.protocol.tensors import from_ndarray, to_ndarray
+from ray_app.signatures import SignatureSpec
 
 logger = logging.getLogger("ray.serve")
 
-_AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+_STATE = get_model_status_pb2.ModelVersionStatus.State
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_PREDICTION_SERVICE = "/tensorflow.serving.PredictionService/"
+_MODEL_SERVICE = "/tensorflow.serving.ModelService/"
 
 
-def spec_from_signature_def(signature_def) -> SignatureSpec:
-    """SignatureSpec from a TF ``SignatureDef`` proto (as GetModelMetadata returns it)."""
+def _state(status: get_model_status_pb2.ModelVersionStatus) -> VersionState:
+    from ray_app.protocol.protos import error_codes_pb2
 
-    def tensor(info) -> TensorSpec:
-        shape = None
-        if not info.tensor_shape.unknown_rank:
-            shape = tuple(None if d.size < 0 else int(d.size) for d in info.tensor_shape.dim)
-        return TensorSpec(numpy_dtype(info.dtype), shape)
-
-    return SignatureSpec(
-        inputs={k: tensor(v) for k, v in signature_def.inputs.items()},
-        outputs={k: tensor(v) for k, v in signature_def.outputs.items()},
-        method_name=signature_def.method_name,
-    )
+    code = error_codes_pb2.Code.Name(status.status.error_code) if status.status.error_code else "OK"
+    return VersionState(_STATE.Name(status.state), status.status.error_message or None, code)  # type: ignore[arg-type]
 
 
 class RemoteBackend:
@@ -55,6 +49,7 @@ class RemoteBackend:
         self._address = address
         self._channel: grpc.aio.Channel | None = None
         self._versions: list[int] = []
+        self._states: dict[int, VersionState] = {}
         self._specs: dict[int, Mapping[str, SignatureSpec]] = {}
         self._pinned: set[int] = set()
         self._problem: str | None = "not started"
@@ -68,8 +63,22 @@ class RemoteBackend:
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
         ]
         self._channel = grpc.aio.insecure_channel(address, options=options)
-        self._predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
-        self._model_stub = model_service_pb2_grpc.ModelServiceStub(self._channel)
+
+        def method(path: str, response_type):
+            return self._channel.unary_unary(
+                path,
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=response_type.FromString,
+            )
+
+        self._predict = method(_PREDICTION_SERVICE + "Predict", predict_pb2.PredictResponse)
+        self._metadata = method(
+            _PREDICTION_SERVICE + "GetModelMetadata", get_model_metadata_pb2.GetModelMetadataResponse
+        )
+        self._status = method(_MODEL_SERVICE + "GetModelStatus", get_model_status_pb2.GetModelStatusResponse)
+        self._reload = method(
+            _MODEL_SERVICE + "HandleReloadConfigRequest", model_management_pb2.ReloadConfigResponse
+        )
 
     async def start(self) -> None:
         self._connect(self._address)
@@ -87,45 +96,53 @@ class RemoteBackend:
             await asyncio.sleep(self._config.poll_interval_s)
             try:
                 await self.refresh()
-            except Exception:
+            except Exception:  # keep polling whatever happened
                 logger.exception("polling TF Serving at %s failed", self._address)
 
     # -- state ---------------------------------------------------------------------------------
-    async def refresh(self) -> None:
-        """Re-read which versions TF Serving has AVAILABLE, and their signatures."""
+    async def refresh(self) -> bool:
+        """Re-read the versions' states (and new versions' signatures); whether TF Serving answered."""
         timeout_s = self._config.backend_timeout_s
         request = get_model_status_pb2.GetModelStatusRequest(
             model_spec=model_pb2.ModelSpec(name=self._config.model_name)
         )
         try:
-            status = await self._model_stub.GetModelStatus(request, timeout=timeout_s)
-        except grpc.RpcError as exc:
-            self._problem = f"TF Serving at {self._address}: {exc.code().name}: {exc.details()}"
-            return
-        versions = sorted(s.version for s in status.model_version_status if s.state == _AVAILABLE)
+            status = await self._status(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: up, no version yet
+                self._problem = f"TF Serving at {self._address}: {exc.code().name}: {exc.details()}"
+                return False
+            status = get_model_status_pb2.GetModelStatusResponse()
+        states = {s.version: _state(s) for s in status.model_version_status}
+        versions = sorted(v for v, s in states.items() if s.state == "AVAILABLE")
         for version in versions:
             if version not in self._specs:
                 self._specs[version] = await self._fetch_specs(version)
         self._specs = {v: s for v, s in self._specs.items() if v in versions}
-        self._versions = versions
-        self._problem = None if versions else f"TF Serving at {self._address} has no AVAILABLE version"
+        self._states, self._versions = states, versions
+        failed = {v: s.error for v, s in states.items() if s.error}
+        self._problem = None
+        if failed and not versions:
+            self._problem = f"TF Serving at {self._address} could not load any version: {failed}"
+        return True
 
     async def _fetch_specs(self, version: int) -> Mapping[str, SignatureSpec]:
         request = get_model_metadata_pb2.GetModelMetadataRequest(
             model_spec=model_pb2.ModelSpec(name=self._config.model_name, version={"value": version}),
             metadata_field=["signature_def"],
         )
-        response = await self._predict_stub.GetModelMetadata(request, timeout=self._config.backend_timeout_s)
+        response = await self._metadata(request, timeout=self._config.backend_timeout_s)
         signature_map = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(signature_map)
         return {
-            name: spec_from_signature_def(sig)
-            for name, sig in signature_map.signature_def.items()
-            if not name.startswith("__")  # e.g. __saved_model_init_op
+            name: SignatureSpec.from_signature_def(sig) for name, sig in signature_map.signature_def.items()
         }
 
     def versions(self) -> list[int]:
         return list(self._versions)
+
+    def version_states(self) -> dict[int, VersionState]:
+        return dict(self._states)
 
     def signatures(self, version: int) -> Mapping[str, SignatureSpec]:
         return self._specs[version]
@@ -147,9 +164,9 @@ class RemoteBackend:
             output_filter=list(output_filter),
         )
         for name, array in inputs.items():
-            request.inputs[name].CopyFrom(from_ndarray(array))
+            request.inputs[name].CopyFrom(from_ndarray(array, tensor_content=True))
         try:
-            response = await self._predict_stub.Predict(request, timeout=self._config.backend_timeout_s)
+            response = await self._predict(request, timeout=self._config.backend_timeout_s)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                 raise UnavailableError(f"TF Serving backend unavailable: {exc.details()}") from exc

@@ -1,8 +1,12 @@
 """Sidecar backend: each replica runs its own ``tensorflow_model_server`` child and forwards to it.
 
-The child gets free ports and a ``--model_config_file`` (policy: latest N versions, or the
-specific versions that must stay loaded when labels pin older ones). The replica waits until
-``GetModelStatus`` reports a version AVAILABLE, restarts the child if it dies, and stops it
+The child listens only on a unix socket in the replica's private directory (``--port=0``
+turns TF Serving's TCP listener off, ``--grpc_socket_path`` turns the socket on), so nothing
+else on the cluster network can call it, its reload API included. It gets a
+``--model_config_file`` (policy: latest N versions, or the specific versions that must stay
+loaded when labels pin older ones). The replica waits until the child answers (with or
+without a version: before the first version is published it simply has none yet), restarts
+it if it dies, keeps supervising whatever a reload RPC or a store listing raises, and stops it
 when the replica shuts down. With ``num_gpus: 1`` on the replica, each child owns one GPU.
 """
 
@@ -20,15 +24,14 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from tensorflow_serving.apis import model_management_pb2
-from tensorflow_serving.config import model_server_config_pb2
-
 from ray_app.backends.base import desired_versions
 from ray_app.backends.remote import RemoteBackend
 from ray_app.config import AppConfig
-from ray_app.errors import UnavailableError
-from ray_app.ports import free_port
+from ray_app.protocol.protos import model_management_pb2, model_server_config_pb2
+from ray_app.protocol.status import UnavailableError
 from training import model_store
+
+SOCKET_NAME = "tfserving.sock"
 
 logger = logging.getLogger("ray.serve")
 
@@ -55,12 +58,14 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: no orphaned servers if the replica dies
 
 
-def build_command(config: AppConfig, binary: str, port: int, config_file: Path) -> list[str]:
-    """The child's command line, in TF Serving's ``--flag=value`` syntax."""
+def build_command(config: AppConfig, binary: str, socket_path: Path, config_file: Path) -> list[str]:
+    """The child's command line, in TF Serving's ``--flag=value`` syntax (no TCP listener)."""
     options = config.tfserving
     command = [
         binary,
-        f"--port={port}",
+        "--port=0",
+        f"--grpc_socket_path={socket_path}",
+        "--rest_api_port=0",
         f"--model_config_file={config_file}",
         f"--file_system_poll_wait_seconds={options.file_system_poll_wait_seconds}",
     ]
@@ -91,24 +96,26 @@ class TFServingBackend(RemoteBackend):
 
     async def start(self) -> None:
         await self._launch()
-        await super().start()
+        self._poll_task = asyncio.get_running_loop().create_task(self._poll_forever())
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_child())
 
     async def _launch(self) -> None:
         binary = shutil.which(self._config.tfserving.binary)
         if binary is None:
             raise UnavailableError(f"TF Serving binary {self._config.tfserving.binary!r} is not on PATH")
-        port = free_port()
+        socket_path = self._workdir / SOCKET_NAME
+        socket_path.unlink(missing_ok=True)
         self._config_file.write_text(str(model_server_config(self._config, self._specific)))
-        command = build_command(self._config, binary, port, self._config_file)
+        command = build_command(self._config, binary, socket_path, self._config_file)
         logger.info("starting %s", " ".join(command))
         self._process = subprocess.Popen(command, preexec_fn=_die_with_parent)
         if self._channel is not None:
             await self._channel.close()
-        self._connect(f"127.0.0.1:{port}")
-        await self._wait_until_available()
+        self._connect(f"unix:{socket_path}")
+        await self._wait_until_answering()
 
-    async def _wait_until_available(self) -> None:
+    async def _wait_until_answering(self) -> None:
+        """Until the child answers GetModelStatus (a version need not be there yet)."""
         deadline = time.monotonic() + self._config.tfserving.startup_timeout_s
         while time.monotonic() < deadline:
             assert self._process is not None
@@ -116,30 +123,39 @@ class TFServingBackend(RemoteBackend):
                 raise UnavailableError(
                     f"tensorflow_model_server exited with code {self._process.returncode} during start-up"
                 )
-            await self.refresh()
-            if self._versions:
-                logger.info("TF Serving child %d ready: versions %s", self._process.pid, self._versions)
+            if await self.refresh():
+                logger.info(
+                    "TF Serving child %d answering; versions %s",
+                    self._process.pid,
+                    self._versions or "none yet",
+                )
                 return
             await asyncio.sleep(0.2)
         raise UnavailableError(
-            f"tensorflow_model_server did not report an AVAILABLE version within "
-            f"{self._config.tfserving.startup_timeout_s}s ({self.health_problem()})"
+            f"tensorflow_model_server did not answer within {self._config.tfserving.startup_timeout_s}s "
+            f"({self.health_problem()})"
         )
 
     async def _watch_child(self) -> None:
+        """Supervise until stopped: restart a dead child, keep labelled versions loaded, retry failures."""
         while not self._stopping:
             await asyncio.sleep(self._config.poll_interval_s)
-            if self._process is not None and self._process.poll() is not None and not self._stopping:
-                logger.error("TF Serving child exited with code %s; restarting", self._process.returncode)
-                self._versions = []
-                self._problem = f"TF Serving child exited with code {self._process.returncode}"
-                await asyncio.sleep(self._config.tfserving.restart_backoff_s)
-                try:
-                    await self._launch()
-                except Exception:
-                    logger.exception("restarting TF Serving failed; will retry")
-            elif self._pinned or self._specific:
-                await self._update_policy()
+            try:
+                await self._supervise_once()
+            except Exception:  # never stop supervising: the next round retries
+                logger.exception("supervising the TF Serving child failed; will retry")
+
+    async def _supervise_once(self) -> None:
+        if self._stopping:
+            return
+        if self._process is not None and self._process.poll() is not None:
+            logger.error("TF Serving child exited with code %s; restarting", self._process.returncode)
+            self._versions, self._states = [], {}
+            self._problem = f"TF Serving child exited with code {self._process.returncode}"
+            await asyncio.sleep(self._config.tfserving.restart_backoff_s)
+            await self._launch()
+        elif self._pinned or self._specific:
+            await self._update_policy()
 
     async def _update_policy(self) -> None:
         """Keep labelled versions loaded: switch the child to a specific-versions policy."""
@@ -149,15 +165,13 @@ class TFServingBackend(RemoteBackend):
             wanted = sorted(desired_versions(available, self._config.num_versions, self._pinned))
         if wanted == self._specific:
             return
-        self._specific = wanted
         server_config = model_server_config(self._config, wanted)
-        self._config_file.write_text(str(server_config))
         request = model_management_pb2.ReloadConfigRequest(config=server_config)
-        response = await self._model_stub.HandleReloadConfigRequest(
-            request, timeout=self._config.backend_timeout_s
-        )
+        response = await self._reload(request, timeout=self._config.backend_timeout_s)
         if response.status.error_code:
-            logger.error("TF Serving refused the new config: %s", response.status.error_message)
+            raise RuntimeError(f"TF Serving refused the new config: {response.status.error_message}")
+        self._config_file.write_text(str(server_config))  # a restarted child starts from it
+        self._specific = wanted
 
     def health_problem(self) -> str | None:
         if self._process is None or self._process.poll() is not None:

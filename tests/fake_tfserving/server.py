@@ -203,8 +203,10 @@ class ServerOptions:
 def options_from_flags(values: dict[str, Any]) -> ServerOptions:
     """Validate the flags the way the real server does before it loads anything."""
     port = values["port"]
-    if not 0 < port < 65536:
-        raise StartupError(f"INVALID_ARGUMENT: --port must be a TCP port in [1, 65535], got {port}")
+    if not 0 <= port < 65536:
+        raise StartupError(f"INVALID_ARGUMENT: --port must be a TCP port in [0, 65535], got {port}")
+    if port == 0 and not values["grpc_socket_path"]:  # --port=0 disables TCP (the real flag's help)
+        raise StartupError("INVALID_ARGUMENT: --port=0 disables TCP; give --grpc_socket_path")
     if not values["model_config_file"]:
         if not values["model_base_path"]:
             raise StartupError(
@@ -963,7 +965,7 @@ def build_grpc_server(manager: ModelManager, options: ServerOptions) -> grpc.Ser
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(manager), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(manager), server)
-    addresses = [f"0.0.0.0:{options.port}"]
+    addresses = [f"0.0.0.0:{options.port}"] if options.port else []
     if options.grpc_socket_path:
         addresses.append(f"unix:{options.grpc_socket_path}")
     for address in addresses:
@@ -1227,7 +1229,8 @@ def serve(values: dict[str, Any]) -> int:
     server.start()
     if options.grpc_socket_path:
         _log.info("Running gRPC ModelServer at UNIX socket %s ...", options.grpc_socket_path)
-    _log.info("Running gRPC ModelServer at 0.0.0.0:%d ...", options.port)
+    if options.port:
+        _log.info("Running gRPC ModelServer at 0.0.0.0:%d ...", options.port)
 
     threads = [threading.Thread(target=manager.run_poller, name="fs-poll", daemon=True)]
     if options.model_config_file and options.model_config_file_poll_wait_s > 0:

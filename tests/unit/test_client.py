@@ -41,7 +41,7 @@ from client.messages import (
     rest_path,
 )
 from ray_app.ports import free_port
-from ray_app.tensors import from_ndarray, to_ndarray
+from ray_app.protocol.tensors import from_ndarray, to_ndarray
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data"
@@ -64,6 +64,7 @@ class Behaviour:
     fail: tuple[grpc.StatusCode, str] | None = None
     delay_s: float = 0.0
     version: int = 3
+    tensor_content: bool = False  # answer in tensor_content instead of TF Serving's typed fields
     requests: list = field(default_factory=list)
 
 
@@ -83,8 +84,9 @@ class _GrpcPredict:
         response.model_spec.name = request.model_spec.name
         response.model_spec.version.value = self.behaviour.version
         response.model_spec.signature_name = request.model_spec.signature_name
-        response.outputs["probabilities"].CopyFrom(from_ndarray(probabilities))
-        response.outputs["classes"].CopyFrom(from_ndarray(classes))
+        packed = self.behaviour.tensor_content
+        response.outputs["probabilities"].CopyFrom(from_ndarray(probabilities, tensor_content=packed))
+        response.outputs["classes"].CopyFrom(from_ndarray(classes, tensor_content=packed))
         return response
 
 
@@ -117,7 +119,7 @@ def grpc_server() -> Iterator[tuple[Behaviour, int]]:
 def _fresh(server: tuple[Behaviour, int]) -> tuple[Behaviour, int]:
     """A module-scoped stand-in server, its behaviour back to answering at once."""
     behaviour, _ = server
-    behaviour.fail, behaviour.delay_s, behaviour.version = None, 0.0, 3
+    behaviour.fail, behaviour.delay_s, behaviour.version, behaviour.tensor_content = None, 0.0, 3, False
     behaviour.requests.clear()
     return server
 
@@ -177,14 +179,6 @@ def rest_stub(rest_server: tuple[Behaviour, int]) -> tuple[Behaviour, int]:
     return _fresh(rest_server)
 
 
-@pytest.fixture(autouse=True)
-def _library_import_mode(monkeypatch) -> None:
-    """main() opts its process into the TensorFlow-free proto import; undo that after each test."""
-    from client import protos
-
-    monkeypatch.setattr(protos, "_light_import", protos._light_import)
-
-
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = grpc_client.main(list(argv))
     out, err = capsys.readouterr()
@@ -192,8 +186,10 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 
 
 # -- answers ----------------------------------------------------------------------------------------
-def test_one_image_prints_the_original_two_lines(grpc_stub, capsys) -> None:
+@pytest.mark.parametrize("tensor_content", [False, True], ids=["typed-fields", "tensor-content"])
+def test_one_image_prints_the_original_two_lines(grpc_stub, capsys, tensor_content) -> None:
     behaviour, port = grpc_stub
+    behaviour.tensor_content = tensor_content  # TF Serving answers in typed fields; both are read
     code, out, err = _run(
         capsys, "--image", str(DATA / "0.png"), "--model", "mnist", "--host", "localhost", "--port", str(port)
     )
@@ -505,7 +501,7 @@ def test_bad_command_lines_exit_2(capsys, argv) -> None:
     assert "error:" in capsys.readouterr().err
 
 
-def test_script_mode_has_no_traceback_and_loads_no_tensorflow_runtime() -> None:
+def test_script_mode_has_no_traceback_and_no_tensorflow_noise() -> None:
     port = free_port()  # free, so closed
     started = time.monotonic()
     result = subprocess.run(

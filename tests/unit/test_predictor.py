@@ -3,6 +3,7 @@
 import asyncio
 import io
 import random
+import re
 
 import numpy as np
 import pytest
@@ -10,8 +11,13 @@ from PIL import Image
 
 from ray_app.backends.embedded import EmbeddedBackend
 from ray_app.config import AppConfig, LiveConfig
-from ray_app.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError
 from ray_app.predictor import InferenceRequest, Predictor
+from ray_app.protocol.status import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
 from tests.conftest import publish_copy
 from training.data import load_mnist
 
@@ -110,13 +116,12 @@ def test_image_bytes_signature_any_size_polarity_and_colour(store):
         (
             {"images": TEST.images[:2].astype(np.float32)},
             InvalidArgumentError,
-            "dtype float32, expected uint8",
+            "Expects arg[0] to be uint8 but float is provided",  # TF's own text, as TF Serving answers
         ),
         ({"images": TEST.images[:2, :20]}, InvalidArgumentError, "shape [2, 20, 28]"),
-        ({"images": TEST.images[:0]}, InvalidArgumentError, "empty batch"),
-        ({"signature_name": "nope"}, NotFoundError, "signature 'nope' not found"),
-        ({"version": 9}, NotFoundError, "version 9 of model 'mnist' is not loaded"),
-        ({"version_label": "gold"}, NotFoundError, "unknown version label 'gold'"),
+        ({"signature_name": "nope"}, FailedPreconditionError, 'Serving signature key "nope" not found.'),
+        ({"version": 9}, NotFoundError, "Servable not found for request: Specific(mnist, 9)"),
+        ({"version_label": "gold"}, InvalidArgumentError, "Unrecognized servable version label: gold"),
     ],
 )
 def test_bad_requests_get_clear_errors(store, request_kwargs, error, message):
@@ -134,12 +139,9 @@ def test_bad_requests_get_clear_errors(store, request_kwargs, error, message):
     assert ok.version == 1
 
 
-def test_nan_unknown_model_too_many_images_and_bad_image_bytes(store):
+def test_unknown_model_too_many_images_and_bad_image_bytes(store):
     async def body(predictor, _):
-        flat = np.full((1, 784), np.nan, np.float32)
-        with pytest.raises(InvalidArgumentError, match="NaN"):
-            await predictor.predict(_request(flat, signature_name="predict_images"))
-        with pytest.raises(NotFoundError, match="model 'other' not found"):
+        with pytest.raises(NotFoundError, match=re.escape("Servable not found for request: Latest(other)")):
             await predictor.predict(InferenceRequest(model_name="other", inputs={"images": TEST.images[:1]}))
         with pytest.raises(ResourceExhaustedError, match="limit is 8"):
             await predictor.predict(_request(TEST.images[:9]))
@@ -156,6 +158,21 @@ def test_nan_unknown_model_too_many_images_and_bad_image_bytes(store):
     from ray_app.config import Limits
 
     _run(store, body, limits=Limits(max_images_per_request=8))
+
+
+def test_empty_batches_and_nan_run_as_in_tf_serving(store):
+    """TF Serving checks neither: the graph decides. NaN pixels are answered (whatever the model
+    makes of them); an empty batch fails in the CNN's kernel, and that error keeps TF's code and
+    text (INVALID_ARGUMENT)."""
+
+    async def body(predictor, _):
+        with pytest.raises(InvalidArgumentError, match="input depth must be evenly divisible"):
+            await predictor.predict(_request(TEST.images[:0]))
+        return await predictor.predict(
+            _request(np.full((1, 784), np.nan, np.float32), signature_name="predict_images")
+        )
+
+    assert _run(store, body).outputs["scores"].shape == (1, 10)
 
 
 def test_concurrent_requests_are_batched_by_image_count(store):
@@ -281,13 +298,21 @@ def test_labelled_old_version_stays_loaded(store, trained_export):
     assert versions == [1, 3] and answered == 1
 
 
-def test_empty_store_is_unavailable_not_a_crash(tmp_path):
+def test_empty_store_is_healthy_and_waits_for_a_first_version(tmp_path, trained_export):
     async def body(predictor, backend):
-        assert "no loadable version" in backend.health_problem()
-        with pytest.raises(UnavailableError):
+        assert backend.health_problem() is None  # healthy: Serve must not restart the replica
+        with pytest.raises(NotFoundError, match="waiting for the first one to be published"):
             await predictor.predict(_request())
+        with pytest.raises(NotFoundError, match="Could not find any versions of model mnist"):
+            predictor.status("mnist", None)
+        publish_copy(trained_export, tmp_path / "empty", 1)
+        for _ in range(50):
+            if backend.versions():
+                break
+            await asyncio.sleep(0.1)
+        return (await predictor.predict(_request())).version
 
-    _run(tmp_path / "empty", body)
+    assert _run(tmp_path / "empty", body) == 1
 
 
 def test_canary_share_needs_a_canary_label():

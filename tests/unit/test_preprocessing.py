@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from ray_app.errors import InvalidArgumentError, ResourceExhaustedError
+from ray_app.protocol.status import InvalidArgumentError, ResourceExhaustedError
 from ray_app.preprocessing import (
     DEFAULT_MAX_IMAGE_BYTES,
     DEFAULT_MAX_IMAGE_PIXELS,

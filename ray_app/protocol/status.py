@@ -1,4 +1,6 @@
-"""Domain errors and the one table that maps them to gRPC codes and HTTP statuses.
+"""The errors a client may see and the one table that maps them to gRPC codes and HTTP statuses.
+
+Shared by the server (which raises these) and clients (which map answers back to codes).
 
 TF Serving's own mapping is used: INVALID_ARGUMENT->400, NOT_FOUND->404,
 RESOURCE_EXHAUSTED->429, UNAVAILABLE->503, DEADLINE_EXCEEDED->504, UNIMPLEMENTED->501,
