@@ -17,8 +17,8 @@ from ray_app.backends import make_backend, resolve_kind
 from ray_app.backends.remote import RemoteBackend
 from ray_app.backends.tfserving import TFServingBackend
 from ray_app.config import AppConfig, TFServingOptions
-from ray_app.protocol.status import InvalidArgumentError, NotFoundError
 from ray_app.ports import free_port
+from ray_app.protocol.status import InvalidArgumentError, NotFoundError
 from tests.conftest import publish_copy
 from tests.fake_tfserving import install_fake_tfserving
 from training.data import load_mnist

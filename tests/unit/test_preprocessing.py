@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from ray_app.protocol.status import InvalidArgumentError, ResourceExhaustedError
 from ray_app.preprocessing import (
     DEFAULT_MAX_IMAGE_BYTES,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -29,6 +28,7 @@ from ray_app.preprocessing import (
     preprocess_bytes,
     to_mnist,
 )
+from ray_app.protocol.status import InvalidArgumentError, ResourceExhaustedError
 from training.data import load_mnist
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
