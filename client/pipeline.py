@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,8 +38,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import yaml
 
+from ray_app import leftovers
+from ray_app.front_door import HAPROXY_SWITCH, front_door_env, new_state_dir, node_cpus
 from ray_app.ports import free_port, port_in_use
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,6 +51,13 @@ SAMPLES_DIR = REPO / "data"
 SAMPLE_LABELS = SAMPLES_DIR / "samples.json"
 MODEL_NAME = "mnist"
 DASHBOARD_PORT = 8265
+# HAProxy mode's other fixed ports (Ray's defaults), moved only when something else holds them.
+_HAPROXY_DEFAULT_PORTS = {
+    "RAY_SERVE_HAPROXY_STATS_PORT": 8404,
+    "RAY_SERVE_HAPROXY_METRICS_PORT": 9101,
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 18000,
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": 19000,
+}
 _RAY_DEFAULT_PORTS = {
     "--port": 6379,
     "--dashboard-agent-listen-port": 52365,
@@ -98,18 +109,7 @@ def _say(message: str) -> None:
 
 def running_ray_processes() -> list[str]:
     """``name (pid)`` of Ray head processes (gcs_server, raylet) of any local cluster."""
-    found = []
-    proc = Path("/proc")
-    if proc.is_dir():
-        for entry in proc.iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError):
-                    name = (entry / "comm").read_text().strip()
-                    if name in ("gcs_server", "raylet"):
-                        found.append(f"{name} ({entry.name})")
-        return found
-    result = subprocess.run(["pgrep", "-l", "-x", "gcs_server|raylet"], capture_output=True, text=True)
-    return result.stdout.split()
+    return leftovers.describe(leftovers.ray_head_processes())
 
 
 class Journey:
@@ -136,6 +136,22 @@ class Journey:
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.started_ray = False
         self.deployed = False
+        self.haproxy_state_dir: str | None = None  # this run's HAProxy config and sockets
+        self.cluster_pids: set[int] = set()  # Ray's head processes this run started
+
+    def set_front_door(self) -> dict[str, str]:
+        """The front door's environment for ``ray start`` (ray_app.front_door), with this run's
+        own HAProxy state directory; Ray's fixed ports for HAProxy's stats and metrics and the
+        fallback proxy move to free ones only where something else holds them."""
+        self.haproxy_state_dir = new_state_dir()
+        front_door = front_door_env(node_cpus(), state_dir=self.haproxy_state_dir)
+        if front_door.get(HAPROXY_SWITCH) == "1":
+            for variable, default in _HAPROXY_DEFAULT_PORTS.items():
+                port = int(front_door.get(variable, default))
+                if port_in_use(port):
+                    front_door[variable] = str(free_port())
+        self.env.update(front_door)
+        return front_door
 
     # -- running commands ---------------------------------------------------------------------
     def _run(
@@ -232,7 +248,11 @@ class Journey:
             _say(f"      created a Ray token at {default_token_path(self.env)} (none existed)")
 
     def start_ray(self) -> None:
-        _say(f"==> [1/7] Starting a local Ray cluster (dashboard {self.dashboard}, token auth)")
+        front_door = self.set_front_door()
+        door = "HAProxy + direct ingress" if front_door.get(HAPROXY_SWITCH) == "1" else "Serve's Python proxy"
+        _say(
+            f"==> [1/7] Starting a local Ray cluster (dashboard {self.dashboard}, token auth, front door: {door})"
+        )
         self.ensure_token()
         argv = [
             self._tool("ray"),
@@ -249,14 +269,17 @@ class Journey:
             if port_in_use(default):
                 argv += [flag, str(free_port())]
         self.started_ray = True  # before: a half-started cluster must be stopped too
-        self._run("1-ray-start", argv, timeout_s=180)
+        try:
+            self._run("1-ray-start", argv, timeout_s=180)
+        finally:  # none ran before (run() checks), so every head process now is this run's
+            self.cluster_pids = {p.pid for p in leftovers.ray_head_processes()}
         self.report.dashboard = self.dashboard
 
     def train(self, step: str, title: str, epochs: int, init_from_latest: bool) -> int:
         _say(title)
         before = set(_versions(self.config.store))
         # With the app's replica on the node, the workers share what is left of the CPUs.
-        cpus = _node_cpus()
+        cpus = node_cpus()
         cpus_per_worker = max(0.25, min(1.0, (cpus - _replica_cpus()) / self.config.num_workers))
         argv = [
             self._tool("ray"),
@@ -405,6 +428,7 @@ class Journey:
             )
             return
         _say("==> [7/7] Cleaning up: serve shutdown, ray stop")
+        ours = self._cluster_processes()  # before they go: Ray's workers (replicas, haproxy's parent) too
         if self.deployed:
             with contextlib.suppress(StepFailed, OSError):
                 self._run(
@@ -415,6 +439,42 @@ class Journey:
         if self.started_ray:
             with contextlib.suppress(StepFailed, OSError):
                 self._run("7-ray-stop", [self._tool("ray"), "stop"], 120)
+        self.check_nothing_left(ours)
+
+    def _cluster_processes(self) -> list[psutil.Process]:
+        processes = []
+        for pid in self.cluster_pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                head = psutil.Process(pid)
+                processes += [head, *head.children(recursive=True)]
+        return processes
+
+    def check_nothing_left(self, ours: list[psutil.Process]) -> None:
+        """After clean-up: none of this run's processes (Ray, replicas, HAProxy) alive, serving ports free.
+
+        Anything still there after a grace period is stopped (SIGTERM, then SIGKILL) and reported.
+        """
+        state_dir = self.haproxy_state_dir
+
+        def still_running() -> list[psutil.Process]:
+            alive = [p for p in ours if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            return alive + (leftovers.haproxy_processes(state_dir) if state_dir else [])
+
+        left = leftovers.wait_gone(still_running, timeout_s=30)
+        if left:
+            _say(f"      warning: stopping what clean-up left running: {', '.join(leftovers.describe(left))}")
+            leftovers.stop(left)
+        if state_dir:
+            shutil.rmtree(state_dir, ignore_errors=True)
+        ports = [self.config.grpc_port, self.config.http_port]
+        busy = [port for port in ports if port_in_use(port)]
+        if busy:
+            _say(f"      warning: ports {busy} are still in use")
+        elif self.started_ray:
+            _say(
+                f"    nothing left running: no Ray, replica or HAProxy process of this run; "
+                f"ports {', '.join(map(str, ports))} free"
+            )
 
 
 class Prober:
@@ -494,16 +554,6 @@ def _replica_cpus() -> float:
         float(d.get("ray_actor_options", {}).get("num_cpus", 1)) * int(d.get("num_replicas", 1))
         for d in deployments
     )
-
-
-def _node_cpus() -> float:
-    """CPUs as Ray counts them for this node (it honours cgroup quotas; os.cpu_count() does not)."""
-    try:
-        from ray._private.utils import get_num_cpus  # private, but pinned with Ray 2.60
-
-        return float(get_num_cpus())
-    except (ImportError, AttributeError):
-        return float(os.cpu_count() or 1)
 
 
 def _versions(store: Path) -> list[int]:

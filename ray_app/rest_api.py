@@ -416,10 +416,10 @@ def to_json(result: InferenceResult, rows: bool) -> str:
         batch = value.shape[0]
     if len(outputs) == 1:
         ((name, value),) = outputs.items()
-        items = [_json_array(value[i], b64[name]) for i in range(batch)]
+        items = [_json_array(value[i, ...], b64[name]) for i in range(batch)]
     else:
         items = [
-            "{" + ", ".join(f"{json.dumps(n)}: {_json_array(v[i], b64[n])}" for n, v in outputs.items()) + "}"
+            "{" + ", ".join(f"{json.dumps(n)}: {_json_array(v[i, ...], b64[n])}" for n, v in outputs.items()) + "}"
             for i in range(batch)
         ]
     return '{"predictions": [' + ", ".join(items) + "]}"

@@ -1,11 +1,44 @@
-"""Shared fixtures: a small, really trained model published into a temporary model store."""
+"""Shared fixtures: a small, really trained model published into a temporary model store; and
+the front door every Ray this suite starts gets, as users get it."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+HAPROXY_STATE_DIR_VARIABLE = "MNIST_TEST_HAPROXY_STATE_DIR"
+
+
+def pytest_configure(config) -> None:
+    """Every Ray these tests start uses the app's front door (HAProxy + direct ingress), exactly
+    as ``ray start`` does in the local journey: Serve reads it from the environment of the process
+    that starts Ray, once, so it is set before anything imports Serve. HAProxy gets a state
+    directory of this run's own (leftover checks find its processes there) and free ports for its
+    stats and metrics pages. ``RAY_SERVE_ENABLE_HA_PROXY=0`` runs the suite through Serve's
+    Python proxy instead."""
+    from ray_app.front_door import HAPROXY_SWITCH, front_door_env, new_state_dir, node_cpus
+    from ray_app.ports import free_port
+
+    state_dir = new_state_dir()
+    env = front_door_env(node_cpus(), state_dir=state_dir)
+    if env[HAPROXY_SWITCH] == "1":
+        for variable in (
+            "RAY_SERVE_HAPROXY_STATS_PORT",
+            "RAY_SERVE_HAPROXY_METRICS_PORT",
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+        ):
+            env[variable] = str(free_port())
+    os.environ.update(env, **{HAPROXY_STATE_DIR_VARIABLE: state_dir})
+
+
+def pytest_unconfigure(config) -> None:
+    state_dir = os.environ.get(HAPROXY_STATE_DIR_VARIABLE)
+    if state_dir:
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def train_quick_model(export_dir: Path, examples: int = 12000, seed: int = 0) -> None:

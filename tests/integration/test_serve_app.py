@@ -1,6 +1,8 @@
 """The Serve app for real: serve_configs/local.yaml deployed on a local Ray, stock TF Serving clients.
 
-One Ray cluster and one deployment are shared by the module; ports are free ones.
+One Ray cluster and one deployment are shared by the module, behind the app's front door
+(HAProxy + direct ingress, see tests/conftest.py); ports are free ones. When the module ends,
+no Ray, replica or HAProxy process and no port of it may be left (tests/integration/cluster.py).
 """
 
 import base64
@@ -15,12 +17,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import ray
 import tensorflow as tf
 import yaml
 from PIL import Image
 from ray import serve
-from ray.serve.config import gRPCOptions
 from ray.serve.schema import ServeDeploySchema
 from tensorflow_serving.apis import (
     classification_pb2,
@@ -32,8 +32,8 @@ from tensorflow_serving.apis import (
 )
 
 from ray_app.config import AppConfig
-from ray_app.ports import free_port
 from tests.conftest import publish_copy
+from tests.integration.cluster import local_serve
 from training.data import load_mnist
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -63,42 +63,34 @@ def test_configs_pass_serve_schema_and_ours(name):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, trained_export):
-    """local.yaml's deployment, on free ports, serving a temporary store with version 1."""
+    """local.yaml's deployment behind the front door, on free ports, serving a store with version 1."""
     store = tmp_path_factory.mktemp("store") / "mnist"
     publish_copy(trained_export, store, 1)
-    raw = _load_yaml("local.yaml")
-    app_yaml = raw["applications"][0]
+    app_yaml = _load_yaml("local.yaml")["applications"][0]
     deployment = dict(app_yaml["deployments"][0])
     deployment.pop("name")
     deployment["user_config"] = {**deployment["user_config"], "batch_wait_timeout_s": 0.005}
-    grpc_port, http_port = free_port(), free_port()
-    ray.init(num_cpus=2, include_dashboard=False)
-    serve.start(
-        http_options={"host": "127.0.0.1", "port": http_port},
-        grpc_options=gRPCOptions(
-            port=grpc_port, grpc_servicer_functions=raw["grpc_options"]["grpc_servicer_functions"]
-        ),
-    )
-    from ray_app.deployment import MnistServer
+    with local_serve() as ports:
+        from ray_app.deployment import MnistServer
 
-    args = {**app_yaml["args"], "model_base_path": str(store), "poll_interval_s": 0.5}
-    serve.run(
-        MnistServer.options(**deployment).bind(AppConfig.model_validate(args).model_dump()),
-        name="mnist",
-        route_prefix="/",
-    )
-    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-    yield {
-        "store": store,
-        "channel": channel,
-        "http": f"http://127.0.0.1:{http_port}",
-        "grpc_port": grpc_port,
-        "http_port": http_port,
-        "export": trained_export,
-    }
-    channel.close()
-    serve.shutdown()
-    ray.shutdown()
+        args = {**app_yaml["args"], "model_base_path": str(store), "poll_interval_s": 0.5}
+        serve.run(
+            MnistServer.options(**deployment).bind(AppConfig.model_validate(args).model_dump()),
+            name="mnist",
+            route_prefix="/",
+        )
+        channel = grpc.insecure_channel(ports.grpc_address)
+        yield {
+            "store": store,
+            "channel": channel,
+            "http": ports.http,
+            "grpc_port": ports.grpc_port,
+            "http_port": ports.http_port,
+            "export": trained_export,
+            "deployment": deployment,
+            "args": args,
+        }
+        channel.close()
 
 
 def _predict_request(images: np.ndarray, **spec) -> predict_pb2.PredictRequest:
@@ -159,35 +151,49 @@ def test_status_metadata_and_unimplemented(served):
     signature_map = get_model_metadata_pb2.SignatureDefMap()
     metadata.metadata["signature_def"].Unpack(signature_map)
     assert {"serving_default", "predict_images", "predict_image_bytes"} <= set(signature_map.signature_def)
-    with pytest.raises(grpc.RpcError) as info:
-        _stub(served).Classify(classification_pb2.ClassificationRequest(), timeout=30)
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with pytest.raises(grpc.RpcError) as info:  # TF Serving's answer for a model with no classify signature
+        _stub(served).Classify(
+            classification_pb2.ClassificationRequest(model_spec={"name": "mnist"}), timeout=30
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("No classification inputs found in SignatureDef: ")
 
 
 @pytest.mark.parametrize(
     ("request_factory", "code", "text"),
     [
-        (lambda: _predict_request(TEST.images[:1], name="other"), grpc.StatusCode.NOT_FOUND, "model 'other'"),
-        (lambda: _predict_request(TEST.images[:1], version=42), grpc.StatusCode.NOT_FOUND, "version 42"),
+        (
+            lambda: _predict_request(TEST.images[:1], name="other"),
+            grpc.StatusCode.NOT_FOUND,
+            "Servable not found for request: Latest(other)",
+        ),
+        (
+            lambda: _predict_request(TEST.images[:1], version=42),
+            grpc.StatusCode.NOT_FOUND,
+            "Servable not found for request: Specific(mnist, 42)",
+        ),
         (
             lambda: _predict_request(TEST.images[:1], signature_name="x"),
-            grpc.StatusCode.NOT_FOUND,
-            "signature 'x'",
+            grpc.StatusCode.FAILED_PRECONDITION,
+            'Serving signature key "x" not found.',
         ),
         (
             lambda: _predict_request(TEST.images[:1].astype(np.float32)),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "dtype",
+            "Expects arg[0] to be uint8 but float is provided",
         ),
-        (lambda: _predict_request(TEST.images[:0]), grpc.StatusCode.INVALID_ARGUMENT, "empty batch"),
-        (lambda: _predict_request(TEST.images[:2000]), grpc.StatusCode.RESOURCE_EXHAUSTED, "limit is 1024"),
+        (
+            lambda: _predict_request(TEST.images[:2000]),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "2000 images in one request; the limit is 1024",
+        ),
     ],
 )
 def test_grpc_errors_have_codes_and_messages(served, request_factory, code, text):
     with pytest.raises(grpc.RpcError) as info:
         _stub(served).Predict(request_factory(), timeout=30)
     assert info.value.code() == code
-    assert text in info.value.details() and "Traceback" not in info.value.details()
+    assert info.value.details().startswith(text) and "Traceback" not in info.value.details()
 
 
 def test_malformed_request_bytes_are_invalid_argument(served):
@@ -200,7 +206,9 @@ def test_malformed_request_bytes_are_invalid_argument(served):
 
 def _http(served, path: str, body: dict | bytes | None = None) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    request = urllib.request.Request(served["http"] + path, data=data, method="POST" if data else "GET")
+    request = urllib.request.Request(
+        served["http"] + path, data=data, method="GET" if body is None else "POST"
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -237,11 +245,13 @@ def test_rest_status_metadata_and_errors(served):
     assert _http(served, "/v1/models/other:predict", {"instances": [[0]]})[0] == 404
     assert _http(served, "/v1/models/mnist/versions/9")[0] == 404
     status, body = _http(served, "/v1/models/mnist:predict", b"{not json")
-    assert status == 400 and "not valid JSON" in body["error"]
+    assert (
+        status == 400 and body["error"] == "JSON Parse error: Missing a name for object member. at offset: 1"
+    )
     status, body = _http(served, "/v1/models/mnist:predict", {"instances": [[1, 2]]})
     assert status == 400 and "shape" in body["error"]
-    status, body = _http(served, "/v1/models/mnist:predict", {"instances": [np.full((28, 28), 300).tolist()]})
-    assert status == 400 and "uint8 range" in body["error"]
+    status, body = _http(served, "/v1/models/mnist:predict", {"instances": [np.full((28, 28), 0.5).tolist()]})
+    assert (status, body["error"]) == (400, "JSON Value: 0.5 Type: Number is not of expected type: uint8")
 
 
 def test_command_line_client_against_the_app(served, capsys, tmp_path):
@@ -283,22 +293,34 @@ def test_command_line_client_against_the_app(served, capsys, tmp_path):
 
 
 def test_new_version_is_served_under_load_without_failures(served):
-    """Publish version 2 while 4 clients hammer the app: no request fails, v2 answers within the poll."""
+    """Publish version 2 while gRPC and REST clients hammer the app: no request fails, v2 answers soon."""
     stop = threading.Event()
     seen: list[int] = []
     failures: list[str] = []
     request = _predict_request(TEST.images[:1])
+    rest_body = json.dumps({"instances": TEST.images[:1].tolist()}).encode()
 
-    def client() -> None:
+    def grpc_client() -> None:
         stub = _stub(served)
         while not stop.is_set():
             try:
                 seen.append(stub.Predict(request, timeout=30).model_spec.version.value)
             except grpc.RpcError as exc:
-                failures.append(f"{exc.code()}: {exc.details()}")
+                failures.append(f"gRPC {exc.code()}: {exc.details()}")
+
+    def rest_client() -> None:
+        url = served["http"] + "/v1/models/mnist:predict"
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(
+                    urllib.request.Request(url, data=rest_body), timeout=30
+                ) as answer:
+                    seen.append(int(answer.headers["X-Model-Version"]))
+            except (urllib.error.URLError, OSError) as exc:
+                failures.append(f"REST {exc}")
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        for _ in range(4):
+        for client in (grpc_client, grpc_client, rest_client, rest_client):
             pool.submit(client)
         time.sleep(1.0)
         publish_copy(served["export"], served["store"], 2)
@@ -315,38 +337,54 @@ def test_new_version_is_served_under_load_without_failures(served):
     assert pinned.model_spec.version.value == 1  # the previous version is still loaded
 
 
-def test_overload_gets_resource_exhausted_quickly(served):
-    """With tiny queues, excess concurrent requests are refused at once instead of timing out."""
+def _deploy(served, **options) -> None:
     from ray_app.deployment import MnistServer
 
-    args = {**_load_yaml("local.yaml")["applications"][0]["args"], "model_base_path": str(served["store"])}
     serve.run(
-        MnistServer.options(
-            max_ongoing_requests=1,
-            max_queued_requests=1,
-            user_config={"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
-            ray_actor_options={"num_cpus": 0.5},
-        ).bind(AppConfig.model_validate(args).model_dump()),
+        MnistServer.options(**{**served["deployment"], **options}).bind(
+            AppConfig.model_validate(served["args"]).model_dump()
+        ),
         name="mnist",
         route_prefix="/",
     )
-    request = _predict_request(TEST.images[:512])  # slow enough to keep the replica busy
 
-    def call() -> tuple[grpc.StatusCode, float]:
-        started = time.monotonic()
-        try:
-            _stub(served).Predict(request, timeout=30)
-            return grpc.StatusCode.OK, time.monotonic() - started
-        except grpc.RpcError as exc:
-            return exc.code(), time.monotonic() - started
 
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        outcomes = list(pool.map(lambda _: call(), range(32)))
+def test_overload_gets_resource_exhausted_and_429_quickly(served):
+    """With tiny queues, excess concurrent requests are refused at once instead of timing out."""
+    _deploy(
+        served,
+        max_ongoing_requests=1,
+        max_queued_requests=1,
+        user_config={"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
+    )
+    try:
+        request = _predict_request(TEST.images[:512])  # slow enough to keep the replica busy
+        body = json.dumps({"instances": TEST.images[:256].tolist()}).encode()
+
+        def call(index: int) -> tuple[str, float]:
+            started = time.monotonic()
+            if index % 2:
+                try:
+                    _stub(served).Predict(request, timeout=30)
+                    return "OK", time.monotonic() - started
+                except grpc.RpcError as exc:
+                    return exc.code().name, time.monotonic() - started
+            try:
+                url = served["http"] + "/v1/models/mnist:predict"
+                with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=30):
+                    return "OK", time.monotonic() - started
+            except urllib.error.HTTPError as exc:
+                return f"HTTP {exc.code}", time.monotonic() - started
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            outcomes = list(pool.map(call, range(32)))
+    finally:
+        _deploy(served)  # the module's other tests expect local.yaml's settings
     codes = [code for code, _ in outcomes]
-    assert grpc.StatusCode.OK in codes
-    refused = [seconds for code, seconds in outcomes if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
-    assert refused, codes
-    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert "OK" in codes
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED", "HTTP 429"}, codes
+    refused = [seconds for code, seconds in outcomes if code in ("RESOURCE_EXHAUSTED", "HTTP 429")]
+    assert "RESOURCE_EXHAUSTED" in codes and "HTTP 429" in codes, codes
     assert min(refused) < 5.0
-    status, body = _http(served, "/v1/models/mnist")
+    status, _ = _http(served, "/v1/models/mnist")
     assert status == 200  # still healthy afterwards

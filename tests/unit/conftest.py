@@ -1,6 +1,16 @@
 """Unit tests never start Ray: any attempt fails loudly."""
 
+import asyncio
+
 import pytest
+
+# Ray Serve keeps one batch queue per decorated method (not per instance), bound to the event loop
+# of its first call; as in a replica, every unit test that runs the predictor uses this one loop.
+REPLICA_LOOP = asyncio.new_event_loop()
+
+
+def run_on_replica_loop(coroutine):
+    return REPLICA_LOOP.run_until_complete(coroutine)
 
 
 @pytest.fixture(autouse=True)

@@ -19,15 +19,12 @@ from ray_app.protocol.status import (
     ResourceExhaustedError,
 )
 from tests.conftest import publish_copy
+from tests.unit.conftest import run_on_replica_loop
 from training.data import load_mnist
 
 pytestmark = pytest.mark.usefixtures("replica_context")
 
 TEST = load_mnist().test
-
-# Ray Serve keeps one batch queue per decorated method (not per instance), bound to the
-# event loop of its first call; as in a replica, every test here runs on one loop.
-_LOOP = asyncio.new_event_loop()
 
 
 def _run(store, body, live: LiveConfig | None = None, seed: int = 0, **config):
@@ -42,7 +39,7 @@ def _run(store, body, live: LiveConfig | None = None, seed: int = 0, **config):
         finally:
             await backend.stop()
 
-    return _LOOP.run_until_complete(main())
+    return run_on_replica_loop(main())
 
 
 def _request(images=None, **kwargs):
