@@ -161,8 +161,10 @@ class MnistServer:
             return _error_response(exc)
 
     async def _rest_predict(self, request: Request, name: str, version: str | None, label: str | None):
-        from ray_app import rest_api
+        from ray_app import rest_api, uploads
 
+        if uploads.is_multipart(request.headers.get("content-type")):
+            return await self._upload_predict(request, name, version, label)
         try:
             limits = self._predictor.config.limits
             body = rest_api.parse_body(await request.body(), limits.max_request_bytes)
@@ -172,6 +174,23 @@ class MnistServer:
             result = await self._predictor.predict(inference)
             return JSONResponse(
                 rest_api.to_response(result, rows), headers={MODEL_VERSION_HEADER: str(result.version)}
+            )
+        except Exception as exc:
+            return _error_response(exc)
+
+    async def _upload_predict(self, request: Request, name: str, version: str | None, label: str | None):
+        """Multipart image files -> ``predict_image_bytes`` (our addition; see ``ray_app.uploads``)."""
+        from ray_app import rest_api, uploads
+
+        try:
+            pinned = _version(version)
+            self._predictor.check_model(name)  # before reading the body
+            images = await uploads.read_images(
+                request.headers, request.stream(), self._predictor.config.limits
+            )
+            result = await self._predictor.predict(uploads.image_request(name, images, pinned, label))
+            return JSONResponse(
+                rest_api.to_response(result, rows=True), headers={MODEL_VERSION_HEADER: str(result.version)}
             )
         except Exception as exc:
             return _error_response(exc)
