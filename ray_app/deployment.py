@@ -244,3 +244,26 @@ class MnistServer:
         from ray_app import rest_api
 
         return await self._rest(rest_api.model_metadata, self._predictor, name, None, label)
+
+    # -- the web page and its panel data (ours, outside TF Serving's API; see ray_app.web) ----------
+    @http_app.get("/", include_in_schema=False)
+    async def web_page(self, request: Request):
+        from ray_app import web
+
+        return web.page_response(
+            request.scope.get("root_path", ""),
+            self._predictor.config.model_name,
+            request.headers.get("if-none-match"),
+        )
+
+    @http_app.get("/static/{file_name}", include_in_schema=False)
+    async def web_static(self, request: Request, file_name: str):
+        from ray_app import web
+
+        return web.static_response(file_name, request.headers.get("if-none-match"))
+
+    @http_app.get("/api/models/{name}")
+    async def web_models(self, name: str):
+        from ray_app import web
+
+        return await self._rest(web.models_summary, self._predictor, name)
