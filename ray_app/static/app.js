@@ -98,14 +98,14 @@
     let body;
     try {
       response = await fetch(predictPath(), { method: "POST", cache: "no-store", ...init });
-      body = await response.json();
+      body = await response.json().catch(() => ({})); // a proxy's error page is not JSON
     } catch (error) {
       if (sequence === state.request) setStatus(`The server did not answer: ${error.message}`, true);
       return;
     }
     if (sequence !== state.request) return; // a newer request was sent meanwhile
     if (!response.ok) {
-      setStatus(`Error ${response.status}: ${body.error || response.statusText}`, true);
+      setStatus(`Error ${response.status}: ${body.error || response.statusText || "no details"}`, true);
       return;
     }
     const version = response.headers.get("X-Model-Version");
@@ -272,8 +272,8 @@
   async function poll() {
     try {
       const response = await fetch(`api/models/${encodeURIComponent(model)}`, { cache: "no-store" });
-      const body = await response.json();
-      if (!response.ok) throw new Error(body.error || response.statusText);
+      const body = await response.json().catch(() => ({}));
+      if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
       renderVersions(body);
     } catch (error) {
       $("panel-status").textContent = `Cannot read the versions (${error.message}); retrying.`;

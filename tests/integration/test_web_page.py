@@ -402,3 +402,17 @@ def test_panel_shows_a_new_version_its_labels_and_the_canary_share(app, browser,
     shot = _screenshot(browser, tmp_path, "web-page.png")
     assert shot.stat().st_size > 10_000
     _no_console_errors(browser)
+
+
+@needs_browser
+def test_problems_are_shown_on_the_page(app, browser, tmp_path):
+    _open(browser, app)
+    browser.find_element("id", "predict").click()  # nothing drawn yet: no request
+    assert _text(browser, "#status") == "Draw a digit first (or drop an image)."
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("just text")
+    browser.find_element("id", "file").send_keys(str(not_an_image))
+    _wait(browser, lambda b: _text(b, "#status").startswith("Error 400: image 0:"))
+    assert "error" in browser.find_element("id", "status").get_attribute("class")
+    severe = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert len(severe) == 1 and "status of 400" in severe[0], severe  # only the refused upload
