@@ -15,7 +15,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_app.protocol.names import MODEL_VERSION_HEADER
-from ray_app.protocol.status import ResourceExhaustedError, ServingError, UnimplementedError, to_status
+from ray_app.protocol.status import ServingError, UnimplementedError, to_status
 
 logger = logging.getLogger("ray.serve")
 
@@ -59,24 +59,6 @@ def _path_and_query(request: Request) -> str:
     raw = request.scope.get("raw_path") or request.url.path.encode()
     query = request.scope.get("query_string") or b""
     return raw.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
-
-
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused (RESOURCE_EXHAUSTED) as soon as it is known to exceed ``max_bytes``.
-
-    A declared Content-Length is checked before anything is read; a body without one (chunked)
-    is read up to the limit and no further.
-    """
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise ResourceExhaustedError(f"request body is {declared} bytes; the limit is {max_bytes}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise ResourceExhaustedError(f"request body is over the limit of {max_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 @http_app.exception_handler(StarletteHTTPException)
@@ -186,7 +168,7 @@ class MnistServer:
     # -- REST: TF Serving's HTTP API ---------------------------------------------------------------
     @http_app.api_route("/v1/{path:path}", methods=_METHODS)
     async def rest_v1(self, request: Request, path: str) -> Response:
-        from ray_app import rest_api
+        from ray_app import request_body, rest_api, uploads
 
         try:
             where = rest_api.route(request.method, _path_and_query(request))
@@ -194,10 +176,53 @@ class MnistServer:
                 return Response(rest_api.status(self._predictor, where), media_type=_JSON)
             if where.kind == "metadata":
                 return Response(rest_api.metadata(self._predictor, where), media_type=_JSON)
-            body = await read_body(request, self._predictor.config.limits.max_request_bytes)
+            if where.kind == "predict" and uploads.is_multipart(request.headers.get("content-type")):
+                return await self._upload_predict(request, where)
+            limit = self._predictor.config.limits.max_request_bytes
+            body = await request_body.read_body(request.headers, request.stream(), limit)
             if where.kind != "predict":
                 rest_api.examples_request(self._predictor, where, body)
             text, version = await rest_api.predict(self._predictor, where, body)
             return Response(text, media_type=_JSON, headers={MODEL_VERSION_HEADER: str(version)})
+        except Exception as exc:
+            return _error_response(exc)
+
+    async def _upload_predict(self, request: Request, where: Any) -> Response:
+        """Multipart image files -> ``predict_image_bytes`` (our addition; see ``ray_app.uploads``)."""
+        from ray_app import rest_api, uploads
+
+        self._predictor.check_model(where.model_name)  # before reading the body
+        images = await uploads.read_images(request.headers, request.stream(), self._predictor.config.limits)
+        result = await self._predictor.predict(
+            uploads.image_request(where.model_name, images, where.version, where.label)
+        )
+        text = rest_api.to_json(result, rows=True)
+        return Response(text, media_type=_JSON, headers={MODEL_VERSION_HEADER: str(result.version)})
+
+    # -- the web page and its panel data (ours, outside TF Serving's API; see ray_app.web) ----------
+    @http_app.get("/", include_in_schema=False)
+    async def web_page(self, request: Request) -> Response:
+        from ray_app import web
+
+        return web.page_response(
+            request.scope.get("root_path", ""),
+            self._predictor.config.model_name,
+            request.headers.get("if-none-match"),
+        )
+
+    @http_app.get("/static/{file_name}", include_in_schema=False)
+    async def web_static(self, request: Request, file_name: str) -> Response:
+        from ray_app import web
+
+        return web.static_response(file_name, request.headers.get("if-none-match"))
+
+    @http_app.get("/api/models/{name}")
+    async def web_models(self, name: str) -> Response:
+        import json
+
+        from ray_app import web
+
+        try:
+            return Response(json.dumps(web.models_summary(self._predictor, name)), media_type=_JSON)
         except Exception as exc:
             return _error_response(exc)

@@ -59,7 +59,11 @@ def haproxy_maxconn(cpus: float) -> int:
 
 
 def front_door_env(
-    cpus: float, *, cluster: bool = False, state_dir: str | None = None, environ: Mapping[str, str] | None = None
+    cpus: float,
+    *,
+    cluster: bool = False,
+    state_dir: str | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The environment of ``ray start`` (or ``ray.init``) for this app's front door, on a node of ``cpus``.
 

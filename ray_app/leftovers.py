@@ -42,7 +42,9 @@ def ray_processes() -> list[psutil.Process]:
 def haproxy_processes(state_dir: str | None = None) -> list[psutil.Process]:
     """HAProxy processes; only those using ``state_dir`` when given."""
     return _processes(
-        lambda name, cmdline: name == "haproxy" and (state_dir is None or any(state_dir in a for a in cmdline))
+        lambda name, cmdline: (
+            name == "haproxy" and (state_dir is None or any(state_dir in a for a in cmdline))
+        )
     )
 
 

@@ -17,7 +17,7 @@ of mass in a 28x28 field):
    standard deviations of the border, so a grey or noisy background becomes 0), clip at 0 and
    stretch so the strongest ink is 255.
 4. Find the bounding box of the ink (pixels above 20% of the maximum). No ink at all means
-   the image is blank: :class:`~ray_app.errors.InvalidArgumentError`.
+   the image is blank: :class:`~ray_app.protocol.status.InvalidArgumentError`.
 5. Scale so that box's longer side is 20 px, keeping the aspect ratio (Lanczos, which
    anti-aliases when downsampling); the crop keeps a 1 px (after scaling) fringe around the box
    so faint edges survive. Stretch again so the ink peaks at 255.

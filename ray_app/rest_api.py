@@ -419,7 +419,9 @@ def to_json(result: InferenceResult, rows: bool) -> str:
         items = [_json_array(value[i, ...], b64[name]) for i in range(batch)]
     else:
         items = [
-            "{" + ", ".join(f"{json.dumps(n)}: {_json_array(v[i, ...], b64[n])}" for n, v in outputs.items()) + "}"
+            "{"
+            + ", ".join(f"{json.dumps(n)}: {_json_array(v[i, ...], b64[n])}" for n, v in outputs.items())
+            + "}"
             for i in range(batch)
         ]
     return '{"predictions": [' + ", ".join(items) + "]}"

@@ -94,7 +94,7 @@ def test_pipeline_publishes_two_versions_and_the_client_reads_the_samples(journe
     assert steps == [str(i) for i in range(1, 8)]
     # the README's client command, with the seed's exact output format
     assert re.search(
-        r"^      Predicted Digit:  7\n      Predicted Confidence:  (?:0\.9\d{3}|1\.0000)$", out, re.M
+        r"^      Predicted Digit:  0\n      Predicted Confidence:  (?:0\.9\d{3}|1\.0000)$", out, re.M
     )
     expected = " ".join(str(SAMPLES[f"{i}.png"]) for i in range(10))
     assert re.search(rf"answers v1\s+{expected}  \(10/10 sample digits correct\)", out)
@@ -180,7 +180,7 @@ def test_readme_serving_commands_run_against_the_app(journey):
         if language == "python":
             assert result.stdout.split()[-1] in ("1", "2")  # the version that answered
         elif "grpc_client" in code:
-            assert "Predicted Digit:  7\nPredicted Confidence:  " in result.stdout
+            assert "Predicted Digit:  0\nPredicted Confidence:  " in result.stdout
             assert "10/10 correct" in result.stdout
             assert "exit 6: no such label" in result.stdout  # the documented NOT_FOUND exit code
         else:

@@ -281,7 +281,7 @@ def test_command_line_client_against_the_app(served, capsys, tmp_path):
         assert document["checked"] == 10 and document["correct"] >= 9, extra
         assert {p["version"] for p in document["predictions"]} == {1}  # REST: from X-Model-Version
     code, out, _ = run("--image", str(REPO / "data" / "0.png"), "--port", grpc_port)
-    assert code == 0 and out.startswith("Predicted Digit:  7\nPredicted Confidence:  0.")
+    assert code == 0 and out.startswith("Predicted Digit:  0\nPredicted Confidence:  0.")
     code, _, err = run("--image", samples, "--port", grpc_port, "--version", "9")
     assert code == ExitCode.NOT_FOUND and "version 9" in err
     code, _, err = run("--image", samples, "--rest", "--port", http_port, "--model", "other")

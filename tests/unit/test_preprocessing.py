@@ -263,12 +263,15 @@ def test_global_pillow_limit_untouched(digits: np.ndarray) -> None:
 # The committed sample images used by the client examples.
 
 
-def test_sample_pngs_are_the_mnist_test_images() -> None:
+def test_sample_pngs_are_named_by_the_digit_they_show() -> None:
+    """``d.png`` is the first MNIST test image with label d, unchanged (``data/make_samples.py``)."""
     test = load_mnist().test
     labels = json.loads((DATA_DIR / "samples.json").read_text())
-    assert labels == {f"{i}.png": int(test.labels[i]) for i in range(10)}
-    for i in range(10):
-        with Image.open(DATA_DIR / f"{i}.png") as image:
+    assert labels == {f"{d}.png": d for d in range(10)}
+    for digit in range(10):
+        first = int(np.argmax(test.labels == digit))
+        assert test.labels[first] == digit
+        with Image.open(DATA_DIR / f"{digit}.png") as image:
             assert image.mode == "L" and image.size == (28, 28)
-            np.testing.assert_array_equal(np.asarray(image), test.images[i])
-        assert preprocess_bytes((DATA_DIR / f"{i}.png").read_bytes()).shape == (28, 28)
+            np.testing.assert_array_equal(np.asarray(image), test.images[first])
+        assert preprocess_bytes((DATA_DIR / f"{digit}.png").read_bytes()).shape == (28, 28)

@@ -16,9 +16,9 @@ from starlette.requests import Request
 
 from ray_app import rest_api
 from ray_app.config import AppConfig, LiveConfig
-from ray_app.deployment import read_body
 from ray_app.predictor import InferenceResult, Predictor
 from ray_app.protocol.status import ServingError, StatusCode
+from ray_app.request_body import read_body
 from ray_app.rest_api import Route, format_float, route
 from tests.unit.conftest import run_on_replica_loop
 from tests.unit.static_backend import StaticBackend, fake_probabilities
@@ -234,14 +234,14 @@ def _request(headers: dict[str, str], chunks: list[bytes]) -> tuple[Request, lis
 def test_a_declared_content_length_over_the_limit_is_refused_before_reading() -> None:
     request, received = _request({"content-length": str(10**12)}, [b"x"])
     with pytest.raises(ServingError) as info:
-        run_on_replica_loop(read_body(request, max_bytes=1000))
+        run_on_replica_loop(read_body(request.headers, request.stream(), max_bytes=1000))
     assert info.value.code is StatusCode.RESOURCE_EXHAUSTED and received == []
 
 
 def test_a_chunked_body_is_read_up_to_the_limit_only() -> None:
     request, received = _request({}, [b"x" * 600] * 100)
     with pytest.raises(ServingError, match="over the limit of 1000 bytes"):
-        run_on_replica_loop(read_body(request, max_bytes=1000))
+        run_on_replica_loop(read_body(request.headers, request.stream(), max_bytes=1000))
     assert len(received) == 2
 
 

@@ -1,0 +1,40 @@
+"""Reading an HTTP request body within ``max_request_bytes``: JSON bodies and multipart uploads alike.
+
+The declared ``Content-Length`` is checked before a byte is read; a body without one (chunked) is
+counted while it arrives and refused as soon as it passes the limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+
+from ray_app.protocol.status import InvalidArgumentError, ResourceExhaustedError
+
+
+def check_declared_length(headers: Mapping[str, str], max_bytes: int) -> None:
+    """Refuse a body whose declared ``Content-Length`` is over the limit (or not a number)."""
+    declared = headers.get("content-length")
+    if declared is None:
+        return
+    if not declared.strip().isdigit():
+        raise InvalidArgumentError(f"Content-Length must be a number of bytes, got {declared!r}")
+    if int(declared) > max_bytes:
+        raise ResourceExhaustedError(f"request body is {int(declared)} bytes; the limit is {max_bytes}")
+
+
+async def limited(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
+    """``stream``'s chunks, RESOURCE_EXHAUSTED as soon as they add up to more than ``max_bytes``."""
+    received = 0
+    async for chunk in stream:
+        received += len(chunk)
+        if received > max_bytes:
+            raise ResourceExhaustedError(
+                f"request body is over the limit of {max_bytes} bytes; stopped reading"
+            )
+        yield chunk
+
+
+async def read_body(headers: Mapping[str, str], stream: AsyncIterator[bytes], max_bytes: int) -> bytes:
+    """The whole body, within ``max_bytes`` (declared length first, then the bytes received)."""
+    check_declared_length(headers, max_bytes)
+    return b"".join([chunk async for chunk in limited(stream, max_bytes)])
