@@ -110,17 +110,6 @@ def retry_delay_s(attempts: int, initial_s: float, max_s: float) -> float:
     return min(max_s, initial_s * 2 ** (attempts - 1))
 
 
-def versions_to_keep(loaded: Iterable[int], wanted: set[int]) -> set[int]:
-    """The loaded versions to keep: the wanted ones, plus as many of the newest others as wanted
-    versions are missing (not loaded yet, or failed), so a bad new version never leaves fewer
-    versions serving than the policy asks for (TF Serving's availability-preserving policy)."""
-    loaded = set(loaded)
-    keep = loaded & wanted
-    missing = len(wanted) - len(keep)
-    others = sorted(loaded - wanted)
-    return keep | set(others[len(others) - missing :] if missing > 0 else [])
-
-
 class EmbeddedBackend:
     kind = "embedded"
 
@@ -186,32 +175,29 @@ class EmbeddedBackend:
                 logger.exception("model store poll failed")
 
     async def sync(self) -> None:
-        """Bring the loaded set in line with the store and the policy; retry failed loads with backoff."""
+        """Bring the loaded set in line with the store and the policy; retry failed loads with backoff.
+
+        The policy (latest ``num_versions`` plus labelled ones) is applied to the versions that
+        load: while a new version is broken, the newest good ones serve in its place.
+        """
         async with self._sync_lock:
             available = model_store.list_versions(self._config.model_base_path)
-            wanted = desired_versions(available, self._config.num_versions, self._pinned)
+            policy = desired_versions(available, self._config.num_versions, self._pinned)
             now_s = time.monotonic()
-            due = sorted(
-                v
-                for v in wanted - set(self._loaded)
-                if v not in self._failed or self._failed[v].retry_at_s <= now_s
-            )
-            loaded = dict(self._loaded)
-            for version in due:
-                path = model_store.version_path(self._config.model_base_path, version)
-                self._loading.add(version)
-                try:
-                    loaded[version] = await asyncio.to_thread(load_version, path, version)
-                    self._failed.pop(version, None)
-                    logger.info("loaded %s version %d from %s", self._config.model_name, version, path)
-                except Exception as exc:  # a broken version must not take the others down
-                    self._record_failure(version, path, exc)
-                finally:
-                    self._loading.discard(version)
-            self._failed = {v: f for v, f in self._failed.items() if v in wanted}
-            keep = versions_to_keep(loaded, wanted)
-            if not wanted:
-                keep = set(loaded)  # the store vanished or is unreadable: keep serving what we have
+            retry = {v for v in policy if v in self._failed and self._failed[v].retry_at_s <= now_s}
+            loaded, tried = dict(self._loaded), set()
+            while True:
+                wanted = self._servable(available)
+                due = sorted(((wanted | retry) - set(loaded)) - tried)
+                if not due:
+                    break
+                for version in due:
+                    tried.add(version)
+                    loaded_version = await self._load(version)
+                    if loaded_version is not None:
+                        loaded[version] = loaded_version
+            self._failed = {v: f for v, f in self._failed.items() if v in policy}
+            keep = wanted if available else set(loaded)  # an empty or unreadable store: keep what we have
             dropped = set(loaded) - keep
             for version in dropped:
                 del loaded[version]
@@ -219,6 +205,25 @@ class EmbeddedBackend:
             self._loaded = loaded  # one swap: requests see either the old or the new set
             if dropped:
                 gc.collect()  # dropped SavedModels sit in reference cycles
+
+    def _servable(self, available: list[int]) -> set[int]:
+        """The policy over the versions not known to be broken."""
+        loadable = [v for v in available if v not in self._failed]
+        return desired_versions(loadable, self._config.num_versions, self._pinned)
+
+    async def _load(self, version: int) -> LoadedVersion | None:
+        path = model_store.version_path(self._config.model_base_path, version)
+        self._loading.add(version)
+        try:
+            loaded = await asyncio.to_thread(load_version, path, version)
+        except Exception as exc:  # a broken version must not take the others down
+            self._record_failure(version, path, exc)
+            return None
+        finally:
+            self._loading.discard(version)
+        self._failed.pop(version, None)
+        logger.info("loaded %s version %d from %s", self._config.model_name, version, path)
+        return loaded
 
     def _record_failure(self, version: int, path: Path, exc: Exception) -> None:
         attempts = self._failed[version].attempts + 1 if version in self._failed else 1

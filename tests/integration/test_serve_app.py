@@ -283,7 +283,7 @@ def test_command_line_client_against_the_app(served, capsys, tmp_path):
     code, out, _ = run("--image", str(REPO / "data" / "0.png"), "--port", grpc_port)
     assert code == 0 and out.startswith("Predicted Digit:  0\nPredicted Confidence:  0.")
     code, _, err = run("--image", samples, "--port", grpc_port, "--version", "9")
-    assert code == ExitCode.NOT_FOUND and "version 9" in err
+    assert code == ExitCode.NOT_FOUND and "Specific(mnist, 9)" in err
     code, _, err = run("--image", samples, "--rest", "--port", http_port, "--model", "other")
     assert code == ExitCode.NOT_FOUND and "(HTTP 404" in err
     blank = tmp_path / "blank.png"  # a valid PNG with no digit: the server's preprocessing refuses it

@@ -161,3 +161,89 @@ def test_missing_binary_is_a_clear_error(store, monkeypatch, tmp_path):
     backend = TFServingBackend(_config(store, backend="tfserving"))
     with pytest.raises(Exception, match="not on PATH"):
         asyncio.run(backend.start())
+
+
+def test_sidecar_listens_on_a_private_unix_socket_only(store, fake_binary_on_path):
+    import psutil
+
+    async def scenario():
+        backend = TFServingBackend(_config(store))
+        await backend.start()
+        try:
+            child = psutil.Process(backend.pid)
+            listening = [c for c in child.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+            sockets = [c.laddr for c in child.net_connections(kind="unix") if c.laddr]
+            command = child.cmdline()
+            workdir = backend._workdir
+            return listening, sockets, command, oct(workdir.stat().st_mode & 0o777), workdir
+        finally:
+            await backend.stop()
+
+    listening, sockets, command, mode, workdir = asyncio.run(scenario())
+    assert listening == []  # nothing on the network can reach its Predict or reload API
+    assert str(workdir / "tfserving.sock") in sockets and "--port=0" in command
+    assert mode == "0o700"  # only the replica's user can open the socket
+    assert not workdir.exists()  # removed on stop
+
+
+def test_sidecar_starts_before_the_first_version_and_serves_it_when_published(
+    tmp_path, trained_export, fake_binary_on_path
+):
+    store = tmp_path / "empty" / "mnist"
+
+    async def scenario():
+        backend = TFServingBackend(_config(store))
+        await backend.start()  # must not wait for (or fail without) a version: no crash loop
+        try:
+            assert backend.versions() == [] and backend.health_problem() is None
+            publish_copy(trained_export, store, 1)
+            await _await(lambda: backend.versions() == [1], 60)
+            outputs = await backend.predict(1, "serving_default", {"images": IMAGES}, ())
+            assert outputs["classes"].shape == (8,)
+        finally:
+            await backend.stop()
+
+    asyncio.run(scenario())
+
+
+def test_sidecar_keeps_supervising_when_a_listing_or_a_reload_fails(
+    store, trained_export, fake_binary_on_path, monkeypatch
+):
+    """A store listing that raises and reload RPCs that fail are retried on the next round."""
+    import grpc
+
+    from training import model_store
+
+    publish_copy(trained_export, store, 2)
+    real_list = model_store.list_versions
+    failures = {"list": 2, "reload": 2}
+
+    def flaky_list(path):
+        if failures["list"]:
+            failures["list"] -= 1
+            raise OSError("NFS hiccup")
+        return real_list(path)
+
+    monkeypatch.setattr(model_store, "list_versions", flaky_list)
+
+    async def scenario():
+        backend = TFServingBackend(_config(store, num_versions=1))
+        await backend.start()
+        real_reload = backend._reload
+
+        async def flaky_reload(request, timeout):
+            if failures["reload"]:
+                failures["reload"] -= 1
+                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "connection reset")
+            return await real_reload(request, timeout=timeout)
+
+        backend._reload = flaky_reload
+        try:
+            await _await(lambda: backend.versions() == [2])
+            backend.set_pinned_versions([1])
+            await _await(lambda: backend.versions() == [1, 2], 60)
+            assert failures == {"list": 0, "reload": 0}  # both failed first, and supervision went on
+        finally:
+            await backend.stop()
+
+    asyncio.run(scenario())
