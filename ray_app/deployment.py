@@ -7,6 +7,7 @@ one ``Predictor``; errors map through one table (``ray_app.protocol.status``).
 """
 
 import logging
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,8 +15,9 @@ from fastapi.responses import HTMLResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ray_app.metrics import AppMetrics
 from ray_app.protocol.names import MODEL_VERSION_HEADER
-from ray_app.protocol.status import ServingError, UnimplementedError, to_status
+from ray_app.protocol.status import ResourceExhaustedError, ServingError, UnimplementedError, to_status
 
 logger = logging.getLogger("ray.serve")
 
@@ -79,9 +81,11 @@ class MnistServer:
         from ray_app.predictor import Predictor
 
         app_config = AppConfig.model_validate(config)
+        self._metrics = AppMetrics(app_config.model_name)
         self._backend = make_backend(app_config)
+        self._backend.observer = self._metrics
         await self._backend.start()
-        self._predictor = Predictor(app_config, self._backend)
+        self._predictor = Predictor(app_config, self._backend, metrics=self._metrics)
         logger.info(
             "serving %r from %s with the %s backend; versions %s",
             app_config.model_name,
@@ -93,9 +97,13 @@ class MnistServer:
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         from ray_app.config import LiveConfig
 
-        self._predictor.reconfigure(LiveConfig.model_validate(user_config or {}))
+        live = LiveConfig.model_validate(user_config or {})
+        self._predictor.reconfigure(live)
+        self._metrics.canary_percent(live.canary_traffic_percent)
 
     async def check_health(self) -> None:
+        """Serve calls this every health_check_period_s: also when the versions gauge is refreshed."""
+        self._metrics.versions({v: s.state for v, s in self._backend.version_states().items()})
         problem = self._backend.health_problem()
         if problem:
             raise RuntimeError(problem)
@@ -105,55 +113,74 @@ class MnistServer:
         await self._backend.stop()
 
     # -- gRPC: tensorflow.serving.PredictionService / ModelService --------------------------------
-    async def _grpc(self, handler, raw: bytes, grpc_context: Any, empty):
+    def _observe(
+        self, protocol: str, method: str, started_s: float, outcome: Any, version=None, signature=""
+    ):
+        """One request into the metrics: its status code (from the error, if ``outcome`` is one)."""
+        code = to_status(outcome)[0].value if isinstance(outcome, BaseException) else "OK"
+        if isinstance(outcome, ResourceExhaustedError) and outcome.limit:
+            self._metrics.rejected(outcome.limit)
+        latency_ms = (time.perf_counter() - started_s) * 1000
+        self._metrics.request(protocol, method, code, latency_ms, version, signature)
+
+    async def _grpc(self, method: str, handler, raw: bytes, grpc_context: Any, empty):
+        started_s = time.perf_counter()
         try:
             result = handler(self._predictor, raw)
             if hasattr(result, "__await__"):
                 result = await result
-            return result
         except Exception as exc:
             _grpc_fail(exc, grpc_context)
+            self._observe("grpc", method, started_s, exc)
             return empty()
+        spec = getattr(result, "model_spec", None)
+        version = spec.version.value if spec is not None and spec.HasField("version") else None
+        self._observe("grpc", method, started_s, result, version, spec.signature_name if spec else "")
+        return result
 
     async def Predict(self, request: bytes, grpc_context: Any):  # noqa: N802
         from ray_app import grpc_api
         from ray_app.protocol.protos import predict_pb2
 
-        return await self._grpc(grpc_api.predict, request, grpc_context, predict_pb2.PredictResponse)
+        return await self._grpc(
+            "Predict", grpc_api.predict, request, grpc_context, predict_pb2.PredictResponse
+        )
 
     async def GetModelMetadata(self, request: bytes, grpc_context: Any):  # noqa: N802
         from ray_app import grpc_api
         from ray_app.protocol.protos import get_model_metadata_pb2
 
         empty = get_model_metadata_pb2.GetModelMetadataResponse
-        return await self._grpc(grpc_api.get_model_metadata, request, grpc_context, empty)
+        return await self._grpc("GetModelMetadata", grpc_api.get_model_metadata, request, grpc_context, empty)
 
     async def GetModelStatus(self, request: bytes, grpc_context: Any):  # noqa: N802
         from ray_app import grpc_api
         from ray_app.protocol.protos import get_model_status_pb2
 
         empty = get_model_status_pb2.GetModelStatusResponse
-        return await self._grpc(grpc_api.get_model_status, request, grpc_context, empty)
+        return await self._grpc("GetModelStatus", grpc_api.get_model_status, request, grpc_context, empty)
 
     async def Classify(self, request: bytes, grpc_context: Any):  # noqa: N802
         from ray_app import grpc_api
         from ray_app.protocol.protos import classification_pb2
 
         empty = classification_pb2.ClassificationResponse
-        return await self._grpc(grpc_api.classify, request, grpc_context, empty)
+        return await self._grpc("Classify", grpc_api.classify, request, grpc_context, empty)
 
     async def Regress(self, request: bytes, grpc_context: Any):  # noqa: N802
         from ray_app import grpc_api
         from ray_app.protocol.protos import regression_pb2
 
-        return await self._grpc(grpc_api.regress, request, grpc_context, regression_pb2.RegressionResponse)
+        return await self._grpc(
+            "Regress", grpc_api.regress, request, grpc_context, regression_pb2.RegressionResponse
+        )
 
     async def MultiInference(self, request: bytes, grpc_context: Any):  # noqa: N802
         from ray_app import grpc_api
         from ray_app.protocol.protos import inference_pb2
 
         empty = inference_pb2.MultiInferenceResponse
-        return await self._grpc(grpc_api.multi_inference, request, grpc_context, empty)
+        return await self._grpc("MultiInference", grpc_api.multi_inference, request, grpc_context, empty)
 
     async def HandleReloadConfigRequest(self, request: bytes, grpc_context: Any):  # noqa: N802
         from ray_app.protocol.protos import model_management_pb2
@@ -170,24 +197,33 @@ class MnistServer:
     async def rest_v1(self, request: Request, path: str) -> Response:
         from ray_app import request_body, rest_api, uploads
 
+        started_s, method = time.perf_counter(), "unknown"
         try:
             where = rest_api.route(request.method, _path_and_query(request))
+            method = where.kind
             if where.kind == "status":
-                return Response(rest_api.status(self._predictor, where), media_type=_JSON)
+                answer = Response(rest_api.status(self._predictor, where), media_type=_JSON)
+                self._observe("rest", method, started_s, answer)
+                return answer
             if where.kind == "metadata":
-                return Response(rest_api.metadata(self._predictor, where), media_type=_JSON)
+                answer = Response(rest_api.metadata(self._predictor, where), media_type=_JSON)
+                self._observe("rest", method, started_s, answer)
+                return answer
             if where.kind == "predict" and uploads.is_multipart(request.headers.get("content-type")):
-                return await self._upload_predict(request, where)
-            limit = self._predictor.config.limits.max_request_bytes
-            body = await request_body.read_body(request.headers, request.stream(), limit)
-            if where.kind != "predict":
-                rest_api.examples_request(self._predictor, where, body)
-            text, version = await rest_api.predict(self._predictor, where, body)
-            return Response(text, media_type=_JSON, headers={MODEL_VERSION_HEADER: str(version)})
+                text, version, signature = await self._upload_predict(request, where)
+            else:
+                limit = self._predictor.config.limits.max_request_bytes
+                body = await request_body.read_body(request.headers, request.stream(), limit)
+                if where.kind != "predict":
+                    rest_api.examples_request(self._predictor, where, body)
+                text, version, signature = await rest_api.predict(self._predictor, where, body)
         except Exception as exc:
+            self._observe("rest", method, started_s, exc)
             return _error_response(exc)
+        self._observe("rest", method, started_s, text, version, signature)
+        return Response(text, media_type=_JSON, headers={MODEL_VERSION_HEADER: str(version)})
 
-    async def _upload_predict(self, request: Request, where: Any) -> Response:
+    async def _upload_predict(self, request: Request, where: Any) -> tuple[str, int, str]:
         """Multipart image files -> ``predict_image_bytes`` (our addition; see ``ray_app.uploads``)."""
         from ray_app import rest_api, uploads
 
@@ -196,8 +232,7 @@ class MnistServer:
         result = await self._predictor.predict(
             uploads.image_request(where.model_name, images, where.version, where.label)
         )
-        text = rest_api.to_json(result, rows=True)
-        return Response(text, media_type=_JSON, headers={MODEL_VERSION_HEADER: str(result.version)})
+        return rest_api.to_json(result, rows=True), result.version, result.signature_name
 
     # -- the web page and its panel data (ours, outside TF Serving's API; see ray_app.web) ----------
     @http_app.get("/", include_in_schema=False)

@@ -41,7 +41,9 @@ REGRESS_METHOD = "tensorflow/serving/regress"
 def parse(message_type, raw: bytes, max_bytes: int):
     """Decode request bytes into ``message_type``, enforcing the size limit first."""
     if len(raw) > max_bytes:
-        raise ResourceExhaustedError(f"request is {len(raw)} bytes; the limit is {max_bytes}")
+        raise ResourceExhaustedError(
+            f"request is {len(raw)} bytes; the limit is {max_bytes}", "max_request_bytes"
+        )
     try:
         return message_type.FromString(raw)
     except DecodeError as exc:

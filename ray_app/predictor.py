@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from ray import serve
 from ray_app import preprocessing
 from ray_app.backends.base import Backend, VersionState
 from ray_app.config import AppConfig, LiveConfig
+from ray_app.metrics import AppMetrics
 from ray_app.preprocessing import MNIST_SIZE_PX
 from ray_app.protocol.names import IMAGE_BYTES_INPUT, IMAGE_BYTES_SIGNATURE, IMAGES_INPUT, SERVING_DEFAULT
 from ray_app.protocol.status import (
@@ -74,10 +76,18 @@ class _Item:
     inputs: dict[str, np.ndarray]
     output_filter: tuple[str, ...]
     size: int = field(default=1)
+    queued_s: float = field(default_factory=time.monotonic)
 
 
 def _batch_images(items: list[_Item]) -> int:
     return sum(item.size for item in items)
+
+
+def _for_image(exc: ServingError, index: int) -> ServingError:
+    """The same error, naming the image it is about (the client maps the index back to a file)."""
+    named = type(exc)(f"image {index}: {exc.message}")
+    named.__dict__.update({k: v for k, v in exc.__dict__.items() if k != "message"})
+    return named
 
 
 def _servable_not_found(name: str, version: int | None) -> str:
@@ -89,11 +99,18 @@ def _servable_not_found(name: str, version: int | None) -> str:
 class Predictor:
     """One per replica process: Ray Serve keeps a single batch queue per decorated method."""
 
-    def __init__(self, config: AppConfig, backend: Backend, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        config: AppConfig,
+        backend: Backend,
+        rng: random.Random | None = None,
+        metrics: AppMetrics | None = None,
+    ) -> None:
         self.config = config
         self.backend = backend
         self.live = LiveConfig()
         self._rng = rng or random.Random()
+        self._metrics = metrics
         # Encoded images are decoded here, never on the threads inference uses: a few requests of
         # huge blank PNGs can then delay other image-bytes requests, not every request.
         self._decoder = ThreadPoolExecutor(config.limits.decode_threads, thread_name_prefix="decode")
@@ -135,10 +152,15 @@ class Predictor:
             raise NotFoundError(f"{_servable_not_found(name, None)} ({self._nothing_loaded()})")
         canary_share = self.live.canary_traffic_percent
         if canary_share > 0 and labels.get("canary") in loaded and self._rng.random() * 100 < canary_share:
-            return labels["canary"], False
+            return self._routed(labels["canary"], "canary"), False
         if labels.get("stable") in loaded:
-            return labels["stable"], False
-        return loaded[-1], False
+            return self._routed(labels["stable"], "stable"), False
+        return self._routed(loaded[-1], "latest"), False
+
+    def _routed(self, version: int, route: str) -> int:
+        if self._metrics is not None:
+            self._metrics.routed(version, route)
+        return version
 
     def _nothing_loaded(self) -> str:
         if any(state.error for state in self.backend.version_states().values()):
@@ -203,14 +225,16 @@ class Predictor:
         limits = self.config.limits
         if shape and shape[0] > limits.max_images_per_request:
             raise ResourceExhaustedError(
-                f"{shape[0]} images in one request; the limit is {limits.max_images_per_request}"
+                f"{shape[0]} images in one request; the limit is {limits.max_images_per_request}",
+                "max_images_per_request",
             )
         if dtype is not None and dtype != STRING:
             need = element_count(shape) * dtype.itemsize
             if need > limits.max_request_bytes:
                 raise ResourceExhaustedError(
                     f"input {alias!r} of shape {list(shape)} would take {need} bytes to decode; "
-                    f"the limit is max_request_bytes ({limits.max_request_bytes})"
+                    f"the limit is max_request_bytes ({limits.max_request_bytes})",
+                    "max_request_bytes",
                 )
 
     def max_elements(self, dtype: np.dtype) -> int:
@@ -247,6 +271,8 @@ class Predictor:
             result = await self._run_batch(item)
         if isinstance(result, Exception):
             raise result
+        if self._metrics is not None:
+            self._metrics.answered(item.version, target.signature_name, size)
         return InferenceResult(target.model_name, item.version, target.signature_name, result)
 
     async def _decode_images(self, encoded: np.ndarray) -> np.ndarray:
@@ -260,14 +286,16 @@ class Predictor:
             try:
                 pixels += preprocessing.declared_pixels(data, max_bytes=limits.max_image_bytes)
             except ServingError as exc:
-                raise type(exc)(f"image {index}: {exc.message}") from exc
+                raise _for_image(exc, index) from exc
         if pixels > limits.max_request_pixels:
             raise ResourceExhaustedError(
-                f"the images hold {pixels} pixels in all; the limit per request is {limits.max_request_pixels}"
+                f"the images hold {pixels} pixels in all; the limit per request is {limits.max_request_pixels}",
+                "max_request_pixels",
             )
         if self._pending_decodes >= limits.max_pending_decodes:
             raise ResourceExhaustedError(
-                f"{self._pending_decodes} image-bytes requests are already being decoded; retry later"
+                f"{self._pending_decodes} image-bytes requests are already being decoded; retry later",
+                "max_pending_decodes",
             )
 
         def decode_all() -> np.ndarray:
@@ -280,7 +308,7 @@ class Predictor:
                         )
                     )
                 except ServingError as exc:
-                    raise type(exc)(f"image {index}: {exc.message}") from exc
+                    raise _for_image(exc, index) from exc
             return np.stack(images)
 
         self._pending_decodes += 1
@@ -320,11 +348,17 @@ class Predictor:
             else first.inputs[name]
             for name in first.inputs
         }
+        total = sum(item.size for item in items)
+        started_s = time.monotonic()
         try:
             outputs = await self.backend.predict(first.version, first.signature, inputs, first.output_filter)
         except Exception as exc:  # every caller of this group gets the same error
             return [exc for _ in items]
-        total = sum(item.size for item in items)
+        if self._metrics is not None:
+            latency_ms = (time.monotonic() - started_s) * 1000
+            self._metrics.backend_call(first.version, first.signature, self.backend.kind, total, latency_ms)
+            for item in items:
+                self._metrics.batch_wait((started_s - item.queued_s) * 1000)
         bounds = np.cumsum([item.size for item in items])[:-1]
         split = {
             name: np.split(value, bounds) if value.ndim and value.shape[0] == total else [value] * len(items)

@@ -68,7 +68,9 @@ def decode_image(
     if not data:
         raise InvalidArgumentError("image_bytes: empty (0 bytes)")
     if len(data) > max_bytes:
-        raise ResourceExhaustedError(f"image_bytes: {len(data)} bytes, over the limit of {max_bytes} bytes")
+        raise ResourceExhaustedError(
+            f"image_bytes: {len(data)} bytes, over the limit of {max_bytes} bytes", "max_image_bytes"
+        )
     # Pillow's own bomb check warns (or raises) inside Image.open; turn the warning into an
     # error here only, leaving the global Image.MAX_IMAGE_PIXELS alone.
     with warnings.catch_warnings():
@@ -81,7 +83,8 @@ def decode_image(
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ResourceExhaustedError(
-                f"image is too large to decode (over the limit of {max_pixels} pixels): {exc}"
+                f"image is too large to decode (over the limit of {max_pixels} pixels): {exc}",
+                "max_image_pixels",
             ) from exc
         except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, ...
             raise InvalidArgumentError(f"image_bytes: cannot decode image: {_describe(exc)}") from exc
@@ -97,14 +100,16 @@ def declared_pixels(data: bytes, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) ->
     if not data:
         raise InvalidArgumentError("image_bytes: empty (0 bytes)")
     if len(data) > max_bytes:
-        raise ResourceExhaustedError(f"image_bytes: {len(data)} bytes, over the limit of {max_bytes} bytes")
+        raise ResourceExhaustedError(
+            f"image_bytes: {len(data)} bytes, over the limit of {max_bytes} bytes", "max_image_bytes"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the caller's budget decides
         try:
             with Image.open(io.BytesIO(data), formats=_ALLOWED_FORMATS) as image:
                 width, height = image.size
         except Image.DecompressionBombError as exc:
-            raise ResourceExhaustedError(f"image is too large to decode: {exc}") from exc
+            raise ResourceExhaustedError(f"image is too large to decode: {exc}", "max_image_pixels") from exc
         except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError, ...
             raise InvalidArgumentError(f"image_bytes: cannot decode image: {_describe(exc)}") from exc
     return width * height
@@ -145,7 +150,7 @@ def _check_size(image: Image.Image, max_pixels: int) -> None:
     pixels = width * height
     if pixels > max_pixels:
         raise ResourceExhaustedError(
-            f"image is {width}x{height} = {pixels} pixels, over the limit of {max_pixels}"
+            f"image is {width}x{height} = {pixels} pixels, over the limit of {max_pixels}", "max_image_pixels"
         )
 
 

@@ -19,7 +19,9 @@ def check_declared_length(headers: Mapping[str, str], max_bytes: int) -> None:
     if not declared.strip().isdigit():
         raise InvalidArgumentError(f"Content-Length must be a number of bytes, got {declared!r}")
     if int(declared) > max_bytes:
-        raise ResourceExhaustedError(f"request body is {int(declared)} bytes; the limit is {max_bytes}")
+        raise ResourceExhaustedError(
+            f"request body is {int(declared)} bytes; the limit is {max_bytes}", "max_request_bytes"
+        )
 
 
 async def limited(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:

@@ -433,8 +433,8 @@ def error_json(message: str) -> str:
 
 
 # -- the handlers ------------------------------------------------------------------------------------
-async def predict(predictor: Predictor, where: Route, body: bytes) -> tuple[str, int]:
-    """``:predict``: the JSON answer and the version that ran."""
+async def predict(predictor: Predictor, where: Route, body: bytes) -> tuple[str, int, str]:
+    """``:predict``: the JSON answer, the version that ran and the signature."""
     document = parse_json(body)
     if not isinstance(document, dict):
         raise InvalidArgumentError(f"JSON Value: {_echo(document, pretty=True)} Is not object")
@@ -461,7 +461,7 @@ async def predict(predictor: Predictor, where: Route, body: bytes) -> tuple[str,
     else:
         raise InvalidArgumentError("Missing 'inputs' or 'instances' key")
     result = await predictor.run(target, inputs)
-    return to_json(result, rows=has_rows), result.version
+    return to_json(result, rows=has_rows), result.version, result.signature_name
 
 
 def examples_request(predictor: Predictor, where: Route, body: bytes) -> None:

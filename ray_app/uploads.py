@@ -63,7 +63,8 @@ async def read_images(
         if exc.message.startswith(_TOO_MANY_FILES):
             raise ResourceExhaustedError(
                 f"more than {limits.max_images_per_request} files in one request; "
-                f"the limit is {limits.max_images_per_request}"
+                f"the limit is {limits.max_images_per_request}",
+                "max_images_per_request",
             ) from exc
         raise InvalidArgumentError(f"malformed multipart/form-data body: {exc.message}") from exc
     try:
@@ -80,7 +81,8 @@ async def read_images(
             size = upload.size or 0
             if size > limits.max_image_bytes:
                 raise ResourceExhaustedError(
-                    f"image {index} ({upload.filename!r}) is {size} bytes; the limit is {limits.max_image_bytes}"
+                    f"image {index} ({upload.filename!r}) is {size} bytes; the limit is {limits.max_image_bytes}",
+                    "max_image_bytes",
                 )
         return [await upload.read() for upload in files]
     finally:

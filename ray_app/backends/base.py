@@ -26,6 +26,14 @@ class VersionState:
 AVAILABLE = VersionState("AVAILABLE")
 
 
+class LoadObserver(Protocol):
+    """Told of version loads (``ray_app.metrics.AppMetrics`` is one)."""
+
+    def loaded(self, version: int, seconds: float) -> None: ...
+
+    def load_failed(self, version: int, reason: str) -> None: ...
+
+
 class Backend(Protocol):
     """Runs one model's versions. All methods are called on the replica's event loop."""
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ray_app.backends.base import AVAILABLE, VersionState, desired_versions
+from ray_app.backends.base import AVAILABLE, LoadObserver, VersionState, desired_versions
 from ray_app.config import AppConfig
 from ray_app.protocol.protos import error_codes_pb2, saved_model_pb2
 from ray_app.protocol.status import FailedPreconditionError, error_for_code
@@ -121,6 +121,7 @@ class EmbeddedBackend:
         self._pinned: set[int] = set()
         self._task: asyncio.Task[None] | None = None
         self._sync_lock = asyncio.Lock()
+        self.observer: LoadObserver | None = None  # told of each load and failure (metrics)
 
     async def start(self) -> None:
         try:
@@ -214,14 +215,19 @@ class EmbeddedBackend:
     async def _load(self, version: int) -> LoadedVersion | None:
         path = model_store.version_path(self._config.model_base_path, version)
         self._loading.add(version)
+        started_s = time.monotonic()
         try:
             loaded = await asyncio.to_thread(load_version, path, version)
         except Exception as exc:  # a broken version must not take the others down
             self._record_failure(version, path, exc)
+            if self.observer is not None:
+                self.observer.load_failed(version, type(exc).__name__)
             return None
         finally:
             self._loading.discard(version)
         self._failed.pop(version, None)
+        if self.observer is not None:
+            self.observer.loaded(version, time.monotonic() - started_s)
         logger.info("loaded %s version %d from %s", self._config.model_name, version, path)
         return loaded
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 import grpc
 import numpy as np
 
-from ray_app.backends.base import VersionState
+from ray_app.backends.base import LoadObserver, VersionState
 from ray_app.protocol.protos import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -54,6 +54,7 @@ class RemoteBackend:
         self._pinned: set[int] = set()
         self._problem: str | None = "not started"
         self._poll_task: asyncio.Task[None] | None = None
+        self.observer: LoadObserver | None = None  # told of failed loads TF Serving reports (metrics)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _connect(self, address: str) -> None:
@@ -114,6 +115,10 @@ class RemoteBackend:
                 return False
             status = get_model_status_pb2.GetModelStatusResponse()
         states = {s.version: _state(s) for s in status.model_version_status}
+        if self.observer is not None:
+            for version, state in states.items():
+                if state.error and self._states.get(version) != state:  # newly failed
+                    self.observer.load_failed(version, self.kind)
         versions = sorted(v for v, s in states.items() if s.state == "AVAILABLE")
         for version in versions:
             if version not in self._specs:

@@ -75,6 +75,10 @@ class NotFoundError(ServingError):
 class ResourceExhaustedError(ServingError):
     code = StatusCode.RESOURCE_EXHAUSTED
 
+    def __init__(self, message: str, limit: str = "") -> None:
+        super().__init__(message)
+        self.limit = limit  # which limit refused it (metrics count refusals by it)
+
 
 class UnavailableError(ServingError):
     code = StatusCode.UNAVAILABLE

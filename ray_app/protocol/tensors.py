@@ -19,7 +19,7 @@ backward compatibility"; clients such as TF Serving's ``mnist_client.py`` read
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -99,7 +99,7 @@ def declared_shape(proto: tensor_pb2.TensorProto, name: str = "tensor") -> tuple
     return shape
 
 
-def element_count(shape: Sequence[int]) -> int:
+def element_count(shape: Iterable[int]) -> int:
     """Elements of ``shape`` (exact: Python integers cannot overflow)."""
     return math.prod(int(d) for d in shape)
 
@@ -121,7 +121,8 @@ def to_ndarray(
     np_dtype, field = _DTYPES[proto.dtype]
     shape = declared_shape(proto, name)
     count = element_count(shape)
-    if count > max_elements:
+    # The non-zero dimensions count too: [0, 10**9, 10**9] holds nothing, but no array has that shape.
+    if max(count, element_count(d for d in shape if d)) > max_elements:
         raise ResourceExhaustedError(
             f"tensor {name!r}: shape {list(shape)} has {count} elements; the limit is {max_elements}"
         )

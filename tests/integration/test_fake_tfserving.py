@@ -186,10 +186,11 @@ def server(tmp_path_factory: pytest.TempPathFactory, exported_model: Path) -> It
         (["--model_name=m", "--model_base_path=/x", "--xyz=1"], 1, "unknown command line flag 'xyz'"),
         (["--enable_batching=maybe", "--model_base_path=/x"], 1, "couldn't interpret value maybe"),
         (["--model_name=m"], 255, "model_base_path and server_options.model_config_file are empty"),
-        (["--port=0", "--model_base_path=/x"], 255, "--port must be a tcp port"),
+        (["--port=0", "--model_base_path=/x"], 255, "--port=0 disables tcp; give --grpc_socket_path"),
+        (["--port=70000", "--model_base_path=/x"], 255, "--port must be a tcp port"),
         (["--model_config_file=/nonexistent/models.config"], 255, "cannot read model config file"),
     ],
-    ids=["unknown-flag", "bad-bool", "no-model", "port-0", "missing-config"],
+    ids=["unknown-flag", "bad-bool", "no-model", "port-0-without-socket", "port-too-big", "missing-config"],
 )
 def test_bad_command_line_exits_nonzero(
     tmp_path: Path, args: list[str], expected_rc: int, message: str

@@ -98,19 +98,19 @@ def test_other_urls_are_tf_servings_400s(method: str, path: str, message: str) -
 
 # -- predict ----------------------------------------------------------------------------------------
 def test_row_and_columnar_answers_with_tf_servings_numbers() -> None:
-    text, version = _predict({"instances": IMAGES.tolist()})
+    text, version, _ = _predict({"instances": IMAGES.tolist()})
     rows = json.loads(text)["predictions"]
     assert version == 1  # the "stable" label takes unpinned traffic
     assert [row["classes"] for row in rows] == fake_probabilities(IMAGES).argmax(1).tolist()
     assert "0.91," in text and "0.01," in text  # float32 0.91 rendered as TF Serving does, not 0.9100000262
     flat = (IMAGES.reshape(2, 784) / 255).tolist()
-    text, _ = _predict({"signature_name": "predict_images", "inputs": flat}, Route("predict", "mnist", 1))
+    text, _, _ = _predict({"signature_name": "predict_images", "inputs": flat}, Route("predict", "mnist", 1))
     assert np.asarray(json.loads(text)["outputs"]).shape == (2, 10)  # one output: the bare tensor
 
 
 def test_single_output_rows_are_bare_values() -> None:
     flat = (IMAGES.reshape(2, 784) / 255).tolist()
-    text, _ = _predict({"signature_name": "predict_images", "instances": flat})
+    text, _, _ = _predict({"signature_name": "predict_images", "instances": flat})
     assert np.asarray(json.loads(text)["predictions"]).shape == (2, 10)
 
 
