@@ -34,7 +34,7 @@ class LocalServe:
         return f"http://127.0.0.1:{self.http_port}"
 
 
-def _cluster_processes(node_id: str) -> list[psutil.Process]:
+def cluster_processes(node_id: str) -> list[psutil.Process]:
     """The processes of the local cluster with this node id, and everything they started."""
     heads = [
         p for p in psutil.process_iter(["cmdline"]) if any(node_id in a for a in p.info["cmdline"] or [])
@@ -75,7 +75,7 @@ def local_ray(num_cpus: int = 2, **init_kwargs) -> Iterator[str]:
     try:
         yield node_id
     finally:
-        ours = _cluster_processes(node_id)
+        ours = cluster_processes(node_id)
         ray.shutdown()
         assert_nothing_left(ours, [])
 
@@ -98,7 +98,7 @@ def local_serve(num_cpus: int = 2) -> Iterator[LocalServe]:
         )
         yield ports
     finally:
-        ours = _cluster_processes(node_id)
+        ours = cluster_processes(node_id)
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()

@@ -8,6 +8,7 @@ no Ray, replica or HAProxy process and no port of it may be left (tests/integrat
 import base64
 import concurrent.futures
 import json
+import re
 import threading
 import time
 import urllib.error
@@ -17,6 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import ray
 import tensorflow as tf
 import yaml
 from PIL import Image
@@ -388,3 +390,80 @@ def test_overload_gets_resource_exhausted_and_429_quickly(served):
     assert min(refused) < 5.0
     status, _ = _http(served, "/v1/models/mnist")
     assert status == 200  # still healthy afterwards
+
+
+def _scrape_metrics() -> str:
+    node = next(n for n in ray.nodes() if n["Alive"])
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        return answer.read().decode()
+
+
+def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample of metric ``name`` in Prometheus' text format."""
+    found = []
+    for line in text.splitlines():
+        match = re.match(rf"^{re.escape(name)}\{{(.*)\}} (\S+)$", line)
+        if match:
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(1)))
+            found.append((labels, float(match.group(2))))
+    return found
+
+
+def test_metrics_endpoint_counts_requests_by_version_signature_and_code(served):
+    """Real requests, then Ray's Prometheus endpoint on the node: the app's counters moved, labelled."""
+    stub = _stub(served)
+    for _ in range(3):
+        stub.Predict(_predict_request(TEST.images[:5], version=1), timeout=30)
+    with pytest.raises(grpc.RpcError):
+        stub.Predict(_predict_request(TEST.images[:1], version=42), timeout=30)
+    with pytest.raises(grpc.RpcError):
+        stub.Predict(_predict_request(TEST.images[:2000]), timeout=30)  # over max_images_per_request
+    assert (
+        _http(served, "/v1/models/mnist/versions/1:predict", {"instances": TEST.images[:2].tolist()})[0]
+        == 200
+    )
+
+    def wanted(text: str) -> bool:
+        ok = [
+            labels
+            for labels, value in _samples(text, "ray_mnist_requests_total")
+            if labels.get("version") == "1"
+            and labels.get("signature") == "serving_default"
+            and value >= 3
+            and labels.get("protocol") == "grpc"
+            and labels.get("code") == "OK"
+            and labels.get("model") == "mnist"
+        ]
+        return bool(ok) and bool(_samples(text, "ray_mnist_requests_rejected_total"))
+
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:  # Ray exports custom metrics every few seconds
+        text = _scrape_metrics()
+        if wanted(text):
+            break
+        time.sleep(2)
+    assert wanted(text), text[-3000:]
+    requests = _samples(text, "ray_mnist_requests_total")
+    assert any(tags["code"] == "NOT_FOUND" and tags["version"] == "" for tags, _ in requests)
+    assert any(
+        tags["protocol"] == "rest" and tags["method"] == "predict" and tags["version"] == "1"
+        for tags, _ in requests
+    )
+    assert any(tags["application"] == "mnist" and tags["deployment"] == "MnistServer" for tags, _ in requests)
+    images = _samples(text, "ray_mnist_images_total")
+    assert any(tags["version"] == "1" and v >= 17 for tags, v in images)  # 3 x 5 over gRPC + 2 over REST
+    (rejected,) = [
+        v
+        for tags, v in _samples(text, "ray_mnist_requests_rejected_total")
+        if tags["limit"] == "max_images_per_request"
+    ]
+    assert rejected >= 1
+    batches = _samples(text, "ray_mnist_batch_size_images_count")
+    assert any(
+        tags["version"] == "1" and tags["signature"] == "serving_default" and v >= 1 for tags, v in batches
+    )
+    loaded = _samples(text, "ray_mnist_versions_loaded")
+    assert any(tags["version"] == "1" and tags["state"] == "AVAILABLE" and v == 1 for tags, v in loaded)
+    assert _samples(text, "ray_mnist_request_latency_ms_bucket")
+    assert _samples(text, "ray_mnist_backend_latency_ms_bucket")
