@@ -143,7 +143,7 @@ def test_readme_step_by_step_block_is_what_the_pipeline_ran(journey):
     readme = [
         line
         for line in block.splitlines()
-        if line.strip() and not line.startswith(("source ", "export ", "#"))
+        if line.strip() and not line.startswith(("source ", "export ", "eval ", "#"))
     ]
     ran = []
     for line in journey["result"].stdout.splitlines():

@@ -1,0 +1,93 @@
+"""The front door's environment (ray_app/front_door.py) and every place that starts Ray with it."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ray_app.front_door import (
+    GRPC_MAX_MESSAGE_BYTES,
+    HAPROXY_SWITCH,
+    fallback_ports,
+    front_door_env,
+    new_state_dir,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("cpus", "threads", "maxconn"), [(2, 1, 2048), (4, 1, 4096), (8, 2, 8192), (64, 4, 16384)]
+)
+def test_haproxy_is_sized_for_the_node(cpus: int, threads: int, maxconn: int) -> None:
+    env = front_door_env(cpus, environ={})
+    assert env["RAY_SERVE_HAPROXY_NBTHREAD"] == str(threads) and env["RAY_SERVE_HAPROXY_MAXCONN"] == str(
+        maxconn
+    )
+
+
+def test_haproxy_and_direct_ingress_are_the_default() -> None:
+    env = front_door_env(2, environ={})
+    assert env[HAPROXY_SWITCH] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "5"  # one machine
+    assert (
+        front_door_env(8, cluster=True, environ={})["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
+    )
+    assert 8500 not in fallback_ports(env)  # TF Serving's own gRPC port stays free
+    assert int(env["RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S"]) > 30  # above the configs' request_timeout_s
+    # Serve's gRPC servers take the largest request our configs allow, and not 2 GiB
+    largest = max(
+        yaml.safe_load((REPO / "serve_configs" / name).read_text())["applications"][0]["args"]["limits"][
+            "max_request_bytes"
+        ]
+        for name in ("local.yaml", "gpu.yaml")
+    )
+    assert largest < GRPC_MAX_MESSAGE_BYTES == int(env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"]) < 2**31 - 1
+
+
+def test_one_switch_back_to_the_python_proxy() -> None:
+    env = front_door_env(2, environ={HAPROXY_SWITCH: "0"})
+    assert env[HAPROXY_SWITCH] == "0" and "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in env
+    assert fallback_ports(env) == ()
+
+
+def test_a_run_gets_its_own_short_haproxy_state_dir() -> None:
+    state_dir = new_state_dir()
+    try:
+        env = front_door_env(2, state_dir=state_dir, environ={})
+        socket = env["RAY_SERVE_HAPROXY_SOCKET_PATH"]
+        assert socket.startswith(state_dir) and len(f"{state_dir}/{'0' * 56}/metrics.sock") <= 97
+    finally:
+        Path(state_dir).rmdir()
+
+
+def test_the_shell_form_prints_the_same_environment() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ray_app.front_door", "--cpus", "8", "--cluster"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    printed = dict(shlex.split(line)[1].split("=", 1) for line in result.stdout.splitlines())
+    assert printed == front_door_env(8, cluster=True, environ={})
+
+
+def test_every_place_that_starts_ray_uses_it() -> None:
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    for role in ("head", "worker"):
+        (start,) = [c for c in cluster[f"{role}_start_ray_commands"] if "ray start" in c]
+        assert start.index('eval "$(python -m ray_app.front_door --cluster)";') < start.index("ray start")
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- readme-check: pipeline-steps -->\n```bash\n(.*?)```", readme, re.S).group(1)
+    assert 'eval "$(python -m ray_app.front_door)"' in block.split("ray start")[0]
+    pipeline = (REPO / "client" / "pipeline.py").read_text()
+    assert "front_door_env(node_cpus(), state_dir=" in pipeline
