@@ -104,6 +104,7 @@ class MnistServer:
     async def check_health(self) -> None:
         """Serve calls this every health_check_period_s: also when the versions gauge is refreshed."""
         self._metrics.versions({v: s.state for v, s in self._backend.version_states().items()})
+        self._metrics.flush()
         problem = self._backend.health_problem()
         if problem:
             raise RuntimeError(problem)

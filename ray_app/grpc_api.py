@@ -33,6 +33,7 @@ from ray_app.protocol.tensors import declared_shape, from_ndarray, to_ndarray
 from ray_app.signatures import SignatureSpec
 
 _STATE = get_model_status_pb2.ModelVersionStatus.State
+_DATA_TYPES = frozenset(types_pb2.DataType.values())
 _SIGNATURE_DEF = "signature_def"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
@@ -85,7 +86,7 @@ def _declared(request: predict_pb2.PredictRequest) -> dict[str, tuple[int, tuple
     """Each input's (DataType, shape) as declared; TF's "tensor parsing error" if it cannot be."""
     declared = {}
     for alias, tensor in request.inputs.items():
-        if tensor.dtype == types_pb2.DT_INVALID or tensor.dtype not in types_pb2.DataType.values():
+        if tensor.dtype == types_pb2.DT_INVALID or tensor.dtype not in _DATA_TYPES:
             raise InvalidArgumentError(f"tensor parsing error: {alias}")
         try:
             declared[alias] = (tensor.dtype, declared_shape(tensor, alias))
@@ -113,7 +114,7 @@ async def predict(predictor: Predictor, raw: bytes) -> predict_pb2.PredictRespon
         alias: to_ndarray(tensor, alias, max_elements=predictor.max_elements(target.spec.inputs[alias].dtype))
         for alias, tensor in request.inputs.items()
     }
-    result = await predictor.run(target, inputs, list(request.output_filter))
+    result = await predictor.run(target, inputs, list(request.output_filter), declared_checked=True)
     return to_predict_response(result, request.model_spec.name)
 
 

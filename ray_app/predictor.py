@@ -219,6 +219,7 @@ class Predictor:
             tf_dtype, shape = declared[alias]
             spec.check_input(signature, alias, tf_dtype, shape)
             self._check_size(alias, spec.inputs[alias].dtype, shape)
+        spec.batch_size(signature, {alias: shape for alias, (_, shape) in declared.items()})
         spec.check_output_filter(output_filter)
 
     def _check_size(self, alias: str, dtype: np.dtype | None, shape: Sequence[int]) -> None:
@@ -252,13 +253,25 @@ class Predictor:
         return await self.run(target, request.inputs, request.output_filter)
 
     async def run(
-        self, target: Target, inputs: Mapping[str, np.ndarray], output_filter: Sequence[str] = ()
+        self,
+        target: Target,
+        inputs: Mapping[str, np.ndarray],
+        output_filter: Sequence[str] = (),
+        *,
+        declared_checked: bool = False,
     ) -> InferenceResult:
-        """Check decoded inputs, batch them with other requests, and run them on the backend."""
-        size = target.spec.check_inputs(target.signature_name, inputs)
-        for alias, array in inputs.items():
-            self._check_size(alias, array.dtype, array.shape)
-        target.spec.check_output_filter(output_filter)
+        """Check decoded inputs, batch them with other requests, and run them on the backend.
+
+        ``declared_checked``: :meth:`check_declared` already passed for exactly these inputs (they
+        were decoded to their declared dtypes and shapes), so the checks are not repeated.
+        """
+        if declared_checked:
+            size = target.spec.batch_size(target.signature_name, {k: v.shape for k, v in inputs.items()})
+        else:
+            size = target.spec.check_inputs(target.signature_name, inputs)
+            for alias, array in inputs.items():
+                self._check_size(alias, array.dtype, array.shape)
+            target.spec.check_output_filter(output_filter)
         run_signature, run_inputs = target.signature_name, dict(inputs)
         if run_signature == IMAGE_BYTES_SIGNATURE:
             run_signature = SERVING_DEFAULT
@@ -328,6 +341,8 @@ class Predictor:
         for index, item in enumerate(items):
             key = (item.version, item.signature, tuple(sorted(item.inputs)), item.output_filter)
             groups[key].append(index)
+        if len(groups) == 1:  # the usual case: no gather, no extra tasks
+            return await self._run_group(items)
         results: list[dict[str, np.ndarray] | Exception] = [{} for _ in items]
         group_items = [[items[i] for i in indices] for indices in groups.values()]
         outcomes = await asyncio.gather(*(self._run_group(g) for g in group_items))
@@ -357,8 +372,7 @@ class Predictor:
         if self._metrics is not None:
             latency_ms = (time.monotonic() - started_s) * 1000
             self._metrics.backend_call(first.version, first.signature, self.backend.kind, total, latency_ms)
-            for item in items:
-                self._metrics.batch_wait((started_s - item.queued_s) * 1000)
+            self._metrics.batch_wait((started_s - min(item.queued_s for item in items)) * 1000)
         bounds = np.cumsum([item.size for item in items])[:-1]
         split = {
             name: np.split(value, bounds) if value.ndim and value.shape[0] == total else [value] * len(items)

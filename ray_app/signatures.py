@@ -151,19 +151,25 @@ class SignatureSpec:
             seen.add(alias)
 
     # -- checks on decoded arrays ----------------------------------------------------------------
+    def batch_size(self, signature: str, shapes: Mapping[str, Sequence[int]]) -> int:
+        """The batch size the inputs' shapes agree on (their leading dimension, may be 0)."""
+        batch: int | None = None
+        for alias in sorted(shapes):
+            shape = shapes[alias]
+            if len(shape) == 0:
+                raise InvalidArgumentError(f"signature {signature!r}: input {alias!r} must be batched")
+            if batch is not None and shape[0] != batch:
+                raise InvalidArgumentError(f"signature {signature!r}: inputs disagree on the batch size")
+            batch = int(shape[0])
+        return batch or 0
+
     def check_inputs(self, signature: str, inputs: Mapping[str, np.ndarray]) -> int:
         """Validate decoded ``inputs``; returns the batch size (the leading dimension, may be 0)."""
         self.check_input_names(list(inputs))
-        batch: int | None = None
         for alias in sorted(self.inputs):
             array = inputs[alias]
             self.check_input(signature, alias, dtype_of_numpy(array.dtype), array.shape)
-            if array.ndim == 0:
-                raise InvalidArgumentError(f"signature {signature!r}: input {alias!r} must be batched")
-            if batch is not None and array.shape[0] != batch:
-                raise InvalidArgumentError(f"signature {signature!r}: inputs disagree on the batch size")
-            batch = int(array.shape[0])
-        return batch or 0
+        return self.batch_size(signature, {alias: array.shape for alias, array in inputs.items()})
 
 
 IMAGE_BYTES_SPEC = SignatureSpec(
