@@ -4,6 +4,10 @@ For every variant it starts the server as a subprocess (its own session, free po
 until a Predict succeeds, drives it with ``bench.loadgen.run_load`` at concurrency 1, 8, 32
 with 1 and 32 images per request, then shuts it down (SIGINT, then harder signals to its
 process group) before the next variant starts: at most one Ray instance runs at a time.
+Serve variants run ``serve run -a local`` on serve_configs/local.yaml behind the front door a
+variant names (``ray_app.front_door``: HAProxy + direct ingress, or Serve's Python proxy), the
+load going to the config's gRPC port as a user's would. Each point records CPU cores per
+process (replica, HAProxy, proxy, client) and the replica's mean batch (from the app's metrics).
 Prints a markdown table and writes every result as JSON to ``--out``.
 
     .venv/bin/python -m bench.run_all --out bench/results/run.json
@@ -20,7 +24,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +39,8 @@ import grpc
 import yaml
 
 from bench.loadgen import build_requests, format_result, run_load
+from ray_app import leftovers
+from ray_app.front_door import HAPROXY_SWITCH, front_door_env, new_state_dir, node_cpus
 from ray_app.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,10 +58,11 @@ class Variant:
     kind: str  # "baseline" | "serve"
     description: str
     batching: bool = True  # baseline: in-process batcher on/off
-    max_batch_size: int = 32  # serve: user_config.max_batch_size
-    max_ongoing_requests: int | None = None  # serve: None keeps the config's value
-    throughput_optimized: bool = False  # serve: RAY_SERVE_THROUGHPUT_OPTIMIZED=1
-    access_log: bool = True  # serve: logging_config.enable_access_log
+    front_door: str = "haproxy"  # serve: "haproxy" (HAProxy + direct ingress) | "python-proxy"
+    max_batch_size: int | None = None  # serve: None keeps the config's user_config value
+    batch_wait_timeout_s: float | None = None  # serve: None keeps the config's
+    num_replicas: int | None = None  # serve: None keeps the config's
+    grpc_request_timeout: bool = True  # serve: False drops grpc_options.request_timeout_s
     concurrencies: tuple[int, ...] = CONCURRENCIES
     images_per_request: tuple[int, ...] = IMAGES_PER_REQUEST
 
@@ -66,38 +72,52 @@ VARIANTS = {
     for v in (
         Variant(BASELINE, "baseline", "hand-written grpc.aio + batcher (32 images / 2 ms), no Ray"),
         Variant("baseline-unbatched", "baseline", "hand-written grpc.aio, one model call per request", False),
-        Variant("ray-batched", "serve", "serve_configs/local.yaml: Serve gRPC proxy, max_batch_size 32"),
-        Variant("ray-unbatched", "serve", "serve_configs/local.yaml with max_batch_size 1", max_batch_size=1),
+        Variant("ray-haproxy", "serve", "serve_configs/local.yaml as users get it: HAProxy + direct ingress"),
         Variant(
-            "ray-batched-mor128",
+            "ray-python-proxy",
             "serve",
-            "ray-batched with max_ongoing_requests 128 (config: 64)",
-            max_ongoing_requests=128,
-            concurrencies=(32,),
+            "serve_configs/local.yaml through Serve's Python proxy (RAY_SERVE_ENABLE_HA_PROXY=0, the fallback)",
+            front_door="python-proxy",
         ),
         Variant(
-            "ray-batched-noaccesslog",
+            "ray-haproxy-wait0",
             "serve",
-            "ray-batched with logging_config.enable_access_log false (config: per-request INFO lines)",
-            access_log=False,
-            concurrencies=(32,),
+            "ray-haproxy with batch_wait_timeout_s 0: a batch takes what queued while the last one ran",
+            batch_wait_timeout_s=0.0,
         ),
         Variant(
-            "ray-throughput-opt",
+            "ray-haproxy-wait2ms",
             "serve",
-            "ray-batched with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (direct ingress: the replica's own gRPC port)",
-            throughput_optimized=True,
+            "ray-haproxy with batch_wait_timeout_s 0.002: wait up to 2 ms for a batch to fill",
+            batch_wait_timeout_s=0.002,
+        ),
+        Variant(
+            "ray-haproxy-no-grpc-timeout",
+            "serve",
+            "ray-haproxy without grpc_options.request_timeout_s (no timeout task per request)",
+            grpc_request_timeout=False,
+        ),
+        Variant(
+            "ray-haproxy-2replicas",
+            "serve",
+            "ray-haproxy with 2 replicas (local.yaml: 1), HAProxy balancing least-connections",
+            num_replicas=2,
+        ),
+        Variant(
+            "ray-haproxy-unbatched",
+            "serve",
+            "ray-haproxy with max_batch_size 1 (no batching)",
+            max_batch_size=1,
+            concurrencies=(32,),
         ),
     )
 }
 DEFAULT_VARIANTS = (
     BASELINE,
     "baseline-unbatched",
-    "ray-batched",
-    "ray-unbatched",
-    "ray-batched-mor128",
-    "ray-batched-noaccesslog",
-    "ray-throughput-opt",
+    "ray-haproxy",
+    "ray-python-proxy",
+    "ray-haproxy-2replicas",
 )
 
 
@@ -108,31 +128,10 @@ class Running:
     target: str
     notes: dict[str, Any] = field(default_factory=dict)
     sid: int | None = None  # the server's session, for CPU accounting
-    batch_metrics: Callable[[], dict[float, float] | None] | None = None  # batch-size histogram so far
+    batch_metrics: Callable[[], dict[str, float] | None] | None = None  # images and backend calls so far
 
 
 # -- processes -----------------------------------------------------------------------------------
-def _free_port_range(width: int) -> int:
-    """First port of ``width`` consecutive ports that are free right now."""
-    for _ in range(50):
-        first = free_port()
-        if first + width > 65000:
-            continue
-        ports = range(first, first + width)
-        if all(_port_is_free(p) for p in ports):
-            return first
-    raise RuntimeError(f"no {width} consecutive free ports found")
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-        return True
-
-
 def _session_pids(sid: int) -> list[int]:
     """PIDs still alive in session ``sid`` (the processes a Popen(start_new_session=True) left)."""
     out = subprocess.run(["ps", "-e", "-o", "pid=,sid="], capture_output=True, text=True).stdout
@@ -236,15 +235,8 @@ def _cpu_snapshot(sid: int | None) -> dict[str, float]:
     return totals
 
 
-_BATCH_BUCKETS = ",".join(str(n) for n in range(1, 33))  # one histogram bucket per batch size
-
-
-def _serve_batch_histogram(ray_tmp: Path) -> dict[float, float] | None:
-    """Cumulative ``@serve.batch`` batch-size histogram ({upper bound: batches}) from Prometheus.
-
-    With ``RAY_SERVE_BATCH_SIZE_BUCKETS`` = 1..32 every size has its own bucket, so the counts
-    are exact (the exported ``_sum`` is only estimated from bucket midpoints).
-    """
+def _scrape(ray_tmp: Path) -> str | None:
+    """The node's Prometheus text (Ray's metrics endpoint of the cluster in ``ray_tmp``)."""
     session = ray_tmp / "ray" / "session_latest"
     try:
         (port_file,) = session.glob("metrics_export_port_*")
@@ -252,30 +244,33 @@ def _serve_batch_histogram(ray_tmp: Path) -> dict[float, float] | None:
         targets = json.loads((session / "prom_metrics_service_discovery.json").read_text())[0]["targets"]
         target = next(t for t in targets if t.endswith(f":{port}"))
         with urllib.request.urlopen(f"http://{target}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
+            return reply.read().decode()
     except (OSError, ValueError, StopIteration, IndexError, KeyError):
         return None
-    buckets: dict[float, float] = {}
-    for line in text.splitlines():
-        if line.startswith("ray_serve_actual_batch_size_bucket{"):
-            bound = float(line.split('le="', 1)[1].split('"', 1)[0])
-            buckets[bound] = buckets.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
-    return buckets
 
 
-def _batch_stats(before: dict[float, float], after: dict[float, float]) -> dict[str, Any] | None:
-    """Number of batches between two histogram reads, their mean size and the share of size 1."""
-    bounds = sorted(after)
-    cumulative = [after[b] - before.get(b, 0.0) for b in bounds]
-    per_bucket = [cumulative[0], *(hi - lo for lo, hi in zip(cumulative, cumulative[1:]))]
-    total = cumulative[-1] if cumulative else 0.0
-    if total <= 0 or any(b != float("inf") and b > 32 for b in bounds):
+def _app_batch_counts(ray_tmp: Path) -> dict[str, float] | None:
+    """Images answered and backend calls made so far, from the app's own metrics (ray_app/metrics.py)."""
+    text = _scrape(ray_tmp)
+    if text is None:
         return None
-    sized = [(b, n) for b, n in zip(bounds, per_bucket) if b != float("inf")]
+    totals = {"images": 0.0, "calls": 0.0}
+    for line in text.splitlines():
+        if line.startswith("ray_mnist_images_total{"):
+            totals["images"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("ray_mnist_backend_latency_ms_count{"):
+            totals["calls"] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def _batch_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, Any] | None:
+    """Backend calls between two reads and their mean size in images (exact: counters, not buckets)."""
+    calls = after["calls"] - before["calls"]
+    if calls <= 0:
+        return None
     return {
-        "serve_batches": int(total),
-        "serve_mean_batch_images": round(sum(b * n for b, n in sized) / total, 2),
-        "serve_share_batches_of_1": round(per_bucket[0] / total, 3),
+        "serve_batches": int(calls),
+        "serve_mean_batch_images": round((after["images"] - before["images"]) / calls, 2),
     }
 
 
@@ -313,16 +308,6 @@ def _wait_ready(
     raise TimeoutError(f"no Predict succeeded on {candidates} within {deadline_s:.0f}s:\n{_log_tail(log)}")
 
 
-def _listening(host: str, ports: range) -> list[int]:
-    found = []
-    for port in ports:
-        with socket.socket() as sock:
-            sock.settimeout(0.2)
-            if sock.connect_ex((host, port)) == 0:
-                found.append(port)
-    return found
-
-
 @contextlib.contextmanager
 def baseline_server(variant: Variant, args: argparse.Namespace, workdir: Path) -> Iterator[Running]:
     """Start ``bench.baseline_server`` on a free port; stop it on exit."""
@@ -350,83 +335,64 @@ def _write_serve_config(variant: Variant, path: Path, http_port: int, grpc_port:
     config = yaml.safe_load(SERVE_CONFIG.read_text())
     config["http_options"]["port"] = http_port
     config["grpc_options"]["port"] = grpc_port
+    if not variant.grpc_request_timeout:
+        config["grpc_options"].pop("request_timeout_s", None)
     (app,) = config["applications"]
     (deployment,) = app["deployments"]
-    deployment["user_config"]["max_batch_size"] = variant.max_batch_size
-    if variant.max_ongoing_requests is not None:
-        deployment["max_ongoing_requests"] = variant.max_ongoing_requests
-    if not variant.access_log:
-        config["logging_config"]["enable_access_log"] = False
+    if variant.max_batch_size is not None:
+        deployment["user_config"]["max_batch_size"] = variant.max_batch_size
+    if variant.batch_wait_timeout_s is not None:
+        deployment["user_config"]["batch_wait_timeout_s"] = variant.batch_wait_timeout_s
+    if variant.num_replicas is not None:
+        deployment["num_replicas"] = variant.num_replicas
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 @contextlib.contextmanager
 def serve_app(variant: Variant, args: argparse.Namespace, workdir: Path) -> Iterator[Running]:
-    """``serve run -a local`` a copy of serve_configs/local.yaml in a fresh RAY_TMPDIR; stop it on exit."""
+    """``serve run -a local`` a copy of serve_configs/local.yaml behind the variant's front door, in a
+    fresh RAY_TMPDIR; stop it on exit (and check its HAProxy is gone)."""
     http_port, grpc_port = free_port(), free_port()
     config_path = workdir / f"{variant.name}.yaml"
     _write_serve_config(variant, config_path, http_port, grpc_port)
     ray_tmp = Path(tempfile.mkdtemp(prefix="rb", dir="/tmp"))  # short: Ray's socket paths have a limit
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    state_dir = new_state_dir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", HAPROXY_SWITCH)}
+    door = {HAPROXY_SWITCH: "0"} if variant.front_door == "python-proxy" else {}
+    env.update(front_door_env(node_cpus(), state_dir=state_dir, environ=door))
+    for variable in (  # Ray's fixed HAProxy-mode ports, free ones here (other Serve instances run here)
+        "RAY_SERVE_HAPROXY_STATS_PORT",
+        "RAY_SERVE_HAPROXY_METRICS_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+    ):
+        env[variable] = str(free_port())
     env.update(
         RAY_TMPDIR=str(ray_tmp),
         RAY_AUTH_MODE="disabled",  # throwaway local cluster (RAY_FACTS: Operations)
         MODEL_NAME=args.model_name,
         MODEL_BASE_PATH=str(args.model_base_path),
         PYTHONUNBUFFERED="1",  # keep serve run's last lines in the log even if it must be killed
+        RAY_metrics_report_interval_ms="1000",  # export metrics every second so each point can be read
     )
-    if args.batch_metrics:  # export metrics every second (default 10 s) so each point can be read
-        env["RAY_metrics_report_interval_ms"] = "1000"
-        env["RAY_SERVE_BATCH_SIZE_BUCKETS"] = _BATCH_BUCKETS
-    direct_ports = range(0)
-    if variant.throughput_optimized:
-        grpc_first, http_first = _free_port_range(20), _free_port_range(20)
-        direct_ports = range(grpc_first, grpc_first + 20)
-        env.update(
-            RAY_SERVE_THROUGHPUT_OPTIMIZED="1",
-            RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT=str(grpc_first),
-            RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT=str(grpc_first + 19),
-            RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(http_first),
-            RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(http_first + 19),
-        )
     log = workdir / f"{variant.name}.log"
     cmd = [str(Path(sys.executable).parent / "serve"), "run", "-a", "local", str(config_path)]
     proc = _start_server(cmd, log, env)
     started = time.monotonic()
-    proxy = f"127.0.0.1:{grpc_port}"
-    notes: dict[str, Any] = {"ray_tmpdir": str(ray_tmp)}
-    reader = (lambda: _serve_batch_histogram(ray_tmp)) if args.batch_metrics else None
+    notes: dict[str, Any] = {"ray_tmpdir": str(ray_tmp), "front_door": variant.front_door}
     try:
         request = build_requests(args.model_name, 1, count=1)[0][0]
-        if not variant.throughput_optimized:
-            target = _wait_ready(proc, [proxy], request, args.ready_timeout_s, log)
-            notes["ready_s"] = round(time.monotonic() - started, 1)
-            yield Running(target, notes, proc.pid, reader)
-            return
-        # Direct ingress: the replica listens on a port of its own from the range we gave it.
-        notes["proxy_target"] = proxy
-        notes["direct_port_range"] = [direct_ports[0], direct_ports[-1]]
-        deadline = time.monotonic() + args.ready_timeout_s
-        direct = None
-        while direct is None and time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"serve run exited with {proc.returncode}:\n{_log_tail(log)}")
-            for port in _listening("127.0.0.1", direct_ports):
-                if _predict_ok(f"127.0.0.1:{port}", request, timeout_s=2.0):
-                    direct = f"127.0.0.1:{port}"
-                    break
-            else:
-                time.sleep(1.0)
-        if direct is None:
-            raise TimeoutError(f"no direct-ingress gRPC port answered in {direct_ports}:\n{_log_tail(log)}")
+        target = _wait_ready(proc, [f"127.0.0.1:{grpc_port}"], request, args.ready_timeout_s, log)
         notes["ready_s"] = round(time.monotonic() - started, 1)
-        notes["direct_target"] = direct
-        notes["proxy_answers_predict"] = _predict_ok(proxy, request, timeout_s=5.0)
-        notes["proxy_port_listening"] = bool(_listening("127.0.0.1", range(grpc_port, grpc_port + 1)))
-        yield Running(direct, notes, proc.pid, reader)
+        yield Running(target, notes, proc.pid, lambda: _app_batch_counts(ray_tmp))
     finally:
         notes["stopped_by"] = _stop_session(proc, grace_s=60)
         notes["exit_code"] = proc.returncode
+        left = leftovers.wait_gone(lambda: leftovers.haproxy_processes(state_dir), 20)
+        if left:
+            notes["stopped_by"] += f" (+ {len(left)} haproxy left, stopped)"
+            leftovers.stop(left)
+        shutil.rmtree(state_dir, ignore_errors=True)
         print(f"  serve run exited with {proc.returncode} ({notes['stopped_by']})", flush=True)
         if not args.keep_ray_tmp:
             shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -460,17 +426,12 @@ def _measure(target: str, args: argparse.Namespace, c: int, k: int, running: Run
         }
         result["loadavg_1m"] = os.getloadavg()[0]
         if batch_metrics:
-            time.sleep(2.5)  # let the replica export its last batches (every 1 s with --batch-metrics)
+            time.sleep(2.5)  # let the replica flush and export its counts (every 1 s here)
             batches_after = batch_metrics()
             if batches_before is not None and batches_after:
                 result.update(_batch_stats(batches_before, batches_after) or {})
         mean_batch = result.get("serve_mean_batch_images")
-        batch_note = (
-            f"; {result['serve_batches']} batches, mean {mean_batch} images, "
-            f"{result['serve_share_batches_of_1']:.0%} of size 1"
-            if mean_batch
-            else ""
-        )
+        batch_note = f"; {result['serve_batches']} batches, mean {mean_batch} images" if mean_batch else ""
         print(f"    {format_result(result)}; cores {result['cpu_cores']}{batch_note}", flush=True)
         runs.append(result)
     runs.sort(key=lambda r: r["img_per_s"])
@@ -492,12 +453,6 @@ def _run_variant(variant: Variant, args: argparse.Namespace, workdir: Path) -> d
             for k in variant.images_per_request:
                 for c in variant.concurrencies:
                     record["points"].append(_measure(running.target, args, c, k, running))
-            if variant.throughput_optimized and running.notes.get("proxy_answers_predict"):
-                # The proxy port still answers: how fast is it in this mode, at the busiest point?
-                proxy = running.notes["proxy_target"]
-                record["proxy_points"] = [
-                    _measure(proxy, args, 32, k, running) for k in variant.images_per_request
-                ]
     except Exception as exc:  # report and go on with the next variant
         print(f"  FAILED: {exc}", flush=True)
         record["error"] = f"{type(exc).__name__}: {exc}"
@@ -523,7 +478,6 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     ]
     for record in records:
         rows = [(record["variant"], p) for p in record["points"]]
-        rows += [(f"{record['variant']} (via proxy)", p) for p in record.get("proxy_points", [])]
         if record.get("error"):
             lines.append(f"| {record['variant']} | - | - | failed: {record['error'][:80]} | | | | |")
         for name, p in rows:
@@ -554,11 +508,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1, help="runs per point; the median is reported")
     parser.add_argument("--ready-timeout-s", type=float, default=240.0)
     parser.add_argument("--log-dir", type=Path, default=None, help="server logs (default: a new temp dir)")
-    parser.add_argument(
-        "--batch-metrics",
-        action="store_true",
-        help="read Serve's batch sizes after each point (metrics exported every 1 s, one bucket per size)",
-    )
     parser.add_argument("--keep-ray-tmp", action="store_true", help="keep each run's RAY_TMPDIR (Ray's logs)")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]

@@ -115,6 +115,7 @@ class Predictor:
         # huge blank PNGs can then delay other image-bytes requests, not every request.
         self._decoder = ThreadPoolExecutor(config.limits.decode_threads, thread_name_prefix="decode")
         self._pending_decodes = 0  # image-bytes requests decoding or waiting for a decoder thread
+        self._in_flight = 0  # requests between here and their answer from the backend
 
     # -- configuration -------------------------------------------------------------------------
     def reconfigure(self, live: LiveConfig) -> None:
@@ -277,11 +278,18 @@ class Predictor:
             run_signature = SERVING_DEFAULT
             run_inputs = {IMAGES_INPUT: await self._decode_images(inputs[IMAGE_BYTES_INPUT])}
         item = _Item(target.version, target.pinned, run_signature, run_inputs, tuple(output_filter), size)
-        if size >= self.live.max_batch_size or size == 0:  # waiting for a batch gains nothing
-            outputs = await self._run_group([item])
-            result = outputs[0]
-        else:
-            result = await self._run_batch(item)
+        # Waiting for a batch gains nothing when the request fills one by itself, or when nothing
+        # else is in flight (the backend is idle: a lone request runs at once, no batch wait);
+        # while requests are in flight, new ones gather into batches.
+        alone = self._in_flight == 0
+        self._in_flight += 1
+        try:
+            if size >= self.live.max_batch_size or size == 0 or alone:
+                result = (await self._run_group([item]))[0]
+            else:
+                result = await self._run_batch(item)
+        finally:
+            self._in_flight -= 1
         if isinstance(result, Exception):
             raise result
         if self._metrics is not None:
@@ -332,11 +340,7 @@ class Predictor:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, batch_size_fn=_batch_images)
     async def _run_batch(self, items: list[_Item]) -> list[dict[str, np.ndarray] | Exception]:
-        loaded = set(self.backend.versions())
-        latest = max(loaded) if loaded else None
-        for item in items:
-            if item.version not in loaded and not item.pinned and latest is not None:
-                item.version = latest  # its version was unloaded while it waited
+        self._follow_latest(items)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for index, item in enumerate(items):
             key = (item.version, item.signature, tuple(sorted(item.inputs)), item.output_filter)
@@ -351,8 +355,16 @@ class Predictor:
                 results[index] = value
         return results
 
+    def _follow_latest(self, items: list[_Item]) -> None:
+        """Unpinned items whose version was unloaded while they waited go to the latest instead."""
+        loaded = self.backend.versions()
+        for item in items:
+            if item.version not in loaded and not item.pinned and loaded:
+                item.version = loaded[-1]
+
     async def _run_group(self, items: list[_Item]) -> list[dict[str, np.ndarray] | Exception]:
         """One backend call for items sharing version, signature and inputs; split the outputs."""
+        self._follow_latest(items)
         first = items[0]
         if first.version not in self.backend.versions():
             error = NotFoundError(f"version {first.version} was unloaded before the request ran")

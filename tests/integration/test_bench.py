@@ -27,13 +27,13 @@ def test_benchmark_runner_measures_baseline_and_the_serve_app(tmp_path, trained_
     argv = [
         sys.executable, "-m", "bench.run_all", "--out", str(out),
         "--model-base-path", str(tmp_path / "models"), "--model-name", "mnist",
-        "--variants", "baseline-batched,ray-batched", "--duration-s", "1", "--warmup-s", "0.5",
+        "--variants", "baseline-batched,ray-haproxy", "--duration-s", "1", "--warmup-s", "0.5",
         "--log-dir", str(tmp_path / "logs"),
     ]  # fmt: skip
     result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert [r["variant"] for r in report["results"]] == ["baseline-batched", "ray-batched"]
+    assert [r["variant"] for r in report["results"]] == ["baseline-batched", "ray-haproxy"]
     for record in report["results"]:
         points = record.get("points")
         assert points, record  # a variant that failed to start has no points
@@ -43,4 +43,4 @@ def test_benchmark_runner_measures_baseline_and_the_serve_app(tmp_path, trained_
         for point in points:
             assert point["requests_ok"] > 0 and point["error_count"] == 0, point
             assert point["accuracy"] >= 0.9, point  # real answers, checked against the labels
-    assert "| ray-batched | 32 | 1 |" in report["table"]
+    assert "| ray-haproxy | 32 | 1 |" in report["table"]

@@ -8,6 +8,7 @@ batching and encoding; the model itself is tested elsewhere.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -68,6 +69,7 @@ class StaticBackend:
     ) -> dict[str, np.ndarray]:
         images = inputs[IMAGES_INPUT]
         self.calls.append((version, signature, len(images)))
+        await asyncio.sleep(0.001)  # like a real backend, it yields while the model runs
         probabilities = fake_probabilities(images)
         if signature == "predict_images":
             outputs = {SCORES_OUTPUT: probabilities}

@@ -233,7 +233,8 @@ def test_different_signatures_never_share_a_backend_call(store):
         )
 
     _run(store, body, live=LiveConfig(max_batch_size=8, batch_wait_timeout_s=0.05))
-    assert sorted(calls) == ["predict_images", "serving_default"]
+    # the first ran alone (nothing else in flight); the other two were batched, then split by signature
+    assert sorted(calls) == ["predict_images", "serving_default", "serving_default"]
 
 
 def test_live_reconfigure_changes_batch_limit(store):
@@ -246,8 +247,8 @@ def test_live_reconfigure_changes_batch_limit(store):
         assert calls == [1, 1, 1, 1]
         calls.clear()
         predictor.reconfigure(LiveConfig(max_batch_size=4, batch_wait_timeout_s=0.05))
-        await asyncio.gather(*(predictor.predict(_request(TEST.images[i : i + 1])) for i in range(4)))
-        assert calls == [4]
+        await asyncio.gather(*(predictor.predict(_request(TEST.images[i : i + 1])) for i in range(5)))
+        assert calls == [1, 4]  # the first alone (the backend was idle), then one batch of 4
 
     _run(store, body)
 
@@ -315,3 +316,21 @@ def test_empty_store_is_healthy_and_waits_for_a_first_version(tmp_path, trained_
 def test_canary_share_needs_a_canary_label():
     with pytest.raises(ValueError, match="canary"):
         LiveConfig(canary_traffic_percent=10)
+
+
+def test_a_lone_request_does_not_wait_for_a_batch_but_a_busy_backend_gathers_them(store):
+    """Nothing in flight: the request runs at once (no batch wait). While one runs, the next ones
+    wait for the batch and go together."""
+    calls: list[int] = []
+
+    async def body(predictor, backend):
+        _record_calls(backend, lambda signature, inputs: calls.append(len(next(iter(inputs.values())))))
+        started = asyncio.get_running_loop().time()
+        await predictor.predict(_request(TEST.images[:1]))
+        alone_s = asyncio.get_running_loop().time() - started
+        await asyncio.gather(*(predictor.predict(_request(TEST.images[i : i + 1])) for i in range(6)))
+        return alone_s
+
+    alone_s = _run(store, body, live=LiveConfig(max_batch_size=8, batch_wait_timeout_s=1.0))
+    assert alone_s < 0.5  # far below the 1 s batch wait
+    assert calls == [1, 1, 5]  # alone; then the first of six alone, the other five in one batch
