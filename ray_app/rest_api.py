@@ -7,9 +7,10 @@ signature's dtypes with TF Serving's error texts, row (``instances`` -> ``predic
 columnar (``inputs`` -> ``outputs``) formats, ``{"b64": ...}`` for binary values, numbers
 rendered as TF Serving renders them, and errors as ``{"error": "..."}`` with its HTTP statuses.
 
-Deliberate differences (see README): an echoed request document is cut to
-``MAX_ECHOED_CHARS``; JSON syntax errors use RapidJSON's texts for the common cases only;
-documents nested deeper than ``MAX_JSON_DEPTH`` are refused.
+Deliberate differences (see README): errors that quote the request document quote its raw text,
+cut to ``MAX_ECHOED_CHARS`` (TF Serving re-prints the whole document); JSON syntax errors use
+RapidJSON's texts for the common cases only; documents nested too deep for Python's parser
+(about 1,000 levels) are refused with a 400.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from ray_app.protocol.status import InvalidArgumentError, UnimplementedError
 from ray_app.protocol.tensors import STRING, tf_dtype_string
 from ray_app.signatures import SignatureNotFoundError, SignatureSpec, TensorSpec
 
-MAX_JSON_DEPTH = 64  # tensors have at most 32 dimensions; nothing legitimate nests deeper
 MAX_ECHOED_CHARS = 1000
 
 _PREDICT_PATH = re.compile(
@@ -112,9 +112,7 @@ def parse_json(body: bytes) -> Any:
             message = _comma_text(text, exc.pos)
         raise InvalidArgumentError(f"JSON Parse error: {message} at offset: {exc.pos}") from None
     except RecursionError:
-        raise InvalidArgumentError(f"JSON Parse error: nesting deeper than {MAX_JSON_DEPTH} levels") from None
-    if _depth_exceeds(document, MAX_JSON_DEPTH):
-        raise InvalidArgumentError(f"JSON Parse error: nesting deeper than {MAX_JSON_DEPTH} levels")
+        raise InvalidArgumentError("JSON Parse error: the document nests too deep") from None
     return document
 
 
@@ -136,29 +134,18 @@ def _comma_text(text: str, position: int) -> str:
     return "Missing a comma or '}' after an object member."
 
 
-def _depth_exceeds(document: Any, limit: int) -> bool:
-    """Whether lists/objects nest deeper than ``limit`` (iterative: no recursion on hostile input)."""
-    pending = [(document, 1)]
-    while pending:
-        value, depth = pending.pop()
-        if isinstance(value, list | dict):
-            if depth > limit:
-                return True
-            children = value.values() if isinstance(value, dict) else value
-            pending.extend((child, depth + 1) for child in children if isinstance(child, list | dict))
-    return False
-
-
-def _echo(value: Any, pretty: bool = False) -> str:
-    text = json.dumps(
-        value, indent=4 if pretty else None, separators=None if pretty else (",", ":"), ensure_ascii=False
-    )
+def _echo(value: Any) -> str:
+    """One JSON value (an element, a leaf) as compact JSON, cut to ``MAX_ECHOED_CHARS``."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     return text if len(text) <= MAX_ECHOED_CHARS else text[:MAX_ECHOED_CHARS] + "...(cut)"
 
 
-def _format_error(document: Any, *parts: str) -> InvalidArgumentError:
-    """``FormatError``: the whole document, pretty-printed, then the problem."""
-    return InvalidArgumentError(f"JSON Value: {_echo(document, pretty=True)} {''.join(parts)}")
+def _format_error(body: bytes, *parts: str) -> InvalidArgumentError:
+    """``FormatError``: the request document (its raw text, cut: cheap whatever its size), then the problem."""
+    text = body[: MAX_ECHOED_CHARS + 1].decode("utf-8", "replace")
+    if len(text) > MAX_ECHOED_CHARS:
+        text = text[:MAX_ECHOED_CHARS] + "...(cut)"
+    return InvalidArgumentError(f"JSON Value: {text} {''.join(parts)}")
 
 
 def _json_type(value: Any) -> str:
@@ -287,30 +274,41 @@ def _in_range(array: np.ndarray, low: int, high: int) -> bool:
     return not array.size or (int(array.min()) >= low and int(array.max()) <= high)
 
 
+def _outline(value: Any) -> tuple[int, ...]:
+    """The shape nested lists suggest, following first elements only (cheap: no full walk)."""
+    dims = []
+    while isinstance(value, list):
+        dims.append(len(value))
+        value = value[0] if value else None
+    return tuple(dims)
+
+
 def _rectangular(alias: str, value: Any, dtype: type | None) -> np.ndarray:
     """``value`` as an n-d array; TF Serving's error when the nesting is ragged."""
     try:
         array = np.array(value, dtype=dtype)
     except (ValueError, OverflowError):  # ragged nesting, or integers beyond 64 bits
         array = None
-    if array is None or (dtype is None and array.dtype == object):
-        shapes = [np.shape(np.array(v, dtype=object)) for v in value] if isinstance(value, list) else []
-        if len(set(shapes)) > 1:
-            first = shapes[0]
-            index = next(i for i, s in enumerate(shapes) if s != first)
-            raise InvalidArgumentError(
-                f"Failed to process element: {index} of 'instances' list. Error: INVALID_ARGUMENT: Expecting "
-                f"shape [{','.join(map(str, first))}] but got: [{','.join(map(str, shapes[index]))}]"
-            )
-        return np.array(value, dtype=object)
+    if array is not None and (dtype is not None or array.dtype != object):
+        return array
+    if isinstance(value, list) and value:
+        first = _outline(value[0])
+        for index, element in enumerate(value):
+            if _outline(element) != first:
+                raise InvalidArgumentError(
+                    f"Failed to process element: {index} of 'instances' list. Error: INVALID_ARGUMENT: Expecting "
+                    f"shape [{','.join(map(str, first))}] but got: [{','.join(map(str, _outline(element)))}]"
+                )
+    if array is None:
+        raise InvalidArgumentError(f"input {alias!r}: the JSON lists are not a rectangular tensor")
     return array
 
 
-def _instances(document: dict, payload: Any, spec: SignatureSpec) -> dict[str, np.ndarray]:
+def _instances(body: bytes, payload: Any, spec: SignatureSpec) -> dict[str, np.ndarray]:
     if not isinstance(payload, list):
-        raise _format_error(document, "Excepting 'instances' to be an list/array")
+        raise _format_error(body, "Excepting 'instances' to be an list/array")
     if not payload:
-        raise _format_error(document, "No values in 'instances' array")
+        raise _format_error(body, "No values in 'instances' array")
     names = sorted(spec.inputs)
     if _is_object(payload[0]):
         for index, element in enumerate(payload):
@@ -437,10 +435,10 @@ async def predict(predictor: Predictor, where: Route, body: bytes) -> tuple[str,
     """``:predict``: the JSON answer, the version that ran and the signature."""
     document = parse_json(body)
     if not isinstance(document, dict):
-        raise InvalidArgumentError(f"JSON Value: {_echo(document, pretty=True)} Is not object")
+        raise _format_error(body, "Is not object")
     signature = document.get("signature_name", "")
     if not isinstance(signature, str):
-        raise _format_error(document, "not formatted correctly. 'signature_name' key must be a string value.")
+        raise _format_error(body, "not formatted correctly. 'signature_name' key must be a string value.")
     try:
         target = predictor.resolve(where.model_name, where.version, where.label, signature)
     except SignatureNotFoundError as exc:
@@ -452,10 +450,10 @@ async def predict(predictor: Predictor, where: Route, body: bytes) -> tuple[str,
     has_rows, has_columns = "instances" in document, "inputs" in document
     if has_rows and has_columns:
         raise _format_error(
-            document, "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist "
+            body, "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist "
         )
     if has_rows:
-        inputs = _instances(document, document["instances"], target.spec)
+        inputs = _instances(body, document["instances"], target.spec)
     elif has_columns:
         inputs = _columns(document["inputs"], target.spec)
     else:
@@ -468,16 +466,16 @@ def examples_request(predictor: Predictor, where: Route, body: bytes) -> None:
     """``:classify`` / ``:regress``: TF Serving's body checks, then its signature checks (always refused)."""
     document = parse_json(body)
     if not isinstance(document, dict):
-        raise InvalidArgumentError(f"JSON Value: {_echo(document, pretty=True)} Is not object")
+        raise _format_error(body, "Is not object")
     signature = document.get("signature_name", "")
     if not isinstance(signature, str):
-        raise _format_error(document, "not formatted correctly. 'signature_name' key must be a string value.")
+        raise _format_error(body, "not formatted correctly. 'signature_name' key must be a string value.")
     if "examples" not in document:
-        raise _format_error(document, "When method is classify, key 'examples' is expected and was not found")
+        raise _format_error(body, "When method is classify, key 'examples' is expected and was not found")
     if not isinstance(document["examples"], list):
-        raise _format_error(document, "Expecting 'examples' value to be an list/array")
+        raise _format_error(body, "Expecting 'examples' value to be an list/array")
     if not document["examples"]:
-        raise _format_error(document, "'examples' value is an empty array")
+        raise _format_error(body, "'examples' value is an empty array")
     spec = where.model_spec()
     spec.signature_name = signature
     method = grpc_api.CLASSIFY_METHOD if where.kind == "classify" else grpc_api.REGRESS_METHOD
