@@ -116,6 +116,7 @@ class Journey:
     """Runs the steps; owns the cluster it starts."""
 
     kill_grace_s = 10.0  # after SIGTERM to a step that outlived its limit, SIGKILL follows
+    leftover_grace_s = 30.0  # after clean-up, how long the run's processes get to exit by themselves
 
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
@@ -460,7 +461,7 @@ class Journey:
             alive = [p for p in ours if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
             return alive + (leftovers.haproxy_processes(state_dir) if state_dir else [])
 
-        left = leftovers.wait_gone(still_running, timeout_s=30)
+        left = leftovers.wait_gone(still_running, timeout_s=self.leftover_grace_s)
         if left:
             _say(f"      warning: stopping what clean-up left running: {', '.join(leftovers.describe(left))}")
             leftovers.stop(left)

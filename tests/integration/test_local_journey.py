@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from client.pipeline import DASHBOARD_PORT, default_ports, running_ray_processes
+from ray_app import leftovers
 from ray_app.ports import free_port, port_in_use
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -28,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
 BIN = Path(sys.executable).parent
 SAMPLES = json.loads((REPO / "data" / "samples.json").read_text())
+HAPROXY_STATE_PREFIX = "/tmp/mnist-ha-"  # ray_app.front_door.new_state_dir: the pipeline's HAProxy state
 
 
 def _env() -> dict[str, str]:
@@ -80,10 +82,13 @@ def journey(tmp_path_factory):
         address = dashboard.group(1) if dashboard else f"http://127.0.0.1:{DASHBOARD_PORT}"
         for command in _cleanup_commands(address):
             subprocess.run(shlex.split(command), env=_env(), capture_output=True, timeout=120)
-        deadline = time.monotonic() + 30
-        while running_ray_processes() and time.monotonic() < deadline:
-            time.sleep(1)
-        assert not running_ray_processes(), "ray stop left Ray processes behind"
+        left = leftovers.wait_gone(leftovers.ray_processes, timeout_s=30)
+        haproxy = leftovers.wait_gone(lambda: leftovers.haproxy_processes(HAPROXY_STATE_PREFIX), timeout_s=30)
+        leftovers.stop(left + haproxy)  # so a failure here does not cascade into later tests
+        assert not left, f"ray stop left Ray processes behind: {leftovers.describe(left)}"
+        assert not haproxy, f"HAProxy left behind: {leftovers.describe(haproxy)}"
+        busy = [port for port in (grpc_port, http_port) if port_in_use(port)]
+        assert not busy, f"serving ports still bound after the clean-up: {busy}"
 
 
 def test_pipeline_publishes_two_versions_and_the_client_reads_the_samples(journey):

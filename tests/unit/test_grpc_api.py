@@ -395,3 +395,55 @@ def test_batched_answers_are_split_back_per_request() -> None:
     expected = fake_probabilities(IMAGES).argmax(1).tolist()
     assert [to_ndarray(r.outputs["classes"]).tolist() for r in responses] == [[c] for c in expected]
     assert len(backend.calls) < 4  # batched
+
+
+def _png_request(count: int) -> predict_pb2.PredictRequest:
+    import io
+
+    from PIL import Image
+
+    from training.data import load_mnist
+
+    buffer = io.BytesIO()
+    Image.fromarray(load_mnist().test.images[0]).save(buffer, format="PNG")
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name, request.model_spec.signature_name = "mnist", "predict_image_bytes"
+    request.inputs["image_bytes"].CopyFrom(from_ndarray(np.array([buffer.getvalue()] * count, dtype=object)))
+    return request
+
+
+def test_image_decoding_has_its_own_bounded_threads(monkeypatch) -> None:
+    """Slow decodes hold only the decoder thread: tensor requests still run, and past
+    max_pending_decodes further image-bytes requests are refused at once."""
+    import asyncio
+
+    from ray_app import preprocessing
+
+    real = preprocessing.preprocess_bytes
+
+    def slow(data, **limits):
+        time.sleep(0.5)  # a large image taking long to decode
+        return real(data, **limits)
+
+    monkeypatch.setattr(preprocessing, "preprocess_bytes", slow)
+    predictor = Predictor(AppConfig(limits={"decode_threads": 1, "max_pending_decodes": 2}), StaticBackend())
+    predictor.reconfigure(LiveConfig())
+
+    async def scenario():
+        decoding = [
+            asyncio.ensure_future(grpc_api.predict(predictor, _png_request(1).SerializeToString()))
+            for _ in range(2)
+        ]
+        await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        tensors = await grpc_api.predict(predictor, _request(IMAGES).SerializeToString())
+        tensor_s = time.perf_counter() - started
+        with pytest.raises(ServingError) as refused:
+            await grpc_api.predict(predictor, _png_request(1).SerializeToString())
+        await asyncio.gather(*decoding)
+        return tensors, tensor_s, refused.value
+
+    tensors, tensor_s, refused = run_on_replica_loop(scenario())
+    assert len(tensors.outputs["classes"].int64_val) == 4 and tensor_s < 0.3  # not behind the decodes
+    assert refused.code is StatusCode.RESOURCE_EXHAUSTED and refused.limit == "max_pending_decodes"
+    predictor.close()

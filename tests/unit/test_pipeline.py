@@ -10,6 +10,7 @@ import pytest
 
 from client import pipeline
 from client.pipeline import Journey, PipelineConfig, _worth_echoing, parse_args, summary
+from ray_app.ports import free_port
 
 
 @pytest.mark.parametrize(
@@ -179,3 +180,23 @@ def test_token_sources_in_the_order_ray_reads_them(tmp_path: Path) -> None:
         f"RAY_AUTH_TOKEN_PATH={custom}"
     )
     assert existing_token_source({"HOME": str(tmp_path), "RAY_AUTH_TOKEN": "x"}) == "RAY_AUTH_TOKEN"
+
+
+def test_clean_up_stops_and_reports_what_is_left_running(tmp_path, capsys) -> None:
+    import subprocess as sp
+
+    import psutil
+
+    journey = Journey(PipelineConfig(run_dir=tmp_path, grpc_port=free_port(), http_port=free_port()))
+    journey.leftover_grace_s = 1.0
+    journey.started_ray = True
+    straggler = sp.Popen(["sleep", "60"])
+    try:
+        journey.check_nothing_left([psutil.Process(straggler.pid)])
+        assert straggler.wait(timeout=10) is not None  # stopped
+    finally:
+        if straggler.poll() is None:
+            straggler.kill()
+    out = capsys.readouterr().out
+    assert f"warning: stopping what clean-up left running: sleep ({straggler.pid})" in out
+    assert "nothing left running" in out  # ports free afterwards
