@@ -102,8 +102,10 @@ class MnistServer:
         self._metrics.canary_percent(live.canary_traffic_percent)
 
     async def check_health(self) -> None:
-        """Serve calls this every health_check_period_s: also when the versions gauge is refreshed."""
+        """Serve calls this every health_check_period_s: also when the gauges are refreshed (Ray
+        exports a gauge only after it is set, see ray_app/metrics.py)."""
         self._metrics.versions({v: s.state for v, s in self._backend.version_states().items()})
+        self._metrics.canary_percent(self._predictor.live.canary_traffic_percent)
         self._metrics.flush()
         problem = self._backend.health_problem()
         if problem:

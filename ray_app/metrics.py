@@ -18,6 +18,16 @@ TF Serving counterpart; ``serve_configs/grafana/mnist-serving.json`` is a dashbo
 | ``mnist_requests_rejected_total`` | counter | model, limit | requests refused by one of ``Limits`` (RESOURCE_EXHAUSTED) |
 | ``mnist_routed_requests_total`` | counter | model, version, route | requests without a pinned version, by where they went: canary, stable, latest |
 | ``mnist_canary_traffic_percent`` | gauge | model | the configured canary share (compare with the routed counter's actual share) |
+
+Ray 2.60 exports a gauge's value after it is set and its metrics agent drops the value about two
+report intervals (``RAY_metrics_report_interval_ms``, 10 s by default) after the last export: a
+gauge set once disappears from Prometheus. So the replica sets both gauges again on every health
+check (``health_check_period_s``, 5 s in our configs), not only when they change
+(``bench/dashboard_check.py`` found the canary gauge gone seconds after a deploy).
+
+Ray 2.60's metrics agent also rebuilds each histogram's ``_sum`` from bucket midpoints (its
+``record_histogram_aggregated_batch``): ``_count`` and the buckets are exact, a mean from ``_sum``
+is only as fine as the buckets. Exact means come from counters (images answered over backend calls).
 """
 
 from __future__ import annotations

@@ -78,6 +78,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
 
     from training.config import TrainConfig
     from training.data import load_mnist
+    from training.metrics import EpochGauges
     from training.model import build_model
 
     config = TrainConfig.from_dict(config_dict)
@@ -154,6 +155,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     test_images = test_split.images.astype(np.float32) / 255.0
     test_labels = test_split.labels.astype(np.int64)
 
+    gauges = EpochGauges(context.get_experiment_name()) if rank == 0 else None  # for Grafana
     start_epoch = int(epoch_var.numpy())
     for epoch in range(start_epoch + 1, config.epochs + 1):
         started = time.perf_counter()
@@ -190,9 +192,13 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             else:
                 ray.train.report(metrics)
+        if gauges is not None:
+            gauges.report(metrics)
         print(
             f"[rank {rank}] epoch {epoch}/{config.epochs}: loss {metrics['loss']:.4f} "
             f"acc {metrics['accuracy']:.4f} test_acc {test_accuracy:.4f} "
             f"{metrics['epoch_s']:.1f}s ({metrics['images_per_s']:.0f} img/s)",
             flush=True,
         )
+    if gauges is not None:
+        gauges.close()
