@@ -20,6 +20,7 @@ class TrainConfig:
     max_train_examples: int | None = None  # smoke tests train on a prefix
     max_test_examples: int | None = None
     augment: bool = True
+    use_gpu: bool = False
     init_from: str | None = None  # a published SavedModel directory to fine-tune from
 
     def __post_init__(self) -> None:
