@@ -209,12 +209,16 @@ def run_training(config: TrainConfig, args: argparse.Namespace):
     """Run the Ray Train job; returns the ``ray.train.Result``."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
 
+    from training.console import filtered_native_stderr
     from training.loop import train_loop_per_worker
 
+    with filtered_native_stderr():  # this imports TensorFlow
+        from ray.train.tensorflow import TensorflowTrainer
+
     if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+        # The workers' output stays in Ray's log files; the epochs are printed from checkpoints.
+        ray.init(log_to_driver=False)
     cpus = args.cpus_per_worker or default_cpus_per_worker(config.num_workers)
     storage = checkpoint_storage(args)
     name = f"mnist-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
@@ -238,7 +242,33 @@ def run_training(config: TrainConfig, args: argparse.Namespace):
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    return trainer.fit()
+    return _fit_printing_epochs(trainer, Path(storage) / name, config.epochs, remote="://" in storage)
+
+
+def _fit_printing_epochs(trainer, run_dir: Path, epochs: int, remote: bool):
+    """``trainer.fit()``, printing each epoch as its checkpoint lands in ``run_dir`` (local storage)."""
+    import threading
+
+    from training.console import EpochPrinter
+
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # re-raised in the calling thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="trainer-fit", daemon=True)
+    thread.start()
+    printer = None if remote else EpochPrinter(run_dir, epochs)
+    while thread.is_alive():
+        thread.join(timeout=1.0)
+        if printer:
+            printer.poll()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _load_trained_model(checkpoint, dropout: float):
@@ -292,11 +322,16 @@ def gate(scores: Scores, args: argparse.Namespace, latest: Scores | None) -> str
     return None
 
 
+def robustness_per_category(config: TrainConfig, args: argparse.Namespace) -> int:
+    """Images per category of the robustness set: the flag, else a small set for smoke runs."""
+    if args.robustness_per_category:
+        return args.robustness_per_category
+    return SMOKE_ROBUSTNESS_PER_CATEGORY if config.max_test_examples else robustness.DEFAULT_PER_CATEGORY
+
+
 def robustness_set(config: TrainConfig, args: argparse.Namespace) -> robustness.Prepared:
     """The synthesised robustness set, preprocessed as the server does (same seed every run)."""
-    per_category = args.robustness_per_category or (
-        SMOKE_ROBUSTNESS_PER_CATEGORY if config.max_test_examples else robustness.DEFAULT_PER_CATEGORY
-    )
+    per_category = robustness_per_category(config, args)
     return robustness.prepare(robustness.generate(per_category, seed=robustness.DEFAULT_SEED))
 
 

@@ -4,14 +4,18 @@ One local Ray cluster is shared by the module; each run uses the CLI's ``main()`
 """
 
 import json
+import signal
+import threading
+import time
 
 import numpy as np
+import psutil
 import pytest
 import ray
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
-from training import model_store, train
+from training import model_store, robustness, train
 from training.data import load_mnist
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -48,6 +52,27 @@ def test_versions_1_and_2_published(published):
     assert model_store.list_versions(published) == [1, 2]
     assert _metrics(published, 1)["workers"] == 1
     assert _metrics(published, 2)["workers"] == 2
+
+
+def test_workers_get_threads_for_the_cpus_they_reserve(published):
+    # The module's Ray has 2 CPUs: one worker takes both by default, two workers one each.
+    assert _metrics(published, 1)["threads_per_worker"] == 2
+    assert _metrics(published, 2)["threads_per_worker"] == 1
+
+
+def test_checkpoints_stay_in_the_store_not_in_home(published):
+    runs = sorted((published / ".checkpoints").iterdir())
+    assert len(runs) >= 2 and all(run.name.startswith("mnist-") for run in runs)
+    assert list(runs[0].glob("checkpoint_*/ckpt.index"))
+
+
+def test_robustness_figures_are_in_metrics(published):
+    metrics = _metrics(published, 1)
+    assert set(metrics["robustness"]) == {*robustness.CATEGORIES, "overall"}
+    assert metrics["robustness_set"]["images"] == train.SMOKE_ROBUSTNESS_PER_CATEGORY * len(
+        robustness.CATEGORIES
+    )
+    assert metrics["robustness"]["overall"] > 0.5  # a smoke model reads most of them already
 
 
 def test_two_workers_match_one_worker_and_do_not_stall(published):
@@ -112,3 +137,45 @@ def test_gate_refuses_and_publishes_nothing(published, capsys):
     assert "below --min-accuracy" in capsys.readouterr().err
     assert model_store.list_versions(published) == [1, 2]
     assert not [p for p in published.iterdir() if p.name.startswith(".staging")]
+
+
+def _kill_a_train_worker_after_the_first_checkpoint(store, killed: list, stop: threading.Event) -> None:
+    """SIGKILL this test's own Ray Train worker(s) once epoch 1's checkpoint is in the store."""
+    while not stop.is_set():
+        if list(store.glob(".checkpoints/*/checkpoint_*/train_state.json")):
+            for process in psutil.Process().children(recursive=True):  # only Ray processes we started
+                try:
+                    if " ".join(process.cmdline()).startswith("ray::RayTrainWorker"):
+                        process.send_signal(signal.SIGKILL)
+                        killed.append(process.pid)
+                except psutil.Error:
+                    continue
+            if killed:
+                return
+        time.sleep(0.2)
+
+
+def test_worker_killed_after_first_epoch_resumes_and_publishes_once(ray_cluster, tmp_path):
+    store = tmp_path / "mnist"
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(
+        target=_kill_a_train_worker_after_the_first_checkpoint, args=(store, killed, stop), daemon=True
+    )
+    killer.start()
+    try:
+        code = train.main(
+            ["--model_path", str(store), "--smoke-test", "--epochs", "2", "--seed", "3",
+             "--robustness-per-category", "5"]
+        )  # fmt: skip
+    finally:
+        stop.set()
+        killer.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    assert code == 0
+    assert model_store.list_versions(store) == [1]
+    assert not [p for p in store.iterdir() if p.name.startswith(".staging")]
+    metrics = _metrics(store, 1)
+    assert metrics["resumed_after_epochs"] == [1]  # resumed from epoch 1's checkpoint, not from scratch
+    assert len(metrics["epoch_s"]) == 2
+    assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
