@@ -21,16 +21,16 @@ SIZE_PX = 28
 class AugmentConfig:
     """Ranges of the random changes (uniform in ``[-x, x]`` unless said otherwise)."""
 
-    keep_share: float = 0.2  # images left untouched
-    rotation_deg: float = 12.0
-    scale: float = 0.1  # isotropic zoom 1 +- scale
-    aspect: float = 0.12  # x stretched by 1 +- aspect
-    shear: float = 0.25  # x shifted by shear * (y - centre)
+    keep_share: float = 0.3  # images left untouched
+    rotation_deg: float = 10.0
+    scale: float = 0.08  # isotropic zoom 1 +- scale
+    aspect: float = 0.1  # x stretched by 1 +- aspect
+    shear: float = 0.2  # x shifted by shear * (y - centre)
     shift_px: float = 2.0
-    elastic_px: float = 1.2  # standard deviation of the displacement at the coarse grid points
+    elastic_px: float = 0.8  # standard deviation of the displacement at the coarse grid points
     elastic_grid: int = 4  # coarse grid (per side) the displacement is interpolated from
-    thicken_share: float = 0.25  # images whose strokes get wider (dilation, up to 1 px each side)
-    thin_share: float = 0.2  # images whose strokes get thinner (soft edge shaved off)
+    thicken_share: float = 0.2  # images whose strokes get wider (dilation, up to 1 px each side)
+    thin_share: float = 0.15  # images whose strokes get thinner (soft edge shaved off)
 
 
 def augment_batch(images: tf.Tensor, config: AugmentConfig = AugmentConfig()) -> tf.Tensor:

@@ -285,7 +285,7 @@ def _load_trained_model(checkpoint, dropout: float):
     return model
 
 
-def _read_state(checkpoint) -> tuple[list[dict[str, Any]], list[int]]:
+def read_state(checkpoint) -> tuple[list[dict[str, Any]], list[int]]:
     """Per-epoch metrics and the epochs after which a failed run was resumed."""
     import json
 
@@ -332,7 +332,7 @@ def robustness_per_category(config: TrainConfig, args: argparse.Namespace) -> in
 def robustness_set(config: TrainConfig, args: argparse.Namespace) -> robustness.Prepared:
     """The synthesised robustness set, preprocessed as the server does (same seed every run)."""
     per_category = robustness_per_category(config, args)
-    return robustness.prepare(robustness.generate(per_category, seed=robustness.DEFAULT_SEED))
+    return robustness.build(per_category, seed=robustness.DEFAULT_SEED)
 
 
 def _score(classify, test, prepared: robustness.Prepared) -> tuple[float, dict[str, float]]:
@@ -382,7 +382,7 @@ def export_and_publish(result, config: TrainConfig, args: argparse.Namespace, wa
         if refusal:
             print(f"NOT PUBLISHED: {refusal}", file=sys.stderr, flush=True)
             return EXIT_GATE_REFUSED
-        history, resumed_after = _read_state(result.checkpoint)
+        history, resumed_after = read_state(result.checkpoint)
         metrics: dict[str, Any] = {
             "test_accuracy": accuracy,
             "test_examples": len(test),

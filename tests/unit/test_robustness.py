@@ -81,3 +81,12 @@ def test_prepare_and_score_count_rejected_images_as_misses() -> None:
     assert scores == {"drawn": 0.5, "overall": 0.5}
     scores = robustness.accuracy_by_category(prepared, np.array([3, 1]))
     assert scores == {"drawn": 0.0, "overall": 0.0}
+
+
+def test_build_in_parallel_is_generate_then_prepare() -> None:
+    serial = robustness.prepare(robustness.generate(3))
+    parallel = robustness.build(3, workers=2)
+    np.testing.assert_array_equal(parallel.images, serial.images)
+    np.testing.assert_array_equal(parallel.labels, serial.labels)
+    assert parallel.categories.tolist() == serial.categories.tolist()
+    assert parallel.ok.tolist() == serial.ok.tolist()
