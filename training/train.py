@@ -140,6 +140,14 @@ def _resolve_init_from(model_path: str, init_from: str | None) -> str | None:
             raise UsageError(f"--init-from {version}: no such version in {model_path}")
     else:
         raise UsageError(f"--init-from must be 'latest' or a version number, got {init_from!r}")
+    from training.model import ARCHITECTURE
+
+    trained = model_store.read_metrics(model_path, version).get("architecture")
+    if trained is not None and trained != ARCHITECTURE:
+        raise UsageError(
+            f"--init-from {init_from}: version {version} is a {trained} network, this code trains "
+            f"{ARCHITECTURE}; train from scratch (omit --init-from)"
+        )
     return str(model_store.version_path(model_path, version).resolve())
 
 

@@ -104,3 +104,12 @@ def test_smoke_test_uses_a_small_robustness_set(tmp_path):
     )
     args = _args("--model_path", str(tmp_path), "--smoke-test", "--robustness-per-category", "7")
     assert train.robustness_per_category(train.config_from_args(args), args) == 7
+
+
+def test_init_from_a_version_of_another_architecture_is_refused(tmp_path, capsys):
+    version = tmp_path / "1"
+    (version / "assets.extra").mkdir(parents=True)
+    (version / "saved_model.pb").write_bytes(b"")
+    (version / "assets.extra" / "metrics.json").write_text('{"architecture": "cnn-32-64-128-v1"}')
+    assert train.main(["--model_path", str(tmp_path), "--init-from", "latest"]) == train.EXIT_USAGE
+    assert "version 1 is a cnn-32-64-128-v1 network" in capsys.readouterr().err
