@@ -31,18 +31,36 @@ class AugmentConfig:
     elastic_grid: int = 4  # coarse grid (per side) the displacement is interpolated from
     thicken_share: float = 0.2  # images whose strokes get wider (dilation, up to 1 px each side)
     thin_share: float = 0.15  # images whose strokes get thinner (soft edge shaved off)
+    # The last epochs keep more images as they are, so the weights and the batch-norm statistics
+    # settle on real digits (augmentation annealing, as object detectors turn mosaics off at the end).
+    late_epochs: int = 2
+    late_keep_share: float = 0.7
 
 
-def augment_batch(images: tf.Tensor, config: AugmentConfig = AugmentConfig()) -> tf.Tensor:
-    """Randomly warp and re-stroke float32 images ``[B, 28, 28]`` in [0, 1]; same shape back."""
+def keep_share(
+    batch_index: tf.Tensor, late_from_batch: int, config: AugmentConfig = AugmentConfig()
+) -> tf.Tensor:
+    """The share of a batch left untouched: ``keep_share``, or ``late_keep_share`` from ``late_from_batch`` on."""
+    late = tf.cast(batch_index, tf.int64) >= late_from_batch
+    return tf.where(late, config.late_keep_share, config.keep_share)
+
+
+def augment_batch(
+    images: tf.Tensor, config: AugmentConfig = AugmentConfig(), keep: tf.Tensor | float | None = None
+) -> tf.Tensor:
+    """Randomly warp and re-stroke float32 images ``[B, 28, 28]`` in [0, 1]; same shape back.
+
+    ``keep`` overrides ``config.keep_share`` (a tensor, for a schedule: :func:`keep_share`).
+    """
     batch = tf.shape(images)[0]
     ys, xs = _sampling_grid(batch, config)
     warped = _bilinear(images, ys, xs)
     warped = _stroke_width(warped, batch, config)
     peak = tf.reduce_max(warped, axis=[1, 2], keepdims=True)
     warped = tf.where(peak > 0.05, warped / tf.maximum(peak, 1e-6), images)  # a warp that lost the digit
-    keep = tf.random.uniform([batch, 1, 1]) < config.keep_share
-    return tf.where(keep, images, warped)
+    share = config.keep_share if keep is None else keep
+    untouched = tf.random.uniform([batch, 1, 1]) < share
+    return tf.where(untouched, images, warped)
 
 
 def _uniform(batch: tf.Tensor, limit: float) -> tf.Tensor:

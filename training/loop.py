@@ -27,21 +27,37 @@ def _to_float(images, labels):
     return tf.cast(images, tf.float32) / 255.0, tf.cast(labels, tf.int64)
 
 
-def _augment(images, labels):
-    from training.augment import augment_batch
+def make_dataset(
+    split,
+    batch_size: int,
+    seed: int,
+    augment: bool,
+    threads: int = 1,
+    first_batch: int = 0,
+    late_from_batch: int | None = None,
+):
+    """One endless, shuffled, batched dataset over ``split`` (stall-free settings, see module doc).
 
-    return augment_batch(images), labels
-
-
-def make_dataset(split, batch_size: int, seed: int, augment: bool, threads: int = 1):
-    """One endless, shuffled, batched dataset over ``split`` (stall-free settings, see module doc)."""
+    With ``augment``, batches are augmented (training/augment.py); batch ``first_batch + i`` of
+    the run is the ``i``-th one produced, and from ``late_from_batch`` on fewer images are changed.
+    """
     import tensorflow as tf
+
+    from training.augment import AugmentConfig, augment_batch, keep_share
+
+    config = AugmentConfig()
+    late = late_from_batch if late_from_batch is not None else 2**62
+
+    def augment_fn(batch, index):
+        images, labels = batch
+        return augment_batch(images, config, keep_share(index, late, config)), labels
 
     ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
     ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True).repeat()
     ds = ds.batch(batch_size, drop_remainder=True).map(_to_float)
     if augment:
-        ds = ds.map(_augment, num_parallel_calls=threads, deterministic=True)
+        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.counter(start=first_batch)))
+        ds = ds.map(augment_fn, num_parallel_calls=threads, deterministic=True)
     ds = ds.prefetch(2)
     options = tf.data.Options()
     options.autotune.enabled = False
@@ -107,6 +123,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     import ray.train
     import tensorflow as tf
 
+    from training.augment import AugmentConfig
     from training.data import load_mnist
     from training.model import build_model
 
@@ -127,11 +144,20 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     if steps_per_epoch < 1:
         raise ValueError(f"{len(train_split)} examples are fewer than one global batch")
 
+    late_from_batch = max(0, config.epochs - AugmentConfig().late_epochs) * steps_per_epoch
+    first_batch = 0  # set after a resume: the augmentation schedule continues where it was
+
     def dataset_fn(input_context: tf.distribute.InputContext):
         shard = train_split.shard(input_context.input_pipeline_id, input_context.num_input_pipelines)
         per_replica = input_context.get_per_replica_batch_size(global_batch)
         return make_dataset(
-            shard, per_replica, config.seed + input_context.input_pipeline_id, config.augment, threads
+            shard,
+            per_replica,
+            config.seed + input_context.input_pipeline_id,
+            config.augment,
+            threads,
+            first_batch=first_batch,
+            late_from_batch=late_from_batch,
         )
 
     with strategy.scope():
@@ -161,6 +187,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
         restore_weights(model, config.init_from)
         print(f"[rank {rank}] initialised from {config.init_from}", flush=True)
 
+    first_batch = int(epoch_var.numpy()) * steps_per_epoch
     dist_dataset = strategy.distribute_datasets_from_function(dataset_fn)
     iterator = iter(dist_dataset)
 

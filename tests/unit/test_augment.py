@@ -85,3 +85,21 @@ def test_elastic_distortion_is_smooth(digits: tf.Tensor) -> None:
     assert diff.mean() > 0.01  # it moves ink
     corr = [np.corrcoef(o.ravel(), d.ravel())[0, 1] for o, d in zip(out, digits.numpy())]
     assert np.median(corr) > 0.6  # but bends, does not scramble
+
+
+def test_the_last_epochs_keep_more_images_as_they_are() -> None:
+    from training.data import Split
+    from training.loop import make_dataset
+
+    test = load_mnist().test
+    split = Split(test.images[:256], test.labels[:256])
+    originals = {image.tobytes() for image in (split.images.astype(np.float32) / 255.0)}
+    # Batches 0-1 of the run are early, 2-3 late; a resumed run starts counting at batch 1.
+    dataset = make_dataset(split, 256, seed=0, augment=True, first_batch=1, late_from_batch=2)
+    untouched = [
+        sum(image.tobytes() in originals for image in images.numpy()) / 256 for images, _ in dataset.take(3)
+    ]
+    config = AugmentConfig()
+    assert abs(untouched[0] - config.keep_share) < 0.12  # batch 1: early
+    assert abs(untouched[1] - config.late_keep_share) < 0.12  # batches 2, 3: late
+    assert abs(untouched[2] - config.late_keep_share) < 0.12
