@@ -125,7 +125,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
 
     from training.augment import AugmentConfig
     from training.data import load_mnist
-    from training.model import build_model
+    from training.model import bn_momentum_for, build_model
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -161,7 +161,9 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
         )
 
     with strategy.scope():
-        model = build_model(dropout=config.dropout)
+        model = build_model(
+            dropout=config.dropout, bn_momentum=bn_momentum_for(steps_per_epoch * config.epochs)
+        )
         schedule = keras.optimizers.schedules.CosineDecay(
             config.learning_rate * world,
             decay_steps=steps_per_epoch * config.epochs,

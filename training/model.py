@@ -12,14 +12,28 @@ NUM_CLASSES = 10
 ARCHITECTURE = "cnn-32x2-64x2-256-bn-v3"
 
 
-def _conv(x: keras.KerasTensor, filters: int) -> keras.KerasTensor:
+DEFAULT_BN_MOMENTUM = 0.99  # Keras' default
+
+
+def bn_momentum_for(total_steps: int) -> float:
+    """Batch-norm momentum for a run of ``total_steps``: Keras' 0.99, or less for short runs.
+
+    The moving statistics average the last ~1 / (1 - momentum) batches, starting from mean 0 and
+    variance 1; a run must be several times longer for them to settle (with 0.99, 234 steps left
+    a model at 40 % test accuracy although it classified 94 % of its training batches). The
+    default 12-epoch run (5,628 steps) keeps 0.99.
+    """
+    return min(DEFAULT_BN_MOMENTUM, 1.0 - 10.0 / max(total_steps, 20))
+
+
+def _conv(x: keras.KerasTensor, filters: int, bn_momentum: float) -> keras.KerasTensor:
     """3x3 convolution, batch normalisation, ReLU."""
     x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.BatchNormalization(momentum=bn_momentum)(x)
     return keras.layers.ReLU()(x)
 
 
-def build_model(dropout: float = 0.25) -> keras.Model:
+def build_model(dropout: float = 0.25, bn_momentum: float = DEFAULT_BN_MOMENTUM) -> keras.Model:
     """A 2-block CNN (two 3x3 convolutions per block) with batch normalisation, ~0.87M parameters,
     returning logits ``[N, 10]``.
 
@@ -30,11 +44,11 @@ def build_model(dropout: float = 0.25) -> keras.Model:
     """
     inputs = keras.Input(shape=(28, 28), dtype="float32", name="images")
     x = keras.layers.Reshape((28, 28, 1))(inputs)
-    x = _conv(x, 32)
-    x = _conv(x, 32)
+    x = _conv(x, 32, bn_momentum)
+    x = _conv(x, 32, bn_momentum)
     x = keras.layers.MaxPooling2D()(x)
-    x = _conv(x, 64)
-    x = _conv(x, 64)
+    x = _conv(x, 64, bn_momentum)
+    x = _conv(x, 64, bn_momentum)
     x = keras.layers.MaxPooling2D()(x)
     x = keras.layers.Flatten()(x)
     x = keras.layers.Dropout(dropout)(x)

@@ -113,3 +113,11 @@ def test_init_from_a_version_of_another_architecture_is_refused(tmp_path, capsys
     (version / "assets.extra" / "metrics.json").write_text('{"architecture": "cnn-32-64-128-v1"}')
     assert train.main(["--model_path", str(tmp_path), "--init-from", "latest"]) == train.EXIT_USAGE
     assert "version 1 is a cnn-32-64-128-v1 network" in capsys.readouterr().err
+
+
+def test_batch_norm_momentum_settles_short_runs_and_keeps_the_default_run():
+    from training.model import DEFAULT_BN_MOMENTUM, bn_momentum_for
+
+    assert bn_momentum_for(469 * 12) == DEFAULT_BN_MOMENTUM == 0.99  # the measured default run
+    assert abs(bn_momentum_for(234) - (1 - 10 / 234)) < 1e-12  # a 2-worker smoke run
+    assert 0.5 <= bn_momentum_for(1) < bn_momentum_for(100) < 0.99
