@@ -4,7 +4,9 @@
     Predicted Digit:  7
     Predicted Confidence:  0.9993
 
-Several ``--image`` paths (or directories) print one line per image and a summary. By default
+Several ``--image`` paths (or directories) print one line per image and a summary; an image
+that cannot be read, or that the server refuses (e.g. blank), is reported on its own line on
+stderr, the others are answered, and the exit code says what failed. By default
 the client preprocesses each image into MNIST's uint8 28x28 form (the server's own code) and
 calls ``serving_default``; ``--send-bytes`` sends the encoded files to ``predict_image_bytes``
 and lets the server do it. Every call has a deadline (``--timeout-s``).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -33,7 +36,7 @@ if __name__ == "__main__" and not __package__:
 from client.errors import ClientError, ExitCode  # noqa: E402
 from client.images import (  # noqa: E402
     check_decodable,
-    collect_image_paths,
+    find_image_paths,
     load_labels,
     read_image_bytes,
     to_mnist_tensor,
@@ -162,56 +165,120 @@ def parse_args(argv: Sequence[str] | None = None) -> ClientConfig:
     )
 
 
-def _batches(paths: list[Path], config: ClientConfig) -> list[tuple[list[Path], Batch]]:
+@dataclass(frozen=True)
+class ImageFailure:
+    """An image (or a name given) that got no answer: why, and the exit code of that failure."""
+
+    path: str | None  # None for a name that is no image file (missing, empty directory)
+    message: str
+    exit_code: ExitCode
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Everything one run of the client found out."""
+
+    results: list[ImageResult]
+    failures: list[ImageFailure]
+    elapsed_s: float
+    given: int  # images named (files found plus names that failed)
+
+
+# How the server names the image it refused in a batch (ray_app.predictor: "image 3: ...").
+_IMAGE_INDEX = re.compile(r"\bimage (\d+): (.*)$", re.DOTALL)
+
+
+def _prepare(paths: list[Path], config: ClientConfig) -> tuple[list[tuple[Path, Any]], list[ImageFailure]]:
     """Read (and in tensor mode preprocess) every image before the first request is sent."""
-    encoded = [read_image_bytes(path) for path in paths]
-    chunks = []
-    for start in range(0, len(paths), config.batch_size):
-        chunk = paths[start : start + config.batch_size]
-        data = encoded[start : start + config.batch_size]
-        if config.mode is InputMode.TENSOR:
-            batch = images_batch([to_mnist_tensor(p, d) for p, d in zip(chunk, data)])
-        else:  # the server decodes and preprocesses; a file that is no image is caught here
-            for path, encoded_image in zip(chunk, data):
-                check_decodable(path, encoded_image)
-            batch = bytes_batch(data)
-        chunks.append((chunk, batch))
-    return chunks
+    ready: list[tuple[Path, Any]] = []
+    failures: list[ImageFailure] = []
+    for path in paths:
+        try:
+            data = read_image_bytes(path)
+            if config.mode is InputMode.TENSOR:
+                ready.append((path, to_mnist_tensor(path, data)))
+            else:  # the server decodes and preprocesses; a file that is no image is caught here
+                check_decodable(path, data)
+                ready.append((path, data))
+        except ClientError as exc:
+            failures.append(ImageFailure(str(path), str(exc), exc.exit_code))
+    return ready, failures
 
 
-def classify(config: ClientConfig) -> tuple[list[ImageResult], float]:
-    """Send the images, return one result per image and the seconds spent on requests."""
+def _batch(items: list[tuple[Path, Any]], config: ClientConfig) -> Batch:
+    inputs = [item for _, item in items]
+    return images_batch(inputs) if config.mode is InputMode.TENSOR else bytes_batch(inputs)
+
+
+def _refused_image(exc: ClientError, count: int) -> int | None:
+    """The index of the image the server refused in a batch of ``count``, else None."""
+    match = _IMAGE_INDEX.search(str(exc))
+    if match is None or not 0 <= int(match.group(1)) < count:
+        return None
+    return int(match.group(1))
+
+
+def classify(config: ClientConfig) -> Outcome:
+    """Send the images; one result per answered image, one failure per image that got none.
+
+    Errors that concern the server or the request as a whole (unreachable, deadline, unknown
+    model) are raised as ClientError; an image the server refuses by index is dropped from
+    its batch, reported, and the rest of the batch is sent again.
+    """
     from client.transport import GrpcTransport, RestTransport
 
-    paths = collect_image_paths(config.images)
+    paths, missing = find_image_paths(config.images)
+    failures = [ImageFailure(None, str(exc), exc.exit_code) for exc in missing]
     expected = load_labels(config.labels) if config.labels else {}
-    chunks = _batches(paths, config)
+    ready, unreadable = _prepare(paths, config)
+    failures.extend(unreadable)
+    given = len(paths) + len(missing)
+    if not ready:
+        return Outcome([], failures, 0.0, given)
     transport_class = RestTransport if config.rest else GrpcTransport
     results: list[ImageResult] = []
     elapsed_s = 0.0
     with transport_class(
         config.host, config.port, timeout_s=config.timeout_s, tls=config.tls, ca_cert=config.ca_cert
     ) as transport:
-        for chunk, batch in chunks:
-            started = time.perf_counter()
-            predictions = transport.predict(config.target, batch)
-            elapsed_s += time.perf_counter() - started
-            for i, path in enumerate(chunk):
-                results.append(
-                    ImageResult(
-                        path=str(path),
-                        digit=predictions.digit(i),
-                        confidence=predictions.confidence(i),
-                        probabilities=tuple(float(p) for p in predictions.probabilities[i]),
-                        version=predictions.version,
-                        expected=expected.get(path.name),
+        for start in range(0, len(ready), config.batch_size):
+            chunk = ready[start : start + config.batch_size]
+            while chunk:
+                started = time.perf_counter()
+                try:
+                    predictions = transport.predict(config.target, _batch(chunk, config))
+                except ClientError as exc:
+                    index = _refused_image(exc, len(chunk))
+                    if index is None:
+                        raise
+                    path = chunk[index][0]
+                    reason = _IMAGE_INDEX.sub(lambda m: m.group(2), str(exc))
+                    failures.append(ImageFailure(str(path), f"{path}: {reason}", exc.exit_code))
+                    chunk = chunk[:index] + chunk[index + 1 :]
+                    continue
+                finally:
+                    elapsed_s += time.perf_counter() - started
+                for i, (path, _) in enumerate(chunk):
+                    results.append(
+                        ImageResult(
+                            path=str(path),
+                            digit=predictions.digit(i),
+                            confidence=predictions.confidence(i),
+                            probabilities=tuple(float(p) for p in predictions.probabilities[i]),
+                            version=predictions.version,
+                            expected=expected.get(path.name),
+                        )
                     )
-                )
-    return results, elapsed_s
+                break
+    return Outcome(results, failures, elapsed_s, given)
 
 
-def format_text(results: list[ImageResult], config: ClientConfig, elapsed_s: float) -> str:
-    if len(results) == 1 and results[0].expected is None:
+def format_text(outcome: Outcome, config: ClientConfig) -> str:
+    """The answers as text (stdout); the failures are printed apart, on stderr."""
+    results = outcome.results
+    if not results:
+        return ""
+    if outcome.given == 1 and results[0].expected is None:
         only = results[0]
         return f"Predicted Digit:  {only.digit}\nPredicted Confidence:  {only.confidence:.4f}"
     width = max(len(r.path) for r in results)
@@ -228,15 +295,18 @@ def format_text(results: list[ImageResult], config: ClientConfig, elapsed_s: flo
         f"{len(results)} image(s) from {config.host}:{config.port} ({config.protocol}), model "
         f"{config.target.name}"
         + (f" version {', '.join(map(str, versions))}" if versions else "")
-        + f", {elapsed_s * 1000:.0f} ms in requests"
+        + f", {outcome.elapsed_s * 1000:.0f} ms in requests"
     )
     checked = [r for r in results if r.expected is not None]
     if checked:
         summary += f"; {sum(bool(r.correct) for r in checked)}/{len(checked)} correct"
+    if outcome.failures:
+        summary += f"; {len(outcome.failures)} not answered (see errors)"
     return "\n".join([*lines, summary])
 
 
-def format_json(results: list[ImageResult], config: ClientConfig, elapsed_s: float) -> str:
+def format_json(outcome: Outcome, config: ClientConfig) -> str:
+    results = outcome.results
     checked = [r for r in results if r.expected is not None]
     document: dict[str, Any] = {
         "address": f"{config.host}:{config.port}",
@@ -244,7 +314,7 @@ def format_json(results: list[ImageResult], config: ClientConfig, elapsed_s: flo
         "model": config.target.name,
         "mode": config.mode.value,
         "signature": config.mode.signature,
-        "elapsed_ms": round(elapsed_s * 1000, 3),
+        "elapsed_ms": round(outcome.elapsed_s * 1000, 3),
         "predictions": [
             {
                 "image": r.path,
@@ -260,22 +330,31 @@ def format_json(results: list[ImageResult], config: ClientConfig, elapsed_s: flo
     if checked:
         document["correct"] = sum(bool(r.correct) for r in checked)
         document["checked"] = len(checked)
+    if outcome.failures:
+        document["failures"] = [{"image": f.path, "error": f.message} for f in outcome.failures]
     return json.dumps(document, indent=2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line."""
+    """The command line.
+
+    Every image that can be answered is; each one that cannot gets an ``error:`` line, and the
+    exit code is that of the first failure (0 when every image was answered).
+    """
     config = parse_args(argv)
     try:
-        results, elapsed_s = classify(config)
+        outcome = classify(config)
     except ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return int(exc.exit_code)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    print((format_json if config.json_output else format_text)(results, config, elapsed_s))
-    return int(ExitCode.OK)
+    if outcome.results or config.json_output:
+        print((format_json if config.json_output else format_text)(outcome, config))
+    for failure in outcome.failures:
+        print(f"error: {failure.message}", file=sys.stderr)
+    return int(outcome.failures[0].exit_code) if outcome.failures else int(ExitCode.OK)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,10 @@ IMAGE_SUFFIXES = frozenset(
 )
 
 
-def collect_image_paths(paths: Iterable[str | Path]) -> list[Path]:
-    """The files named, plus the image files (by suffix, sorted) in each directory named."""
+def find_image_paths(paths: Iterable[str | Path]) -> tuple[list[Path], list[ImageFileError]]:
+    """The image files named or inside the directories named, and one error per name that fails."""
     found: list[Path] = []
+    problems: list[ImageFileError] = []
     for raw in paths:
         path = Path(raw)
         try:
@@ -40,11 +41,11 @@ def collect_image_paths(paths: Iterable[str | Path]) -> list[Path]:
                 found.append(path)
             else:
                 raise ImageFileError(f"image file not found: {path}")
+        except ImageFileError as exc:
+            problems.append(exc)
         except OSError as exc:  # unreadable directory, name too long, ...
-            raise ImageFileError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if not found:
-        raise ImageFileError("no images given")
-    return found
+            problems.append(ImageFileError(f"cannot read {path}: {exc.strerror or exc}"))
+    return found, problems
 
 
 def read_image_bytes(path: Path) -> bytes:

@@ -575,15 +575,17 @@ _RAY_CLI_PREFIX = re.compile(
 def _worth_echoing(line: str) -> tuple[str, str] | None:
     """(dedup key, text) of a line to show, without Ray's colours and prefixes; None to skip it.
 
-    One line per epoch: Ray's log deduplication folds the ranks' near-identical epoch lines
-    into one, from whichever rank came first, marked ``[repeated Nx across cluster]``.
+    One line per epoch: training prints ``epoch N/M: ...`` once per epoch from its driver
+    (older versions printed ``[rank R] epoch N/M: ...`` from every worker, folded by Ray's log
+    deduplication and marked ``[repeated Nx across cluster]``); ``warning:`` and ``error:``
+    lines and the markers of the steps' outcomes are shown too.
     """
     text = _RAY_CLI_PREFIX.sub("", _RAY_PREFIX.sub("", _ANSI.sub("", line.strip())))
     text = _REPEATED.sub("", text)
-    epoch = _EPOCH.search(text)
+    epoch = _EPOCH.search(text) or re.match(r"epoch (\d+)/\d+:", text)
     if epoch:
         return f"epoch {epoch.group(1)}", text
-    if text.startswith("error:") or any(marker in text for marker in _ECHO_MARKERS):
+    if text.startswith(("error:", "warning:")) or any(marker in text for marker in _ECHO_MARKERS):
         return text, text
     return None
 

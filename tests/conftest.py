@@ -48,11 +48,11 @@ def train_quick_model(export_dir: Path, examples: int = 12000, seed: int = 0, ep
 
     from training import export
     from training.data import load_mnist
-    from training.model import build_model
+    from training.model import bn_momentum_for, build_model
 
     keras.utils.set_random_seed(seed)
     train = load_mnist().train.head(examples)
-    model = build_model()
+    model = build_model(bn_momentum=bn_momentum_for(examples // 128))  # one short epoch
     model.compile(
         optimizer=keras.optimizers.Adam(2e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

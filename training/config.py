@@ -16,10 +16,11 @@ class TrainConfig:
     learning_rate: float = 1e-3  # for one worker; scaled linearly with the worker count
     num_workers: int = 1
     seed: int = 0
-    dropout: float = 0.4
+    dropout: float = 0.25
     max_train_examples: int | None = None  # smoke tests train on a prefix
     max_test_examples: int | None = None
     augment: bool = True
+    use_gpu: bool = False
     init_from: str | None = None  # a published SavedModel directory to fine-tune from
 
     def __post_init__(self) -> None:

@@ -13,6 +13,7 @@ Signatures (the contract with serving):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,14 +88,23 @@ def write_metrics(export_dir: Path, metrics: dict[str, Any]) -> Path:
     return path
 
 
+def load_classifier(export_dir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from uint8 images [N, 28, 28] to predicted digits [N], through ``serving_default``."""
+    serve = tf.saved_model.load(str(export_dir)).signatures[SERVING_DEFAULT]
+
+    def classify(images: np.ndarray) -> np.ndarray:
+        if len(images) == 0:
+            return np.zeros((0,), dtype=np.int64)
+        return np.concatenate(
+            [
+                serve(images=tf.constant(images[i : i + 2000]))["classes"].numpy()
+                for i in range(0, len(images), 2000)
+            ]
+        )
+
+    return classify
+
+
 def evaluate_saved_model(export_dir: str | Path, images: np.ndarray, labels: np.ndarray) -> float:
     """Test accuracy of a SavedModel through its ``serving_default`` signature."""
-    loaded = tf.saved_model.load(str(export_dir))
-    serve = loaded.signatures[SERVING_DEFAULT]
-    predicted = np.concatenate(
-        [
-            serve(images=tf.constant(images[i : i + 2000]))["classes"].numpy()
-            for i in range(0, len(images), 2000)
-        ]
-    )
-    return float(np.mean(predicted == labels))
+    return float(np.mean(load_classifier(export_dir)(images) == labels))

@@ -21,39 +21,47 @@ CHECKPOINT_PREFIX = "ckpt"
 STATE_FILE = "train_state.json"
 
 
-def _augment(images, labels, max_shift: int = 2):
-    """Shift each image by up to ``max_shift`` pixels in x and y (zero padding)."""
-    import tensorflow as tf
-
-    batch = tf.shape(images)[0]
-    size = 28
-    padded = tf.pad(images, [[0, 0], [max_shift, max_shift], [max_shift, max_shift]])
-    offsets = tf.random.uniform([batch, 2], 0, 2 * max_shift + 1, dtype=tf.int32)
-    rows = offsets[:, :1] + tf.range(size)[None, :]
-    cols = offsets[:, 1:] + tf.range(size)[None, :]
-    shifted = tf.gather(padded, rows, axis=1, batch_dims=1)
-    shifted = tf.gather(shifted, cols, axis=2, batch_dims=1)
-    return shifted, labels
-
-
 def _to_float(images, labels):
     import tensorflow as tf
 
     return tf.cast(images, tf.float32) / 255.0, tf.cast(labels, tf.int64)
 
 
-def make_dataset(split, batch_size: int, seed: int, augment: bool):
-    """One endless, shuffled, batched dataset over ``split`` (stall-free settings, see module doc)."""
+def make_dataset(
+    split,
+    batch_size: int,
+    seed: int,
+    augment: bool,
+    threads: int = 1,
+    first_batch: int = 0,
+    late_from_batch: int | None = None,
+):
+    """One endless, shuffled, batched dataset over ``split`` (stall-free settings, see module doc).
+
+    With ``augment``, batches are augmented (training/augment.py); batch ``first_batch + i`` of
+    the run is the ``i``-th one produced, and from ``late_from_batch`` on fewer images are changed.
+    """
     import tensorflow as tf
+
+    from training.augment import AugmentConfig, augment_batch, keep_share
+
+    config = AugmentConfig()
+    late = late_from_batch if late_from_batch is not None else 2**62
+
+    def augment_fn(batch, index):
+        images, labels = batch
+        return augment_batch(images, config, keep_share(index, late, config)), labels
 
     ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
     ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.batch(batch_size, drop_remainder=True).map(_to_float)
     if augment:
-        ds = ds.map(_augment)
-    ds = ds.map(_to_float).prefetch(2)
+        ds = tf.data.Dataset.zip((ds, tf.data.Dataset.counter(start=first_batch)))
+        ds = ds.map(augment_fn, num_parallel_calls=threads, deterministic=True)
+    ds = ds.prefetch(2)
     options = tf.data.Options()
     options.autotune.enabled = False
+    options.threading.private_threadpool_size = threads
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.with_options(options)
 
@@ -67,21 +75,59 @@ def restore_weights(model, saved_model_dir: str) -> None:
     status.expect_partial().assert_existing_objects_matched()
 
 
+def reserved_cpus() -> float:
+    """CPUs Ray reserved for this worker (1.0 outside Ray)."""
+    import ray
+
+    try:
+        return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
+    except Exception:  # not in a Ray worker
+        return 1.0
+
+
+def cpu_only_environment() -> dict[str, str]:
+    """Environment for a process that must not look for a GPU (and so not log CUDA errors)."""
+    return {"CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def configure_threads(cpus: float) -> int:
+    """Give TensorFlow (and OpenMP) one thread per reserved CPU; returns the thread count.
+
+    Ray sets ``OMP_NUM_THREADS=1`` for a 1-CPU worker; TensorFlow's own pools otherwise size
+    themselves from the whole machine. Must run before TensorFlow executes its first op.
+    """
+    threads = max(1, int(cpus))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # TensorFlow already started in this process: keep its pools
+        pass
+    return threads
+
+
 def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     """Ray Train entry point: train, evaluate and checkpoint once per epoch."""
+    from training.config import TrainConfig
+
+    config = TrainConfig.from_dict(config_dict)
     # Ray's TF backend sets TF_USE_LEGACY_KERAS=1 for tf-keras users; we use Keras 3.
     os.environ.pop("TF_USE_LEGACY_KERAS", None)
+    if not config.use_gpu:
+        os.environ.update(cpu_only_environment())
+    threads = configure_threads(reserved_cpus())
     import keras
     import numpy as np
     import ray.train
     import tensorflow as tf
 
-    from training.config import TrainConfig
+    from training.augment import AugmentConfig
     from training.data import load_mnist
     from training.metrics import EpochGauges
-    from training.model import build_model
+    from training.model import bn_momentum_for, build_model
 
-    config = TrainConfig.from_dict(config_dict)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     keras.utils.set_random_seed(config.seed)
@@ -99,13 +145,26 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     if steps_per_epoch < 1:
         raise ValueError(f"{len(train_split)} examples are fewer than one global batch")
 
+    late_from_batch = max(0, config.epochs - AugmentConfig().late_epochs) * steps_per_epoch
+    first_batch = 0  # set after a resume: the augmentation schedule continues where it was
+
     def dataset_fn(input_context: tf.distribute.InputContext):
         shard = train_split.shard(input_context.input_pipeline_id, input_context.num_input_pipelines)
         per_replica = input_context.get_per_replica_batch_size(global_batch)
-        return make_dataset(shard, per_replica, config.seed + input_context.input_pipeline_id, config.augment)
+        return make_dataset(
+            shard,
+            per_replica,
+            config.seed + input_context.input_pipeline_id,
+            config.augment,
+            threads,
+            first_batch=first_batch,
+            late_from_batch=late_from_batch,
+        )
 
     with strategy.scope():
-        model = build_model(dropout=config.dropout)
+        model = build_model(
+            dropout=config.dropout, bn_momentum=bn_momentum_for(steps_per_epoch * config.epochs)
+        )
         schedule = keras.optimizers.schedules.CosineDecay(
             config.learning_rate * world,
             decay_steps=steps_per_epoch * config.epochs,
@@ -117,16 +176,21 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
 
     history: list[dict[str, Any]] = []  # per-epoch metrics, kept in the checkpoint
+    resumed_after: list[int] = []  # epochs after which a failed run was resumed
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as ckpt_dir:
             checkpoint.read(str(Path(ckpt_dir) / CHECKPOINT_PREFIX)).expect_partial()
-            history = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["history"]
-        print(f"[rank {rank}] resumed after epoch {int(epoch_var.numpy())}", flush=True)
+            state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+        history = state["history"]
+        resumed_after = [*state.get("resumed_after_epochs", []), int(epoch_var.numpy())]
+        if rank == 0:
+            print(f"warning: a worker failed; resumed after epoch {int(epoch_var.numpy())}", flush=True)
     elif config.init_from:
         restore_weights(model, config.init_from)
         print(f"[rank {rank}] initialised from {config.init_from}", flush=True)
 
+    first_batch = int(epoch_var.numpy()) * steps_per_epoch
     dist_dataset = strategy.distribute_datasets_from_function(dataset_fn)
     iterator = iter(dist_dataset)
 
@@ -182,18 +246,22 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
             "train_s": train_s,
             "images_per_s": steps_per_epoch * global_batch / train_s,
             "workers": world,
+            "threads": threads,
         }
         history.append(metrics)
         # Every worker writes (saving may use collectives); only rank 0's copy is kept.
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint.write(str(Path(tmp) / CHECKPOINT_PREFIX))
             if rank == 0:
-                (Path(tmp) / STATE_FILE).write_text(json.dumps({"history": history}))
+                state = {"history": history, "resumed_after_epochs": resumed_after}
+                (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             else:
                 ray.train.report(metrics)
         if gauges is not None:
             gauges.report(metrics)
+        if rank != 0:  # the figures are the same on every rank: one line per epoch
+            continue
         print(
             f"[rank {rank}] epoch {epoch}/{config.epochs}: loss {metrics['loss']:.4f} "
             f"acc {metrics['accuracy']:.4f} test_acc {test_accuracy:.4f} "

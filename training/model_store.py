@@ -6,6 +6,7 @@ Layout (one directory per model)::
         1/  saved_model.pb  variables/  assets.extra/{metrics.json, tf_serving_warmup_requests}
         2/  ...
         .staging-<random>/   # export in progress; TF Serving ignores non-integer names
+        .checkpoints/<run>/  # Ray Train checkpoints of each training run (training/train.py)
 
 A version is published by renaming a finished staging directory into place, under a lock,
 so readers never see half a model and two publishers never get the same number. This module
@@ -47,6 +48,11 @@ def _local(base_path: str | os.PathLike[str]) -> Path:
             "mount the bucket and pass the mount path"
         )
     return Path(text.removeprefix("file://"))
+
+
+def store_path(base_path: str | os.PathLike[str]) -> Path:
+    """The store's directory (``file://`` stripped); other URIs are refused."""
+    return _local(base_path)
 
 
 def version_path(base_path: str | os.PathLike[str], version: int) -> Path:

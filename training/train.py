@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ if __name__ == "__main__" and not __package__:
     # Run as a script (``python training/train.py``): make the repo root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training import model_store  # noqa: E402
+from training import model_store, robustness  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.data import DEFAULT_DATA_DIR, DatasetError, load_mnist  # noqa: E402
 
@@ -33,6 +34,8 @@ EXIT_VERSION_EXISTS = 4
 
 SMOKE_TRAIN_EXAMPLES = 30_000
 SMOKE_TEST_EXAMPLES = 2_000
+SMOKE_ROBUSTNESS_PER_CATEGORY = 40
+CHECKPOINTS_DIR = ".checkpoints"  # inside the model store; not an integer, so no version
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (one per GPU/CPU slot)")
     p.add_argument("--use-gpu", action="store_true", help="give each worker one GPU")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker")
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=None,
+        help="CPUs reserved per worker; TensorFlow gets as many threads (default: on a one-node "
+        "cluster, its free CPUs shared among the workers; else 1)",
+    )
     p.add_argument("--batch-size", type=int, default=128, help="examples per worker per step")
     p.add_argument(
         "--learning-rate",
@@ -69,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory (or pyarrow URI such as s3://bucket/mnist) with the 4 IDX gz files",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-augment", action="store_true", help="disable random-shift augmentation")
+    p.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="disable augmentation (rotation, scale, shear, shift, elastic, stroke width)",
+    )
     p.add_argument(
         "--init-from", default=None, help="fine-tune from a published version: 'latest' or a version number"
     )
@@ -79,7 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--must-beat-latest",
         action="store_true",
-        help="publish only if test accuracy beats the latest published version's",
+        help="publish only if MNIST test accuracy beats the latest version's and robustness-set "
+        "accuracy is not below it",
+    )
+    p.add_argument(
+        "--robustness-per-category",
+        type=int,
+        default=None,
+        help=f"images per category of the synthesised robustness set (default {robustness.DEFAULT_PER_CATEGORY}, "
+        f"{SMOKE_ROBUSTNESS_PER_CATEGORY} with --smoke-test)",
     )
     p.add_argument(
         "--max-failures",
@@ -90,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--storage-path",
         default=None,
-        help="Ray Train run storage (checkpoints); shared storage on multi-node clusters",
+        help=f"Ray Train run storage (checkpoints; default <model_path>/{CHECKPOINTS_DIR}, shared exactly "
+        "when the model store is)",
     )
     p.add_argument("--model-name", default=None, help="name in warmup records (default: store dir name)")
     p.add_argument(
@@ -118,6 +140,14 @@ def _resolve_init_from(model_path: str, init_from: str | None) -> str | None:
             raise UsageError(f"--init-from {version}: no such version in {model_path}")
     else:
         raise UsageError(f"--init-from must be 'latest' or a version number, got {init_from!r}")
+    from training.model import ARCHITECTURE
+
+    trained = model_store.read_metrics(model_path, version).get("architecture")
+    if trained is not None and trained != ARCHITECTURE:
+        raise UsageError(
+            f"--init-from {init_from}: version {version} is a {trained} network, this code trains "
+            f"{ARCHITECTURE}; train from scratch (omit --init-from)"
+        )
     return str(model_store.version_path(model_path, version).resolve())
 
 
@@ -139,6 +169,10 @@ def _git_commit() -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    if args.robustness_per_category is not None and args.robustness_per_category < 1:
+        raise UsageError(f"--robustness-per-category must be >= 1, got {args.robustness_per_category}")
+    if args.cpus_per_worker is not None and not args.cpus_per_worker > 0:
+        raise UsageError(f"--cpus-per-worker must be > 0, got {args.cpus_per_worker}")
     if args.min_accuracy is not None and not 0.0 <= args.min_accuracy <= 1.0:
         raise UsageError(f"--min-accuracy must be in [0, 1], got {args.min_accuracy}")
     if args.version is not None:
@@ -152,6 +186,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             num_workers=args.num_workers,
             seed=args.seed,
             augment=not args.no_augment,
+            use_gpu=args.use_gpu,
             max_train_examples=SMOKE_TRAIN_EXAMPLES if args.smoke_test else None,
             max_test_examples=SMOKE_TEST_EXAMPLES if args.smoke_test else None,
             init_from=_resolve_init_from(args.model_path, args.init_from),
@@ -160,32 +195,88 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise UsageError(str(exc)) from exc
 
 
+def default_cpus_per_worker(num_workers: int) -> float:
+    """On a one-node cluster (a laptop, this machine), its free CPUs shared among the workers; else 1."""
+    import ray
+
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    if len(alive) != 1:
+        return 1.0
+    free_cpus = float(ray.available_resources().get("CPU", 1.0))
+    return float(max(1, int(free_cpus // num_workers)))
+
+
+def checkpoint_storage(args: argparse.Namespace) -> str:
+    """Where Ray Train keeps this run's checkpoints: ``--storage-path`` or ``<model_path>/.checkpoints``."""
+    if args.storage_path:
+        return args.storage_path
+    return str((model_store.store_path(args.model_path) / CHECKPOINTS_DIR).resolve())
+
+
 def run_training(config: TrainConfig, args: argparse.Namespace):
     """Run the Ray Train job; returns the ``ray.train.Result``."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
 
+    from training.console import filtered_native_stderr
     from training.loop import train_loop_per_worker
 
+    with filtered_native_stderr():  # this imports TensorFlow
+        from ray.train.tensorflow import TensorflowTrainer
+
     if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+        # The workers' output stays in Ray's log files; the epochs are printed from checkpoints.
+        ray.init(log_to_driver=False)
+    cpus = args.cpus_per_worker or default_cpus_per_worker(config.num_workers)
+    storage = checkpoint_storage(args)
+    name = f"mnist-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
+    print(
+        f"Training {config.epochs} epoch(s) on {config.num_workers} worker(s), {cpus:g} CPU(s) each"
+        f"{' + 1 GPU' if args.use_gpu else ''}; checkpoints in {storage}/{name}",
+        flush=True,
+    )
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config=config.to_dict(),
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
             use_gpu=args.use_gpu,
-            resources_per_worker={"CPU": args.cpus_per_worker, **({"GPU": 1} if args.use_gpu else {})},
+            resources_per_worker={"CPU": cpus, **({"GPU": 1} if args.use_gpu else {})},
         ),
         run_config=RunConfig(
-            name=f"mnist-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}",
-            storage_path=args.storage_path,
+            name=name,
+            storage_path=storage,
             failure_config=FailureConfig(max_failures=args.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    return trainer.fit()
+    return _fit_printing_epochs(trainer, Path(storage) / name, config.epochs, remote="://" in storage)
+
+
+def _fit_printing_epochs(trainer, run_dir: Path, epochs: int, remote: bool):
+    """``trainer.fit()``, printing each epoch as its checkpoint lands in ``run_dir`` (local storage)."""
+    import threading
+
+    from training.console import EpochPrinter
+
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # re-raised in the calling thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="trainer-fit", daemon=True)
+    thread.start()
+    printer = None if remote else EpochPrinter(run_dir, epochs)
+    while thread.is_alive():
+        thread.join(timeout=1.0)
+        if printer:
+            printer.poll()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _load_trained_model(checkpoint, dropout: float):
@@ -202,29 +293,72 @@ def _load_trained_model(checkpoint, dropout: float):
     return model
 
 
-def _read_history(checkpoint) -> list[dict[str, Any]]:
+def read_state(checkpoint) -> tuple[list[dict[str, Any]], list[int]]:
+    """Per-epoch metrics and the epochs after which a failed run was resumed."""
     import json
 
     from training.loop import STATE_FILE
 
     with checkpoint.as_directory() as ckpt_dir:
-        return json.loads((Path(ckpt_dir) / STATE_FILE).read_text())["history"]
+        state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+    return state["history"], state.get("resumed_after_epochs", [])
 
 
-def gate(accuracy: float, args: argparse.Namespace, latest_accuracy: float | None) -> str | None:
+@dataclass(frozen=True)
+class Scores:
+    """What the gates compare: MNIST test accuracy and accuracy on the robustness set (overall)."""
+
+    mnist: float
+    robustness: float
+
+
+def gate(scores: Scores, args: argparse.Namespace, latest: Scores | None) -> str | None:
     """Why a model must not be published, or None when it passes every gate asked for."""
-    if args.min_accuracy is not None and accuracy < args.min_accuracy:
-        return f"test accuracy {accuracy:.4f} is below --min-accuracy {args.min_accuracy:.4f}"
-    if args.must_beat_latest and latest_accuracy is not None and accuracy <= latest_accuracy:
-        return (
-            f"test accuracy {accuracy:.4f} does not beat the latest version's "
-            f"{latest_accuracy:.4f} (--must-beat-latest)"
-        )
+    if args.min_accuracy is not None and scores.mnist < args.min_accuracy:
+        return f"test accuracy {scores.mnist:.4f} is below --min-accuracy {args.min_accuracy:.4f}"
+    if args.must_beat_latest and latest is not None:
+        if scores.mnist <= latest.mnist:
+            return (
+                f"test accuracy {scores.mnist:.4f} does not beat the latest version's "
+                f"{latest.mnist:.4f} (--must-beat-latest)"
+            )
+        if scores.robustness < latest.robustness:
+            return (
+                f"robustness-set accuracy {scores.robustness:.4f} is below the latest version's "
+                f"{latest.robustness:.4f} (--must-beat-latest)"
+            )
     return None
 
 
+def robustness_per_category(config: TrainConfig, args: argparse.Namespace) -> int:
+    """Images per category of the robustness set: the flag, else a small set for smoke runs."""
+    if args.robustness_per_category:
+        return args.robustness_per_category
+    return SMOKE_ROBUSTNESS_PER_CATEGORY if config.max_test_examples else robustness.DEFAULT_PER_CATEGORY
+
+
+def robustness_set(config: TrainConfig, args: argparse.Namespace) -> robustness.Prepared:
+    """The synthesised robustness set, preprocessed as the server does (same seed every run)."""
+    per_category = robustness_per_category(config, args)
+    return robustness.build(per_category, seed=robustness.DEFAULT_SEED)
+
+
+def _score(classify, test, prepared: robustness.Prepared) -> tuple[float, dict[str, float]]:
+    import numpy as np
+
+    mnist = float(np.mean(classify(test.images) == test.labels))
+    return mnist, robustness.accuracy_by_category(prepared, classify(prepared.images))
+
+
+def _describe(by_category: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value * 100:.1f} %" for name, value in by_category.items())
+
+
 def export_and_publish(result, config: TrainConfig, args: argparse.Namespace, wall_s: float) -> int:
-    """Export the final checkpoint, apply the gates and publish. Returns an exit code."""
+    """Export the final checkpoint, score it (MNIST test, robustness set), gate and publish.
+
+    Returns an exit code.
+    """
     from training import export
     from training.model import ARCHITECTURE
 
@@ -232,31 +366,52 @@ def export_and_publish(result, config: TrainConfig, args: argparse.Namespace, wa
     test = mnist.test.head(config.max_test_examples) if config.max_test_examples else mnist.test
     model = _load_trained_model(result.checkpoint, config.dropout)
     model_name = args.model_name or Path(args.model_path).resolve().name
+    started = time.perf_counter()
+    prepared = robustness_set(config, args)
+    robustness_prepare_s = time.perf_counter() - started
 
     with model_store.staging_dir(args.model_path) as staged:
         export.save_model(model, staged)
-        accuracy = export.evaluate_saved_model(staged, test.images, test.labels)
+        accuracy, robust = _score(export.load_classifier(staged), test, prepared)
         latest = model_store.latest_version(args.model_path)
-        latest_accuracy = None
+        latest_scores = None
         if args.must_beat_latest and latest is not None:
-            latest_accuracy = export.evaluate_saved_model(
-                model_store.version_path(args.model_path, latest), test.images, test.labels
+            latest_accuracy, latest_robust = _score(
+                export.load_classifier(model_store.version_path(args.model_path, latest)), test, prepared
             )
-        refusal = gate(accuracy, args, latest_accuracy)
+            latest_scores = Scores(latest_accuracy, latest_robust["overall"])
+            print(
+                f"Latest version {latest}: test accuracy {latest_accuracy:.4f}; robustness: "
+                f"{_describe(latest_robust)}",
+                flush=True,
+            )
+        print(f"Robustness set ({len(prepared.labels)} images): {_describe(robust)}", flush=True)
+        refusal = gate(Scores(accuracy, robust["overall"]), args, latest_scores)
         if refusal:
             print(f"NOT PUBLISHED: {refusal}", file=sys.stderr, flush=True)
             return EXIT_GATE_REFUSED
-        history = _read_history(result.checkpoint)
+        history, resumed_after = read_state(result.checkpoint)
         metrics: dict[str, Any] = {
             "test_accuracy": accuracy,
             "test_examples": len(test),
             "test_loss": result.metrics.get("test_loss"),
             "train_accuracy": result.metrics.get("accuracy"),
+            "robustness": robust,
+            "robustness_set": {
+                "generator": "training/robustness.py",
+                "seed": robustness.DEFAULT_SEED,
+                "images": int(len(prepared.labels)),
+                "per_category": int(len(prepared.labels)) // len(robustness.CATEGORIES),
+                "rejected_by_preprocessing": int((~prepared.ok).sum()),
+                "prepare_s": round(robustness_prepare_s, 2),
+            },
             "epochs": config.epochs,
             "workers": config.num_workers,
+            "threads_per_worker": result.metrics.get("threads"),
             "batch_size_per_worker": config.batch_size,
             "learning_rate": config.learning_rate,
             "seed": config.seed,
+            "augment": config.augment,
             "train_examples": config.max_train_examples or len(mnist.train),
             "data_source": mnist.source,
             "init_from": config.init_from,
@@ -265,6 +420,7 @@ def export_and_publish(result, config: TrainConfig, args: argparse.Namespace, wa
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "train_wall_s": round(wall_s, 2),
             "epoch_s": [round(float(m["epoch_s"]), 2) for m in history],
+            "resumed_after_epochs": resumed_after,
             "signatures": [export.SERVING_DEFAULT, export.PREDICT_IMAGES],
         }
         export.write_metrics(staged, metrics)
@@ -277,7 +433,7 @@ def export_and_publish(result, config: TrainConfig, args: argparse.Namespace, wa
     print(
         f"Published version {version} of {model_name} at "
         f"{model_store.version_path(args.model_path, version)} "
-        f"(test accuracy {accuracy:.4f} on {len(test)} images)",
+        f"(test accuracy {accuracy:.4f} on {len(test)} images; robustness set {robust['overall']:.4f})",
         flush=True,
     )
     return 0
@@ -285,6 +441,10 @@ def export_and_publish(result, config: TrainConfig, args: argparse.Namespace, wa
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.use_gpu:  # before TensorFlow loads here or in a local Ray's workers: no CUDA errors
+        from training.loop import cpu_only_environment
+
+        os.environ.update(cpu_only_environment())
     try:
         config = config_from_args(args)
         load_mnist(config.data_dir)  # fail fast on missing or corrupt data, before Ray starts
@@ -305,7 +465,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: training produced no checkpoint ({result.error})", file=sys.stderr)
         return EXIT_TRAINING_FAILED
     wall_s = time.perf_counter() - started
-    print(f"Training finished in {wall_s:.1f}s: {result.metrics}", flush=True)
+    last = result.metrics
+    print(
+        f"Training finished in {wall_s:.1f}s: {last.get('epoch', '?')} epoch(s), test accuracy "
+        f"{last.get('test_accuracy', float('nan')):.4f} after the last one",
+        flush=True,
+    )
     return export_and_publish(result, config, args, wall_s)
 
 

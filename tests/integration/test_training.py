@@ -4,14 +4,18 @@ One local Ray cluster is shared by the module; each run uses the CLI's ``main()`
 """
 
 import json
+import signal
+import threading
+import time
 
 import numpy as np
+import psutil
 import pytest
-import ray
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
-from training import model_store, train
+from tests.integration.cluster import local_ray
+from training import model_store, robustness, train
 from training.data import load_mnist
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -21,9 +25,8 @@ SMOKE_ACCURACY = 0.97
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    with local_ray(num_cpus=2, log_to_driver=False):  # checks that no Ray process is left after
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,9 @@ def published(ray_cluster, store):
     """Version 1 from 1 worker, version 2 from 2 workers (the 2-worker run is the real distributed path)."""
     base = ["--model_path", str(store), "--smoke-test", "--epochs", "3", "--seed", "1"]
     assert train.main([*base, "--num-workers", "1"]) == 0
-    assert train.main([*base, "--num-workers", "2"]) == 0
+    # Same global batch (2 x 64) and learning rate (2 x 5e-4) as the 1-worker run, so the same
+    # number of steps: batch normalisation's moving statistics need a few hundred steps.
+    assert train.main([*base, "--num-workers", "2", "--batch-size", "64", "--learning-rate", "5e-4"]) == 0
     return store
 
 
@@ -48,6 +53,27 @@ def test_versions_1_and_2_published(published):
     assert model_store.list_versions(published) == [1, 2]
     assert _metrics(published, 1)["workers"] == 1
     assert _metrics(published, 2)["workers"] == 2
+
+
+def test_workers_get_threads_for_the_cpus_they_reserve(published):
+    # The module's Ray has 2 CPUs: one worker takes both by default, two workers one each.
+    assert _metrics(published, 1)["threads_per_worker"] == 2
+    assert _metrics(published, 2)["threads_per_worker"] == 1
+
+
+def test_checkpoints_stay_in_the_store_not_in_home(published):
+    runs = sorted((published / ".checkpoints").iterdir())
+    assert len(runs) >= 2 and all(run.name.startswith("mnist-") for run in runs)
+    assert list(runs[0].glob("checkpoint_*/ckpt.index"))
+
+
+def test_robustness_figures_are_in_metrics(published):
+    metrics = _metrics(published, 1)
+    assert set(metrics["robustness"]) == {*robustness.CATEGORIES, "overall"}
+    assert metrics["robustness_set"]["images"] == train.SMOKE_ROBUSTNESS_PER_CATEGORY * len(
+        robustness.CATEGORIES
+    )
+    assert metrics["robustness"]["overall"] > 0.5  # a smoke model reads most of them already
 
 
 def test_two_workers_match_one_worker_and_do_not_stall(published):
@@ -112,3 +138,60 @@ def test_gate_refuses_and_publishes_nothing(published, capsys):
     assert "below --min-accuracy" in capsys.readouterr().err
     assert model_store.list_versions(published) == [1, 2]
     assert not [p for p in published.iterdir() if p.name.startswith(".staging")]
+
+
+def _first_checkpoint_registered(store) -> bool:
+    """Ray Train's controller has taken epoch 1's checkpoint (files alone may still be unreported)."""
+    for snapshot in store.glob(".checkpoints/*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("checkpoint_results"):
+                return True
+        except (OSError, ValueError):  # being written
+            continue
+    return False
+
+
+def _kill_train_workers_after_the_first_checkpoint(store, killed: list, stop: threading.Event) -> None:
+    """SIGKILL the Ray Train workers of this test's own cluster once epoch 1's checkpoint is registered.
+
+    Only this test process's descendants are candidates (other people's Ray clusters are never
+    touched); idle workers left by earlier runs of the module may go too, harmlessly.
+    """
+    while not stop.is_set():
+        if _first_checkpoint_registered(store):
+            for process in psutil.Process().children(recursive=True):
+                try:
+                    if " ".join(process.cmdline()).startswith("ray::RayTrainWorker"):
+                        process.send_signal(signal.SIGKILL)
+                        killed.append(process.pid)
+                except psutil.Error:
+                    continue
+            if killed:
+                return
+        time.sleep(0.2)
+
+
+def test_worker_killed_after_first_epoch_resumes_and_publishes_once(ray_cluster, tmp_path):
+    store = tmp_path / "mnist"
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(
+        target=_kill_train_workers_after_the_first_checkpoint, args=(store, killed, stop), daemon=True
+    )
+    killer.start()
+    try:
+        code = train.main(
+            ["--model_path", str(store), "--smoke-test", "--epochs", "2", "--seed", "3",
+             "--robustness-per-category", "5"]
+        )  # fmt: skip
+    finally:
+        stop.set()
+        killer.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    assert code == 0
+    assert model_store.list_versions(store) == [1]
+    assert not [p for p in store.iterdir() if p.name.startswith(".staging")]
+    metrics = _metrics(store, 1)
+    assert metrics["resumed_after_epochs"] == [1]  # resumed from epoch 1's checkpoint, not from scratch
+    assert len(metrics["epoch_s"]) == 2
+    assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE

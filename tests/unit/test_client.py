@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
 from tensorflow_serving.apis import predict_pb2
 
 from client import grpc_client
@@ -62,6 +63,7 @@ class Behaviour:
     """What the stand-in servers do with the next requests."""
 
     fail: tuple[grpc.StatusCode, str] | None = None
+    refuse_image: bytes | None = None  # encoded image the server calls blank (by its index)
     delay_s: float = 0.0
     version: int = 3
     tensor_content: bool = False  # answer in tensor_content instead of TF Serving's typed fields
@@ -78,6 +80,9 @@ class _GrpcPredict:
         if self.behaviour.fail:
             context.abort(*self.behaviour.fail)
         (name,) = request.inputs.keys()
+        if name == "image_bytes" and self.behaviour.refuse_image in request.inputs[name].string_val:
+            index = list(request.inputs[name].string_val).index(self.behaviour.refuse_image)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image {index}: image has no digit (blank)")
         count = to_ndarray(request.inputs[name]).shape[0]
         probabilities, classes = _probabilities(count)
         response = predict_pb2.PredictResponse()
@@ -120,6 +125,7 @@ def _fresh(server: tuple[Behaviour, int]) -> tuple[Behaviour, int]:
     """A module-scoped stand-in server, its behaviour back to answering at once."""
     behaviour, _ = server
     behaviour.fail, behaviour.delay_s, behaviour.version, behaviour.tensor_content = None, 0.0, 3, False
+    behaviour.refuse_image = None
     behaviour.requests.clear()
     return server
 
@@ -449,26 +455,81 @@ def test_missing_image_file(grpc_stub, capsys, tmp_path) -> None:
 def test_not_an_image_in_bytes_mode_is_caught_before_sending(grpc_stub, capsys, tmp_path) -> None:
     bad = tmp_path / "notes.png"
     bad.write_text("not a png")
-    code, _, err = _run(
+    code, out, err = _run(
         capsys, "--image", str(DATA / "0.png"), str(bad), "--port", str(grpc_stub[1]), "--send-bytes"
     )
     assert code == ExitCode.IMAGE
     assert err.startswith(
         f"error: {bad}: not an image: image_bytes: cannot decode image: not a recognised image format"
     )
-    assert grpc_stub[0].requests == []
+    assert out.startswith(f"{DATA / '0.png'}  Predicted Digit:  7")  # the good one is answered
+    (request,) = grpc_stub[0].requests  # and only it was sent
+    assert list(request.inputs["image_bytes"].string_val) == [(DATA / "0.png").read_bytes()]
 
 
 def test_not_an_image_in_tensor_mode(grpc_stub, capsys, tmp_path) -> None:
     bad = tmp_path / "notes.png"
     bad.write_text("not a png")
-    code, _, err = _run(capsys, "--image", str(DATA / "0.png"), str(bad), "--port", str(grpc_stub[1]))
+    code, out, err = _run(capsys, "--image", str(DATA / "0.png"), str(bad), "--port", str(grpc_stub[1]))
     assert code == ExitCode.IMAGE
     assert (
         err
         == f"error: {bad}: not a usable digit image: image_bytes: cannot decode image: not a recognised image format (PNG, JPEG, GIF, BMP, TIFF, WEBP, PPM)\n"
     )
-    assert grpc_stub[0].requests == []
+    assert "1 image(s) from" in out and "1 not answered (see errors)" in out
+    (request,) = grpc_stub[0].requests
+    assert to_ndarray(request.inputs["images"]).shape == (1, 28, 28)
+
+
+def test_many_images_some_bad_each_reported_the_rest_answered(grpc_stub, capsys, tmp_path) -> None:
+    blank = tmp_path / "blank.png"
+    Image.new("L", (40, 40), 255).save(blank)
+    missing = tmp_path / "gone.png"
+    good = [DATA / "1.png", DATA / "2.png", DATA / "3.png"]
+    code, out, err = _run(
+        capsys,
+        "--image",
+        str(good[0]),
+        str(blank),
+        str(missing),
+        *map(str, good[1:]),
+        "--port",
+        str(grpc_stub[1]),
+    )
+    assert code == ExitCode.IMAGE
+    assert [line.split()[0] for line in out.splitlines()[:-1]] == [str(p) for p in good]
+    assert "3 image(s) from" in out and "2 not answered" in out
+    assert err.splitlines() == [
+        f"error: image file not found: {missing}",
+        f"error: {blank}: not a usable digit image: image has no digit (blank)",
+    ]
+
+
+def test_server_refusing_one_image_is_mapped_to_its_file(grpc_stub, capsys, tmp_path) -> None:
+    behaviour, port = grpc_stub
+    behaviour.refuse_image = (DATA / "2.png").read_bytes()
+    paths = [DATA / "1.png", DATA / "2.png", DATA / "3.png"]
+    code, out, err = _run(capsys, "--image", *map(str, paths), "--port", str(port), "--send-bytes", "--json")
+    assert code == ExitCode.INVALID_ARGUMENT
+    refused = (
+        f"{DATA / '2.png'}: server answered INVALID_ARGUMENT: image has no digit (blank) (localhost:{port})"
+    )
+    assert err == f"error: {refused}\n"
+    document = json.loads(out)
+    assert [p["image"] for p in document["predictions"]] == [str(DATA / "1.png"), str(DATA / "3.png")]
+    assert document["failures"] == [{"image": str(DATA / "2.png"), "error": refused}]
+    # The batch of three was refused, then sent again without the refused image.
+    assert [len(r.inputs["image_bytes"].string_val) for r in behaviour.requests] == [3, 2]
+
+
+def test_a_refused_single_image_keeps_the_one_line_error(grpc_stub, capsys) -> None:
+    behaviour, port = grpc_stub
+    behaviour.refuse_image = (DATA / "5.png").read_bytes()
+    code, out, err = _run(capsys, "--image", str(DATA / "5.png"), "--port", str(port), "--send-bytes")
+    assert (code, out) == (ExitCode.INVALID_ARGUMENT, "")
+    assert err == (
+        f"error: {DATA / '5.png'}: server answered INVALID_ARGUMENT: image has no digit (blank) (localhost:{port})\n"
+    )
 
 
 @pytest.mark.parametrize("content", [b"", None], ids=["empty-file", "empty-directory"])

@@ -23,6 +23,11 @@ from ray_app.ports import free_port
         ("error: training failed: boom", ("error: training failed: boom",) * 2),
         ("E0000 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: x", None),
         ("(RayTrainWorker pid=1) [rank 0] resumed after epoch 1", None),
+        ("epoch 3/12: loss 0.0400 acc 0.9870 test_acc 0.9931 20.1s (2990 img/s)", ("epoch 3", "epoch 3/12: loss 0.0400 acc 0.9870 test_acc 0.9931 20.1s (2990 img/s)")),
+        ("warning: a training worker failed; resumed from the checkpoint of epoch 1", ("warning: a training worker failed; resumed from the checkpoint of epoch 1",) * 2),
+        ("Training finished in 250.1s: 12 epoch(s), test accuracy 0.9961 after the last one", ("Training finished in 250.1s: 12 epoch(s), test accuracy 0.9961 after the last one",) * 2),
+        ("I0000 00:00:1796060556.805378   19085 port.cc:153] oneDNN custom operations are on.", None),
+        ("2026-11-30 17:42:43,672\tINFO worker.py:2029 -- Started a local Ray instance.", None),
     ],
 )  # fmt: skip
 def test_worth_echoing(line: str, shown: tuple[str, str] | None) -> None:

@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from training import train
+from training import model_store, robustness, train
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -43,19 +43,81 @@ def test_smoke_flag_limits_the_data(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("argv", "accuracy", "latest", "refused"),
+    ("argv", "scores", "latest", "refused"),
     [
-        ((), 0.5, None, None),
-        (("--min-accuracy", "0.99"), 0.98, None, "below --min-accuracy"),
-        (("--min-accuracy", "0.99"), 0.995, None, None),
-        (("--must-beat-latest",), 0.99, 0.99, "does not beat"),
-        (("--must-beat-latest",), 0.991, 0.99, None),
-        (("--must-beat-latest",), 0.9, None, None),  # nothing published yet
+        ((), (0.5, 0.5), None, None),
+        (("--min-accuracy", "0.99"), (0.98, 0.99), None, "below --min-accuracy"),
+        (("--min-accuracy", "0.99"), (0.995, 0.5), None, None),
+        (("--must-beat-latest",), (0.99, 0.97), (0.99, 0.97), "does not beat"),
+        (("--must-beat-latest",), (0.991, 0.97), (0.99, 0.97), None),
+        (("--must-beat-latest",), (0.991, 0.969), (0.99, 0.97), "robustness-set accuracy 0.9690 is below"),
+        (("--must-beat-latest",), (0.991, 0.98), (0.99, 0.97), None),
+        (("--must-beat-latest",), (0.9, 0.1), None, None),  # nothing published yet
     ],
 )
-def test_gate(tmp_path, argv, accuracy, latest, refused):
-    reason = train.gate(accuracy, _args("--model_path", str(tmp_path), *argv), latest)
+def test_gate(tmp_path, argv, scores, latest, refused):
+    latest_scores = train.Scores(*latest) if latest else None
+    reason = train.gate(train.Scores(*scores), _args("--model_path", str(tmp_path), *argv), latest_scores)
     if refused is None:
         assert reason is None
     else:
         assert refused in reason
+
+
+def test_checkpoints_default_to_a_hidden_directory_in_the_store(tmp_path):
+    args = _args("--model_path", str(tmp_path / "mnist"))
+    assert train.checkpoint_storage(args) == str((tmp_path / "mnist" / ".checkpoints").resolve())
+    args = _args("--model_path", str(tmp_path / "mnist"), "--storage-path", "s3://bucket/runs")
+    assert train.checkpoint_storage(args) == "s3://bucket/runs"
+
+
+def test_the_store_ignores_the_checkpoints_directory(tmp_path):
+    store = tmp_path / "mnist"
+    (store / ".checkpoints" / "mnist-20261130-120000" / "checkpoint_0").mkdir(parents=True)
+    (store / "1").mkdir()
+    (store / "1" / "saved_model.pb").write_bytes(b"")
+    assert model_store.list_versions(store) == [1]
+    assert model_store.next_version(store) == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--robustness-per-category", "0"), "--robustness-per-category must be >= 1"),
+        (("--cpus-per-worker", "0"), "--cpus-per-worker must be > 0"),
+    ],
+)
+def test_more_bad_numbers(tmp_path, capsys, argv, message):
+    assert train.main(["--model_path", str(tmp_path), *argv]) == train.EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_smoke_test_uses_a_small_robustness_set(tmp_path):
+    args = _args("--model_path", str(tmp_path), "--smoke-test")
+    assert (
+        train.robustness_per_category(train.config_from_args(args), args)
+        == train.SMOKE_ROBUSTNESS_PER_CATEGORY
+    )
+    args = _args("--model_path", str(tmp_path))
+    assert (
+        train.robustness_per_category(train.config_from_args(args), args) == robustness.DEFAULT_PER_CATEGORY
+    )
+    args = _args("--model_path", str(tmp_path), "--smoke-test", "--robustness-per-category", "7")
+    assert train.robustness_per_category(train.config_from_args(args), args) == 7
+
+
+def test_init_from_a_version_of_another_architecture_is_refused(tmp_path, capsys):
+    version = tmp_path / "1"
+    (version / "assets.extra").mkdir(parents=True)
+    (version / "saved_model.pb").write_bytes(b"")
+    (version / "assets.extra" / "metrics.json").write_text('{"architecture": "cnn-32-64-128-v1"}')
+    assert train.main(["--model_path", str(tmp_path), "--init-from", "latest"]) == train.EXIT_USAGE
+    assert "version 1 is a cnn-32-64-128-v1 network" in capsys.readouterr().err
+
+
+def test_batch_norm_momentum_settles_short_runs_and_keeps_the_default_run():
+    from training.model import DEFAULT_BN_MOMENTUM, bn_momentum_for
+
+    assert bn_momentum_for(469 * 12) == DEFAULT_BN_MOMENTUM == 0.99  # the measured default run
+    assert abs(bn_momentum_for(234) - (1 - 10 / 234)) < 1e-12  # a 2-worker smoke run
+    assert 0.5 <= bn_momentum_for(1) < bn_momentum_for(100) < 0.99
