@@ -2,8 +2,9 @@
 
 Two replicas of serve_configs/local.yaml's deployment behind HAProxy, four gRPC clients asking all
 along. One replica is SIGKILLed: only requests in flight on it may fail; none that start after it
-is gone (HAProxy retries connection failures on the other replica and marks the dead one down),
-and Serve starts a replacement.
+is gone, and Serve starts a replacement. HAProxy resends a request whose replica closed the
+connection unanswered, or could not be reached, to the other replica (ray_app/front_door.py:
+retry-on conn-failure empty-response), so in practice none fails at all.
 """
 
 from __future__ import annotations
