@@ -13,7 +13,7 @@ and lets the server do it. Every call has a deadline (``--timeout-s``).
 
 Exit codes: 0 answered, 2 bad command line, 3 image file missing/unreadable/not an image
 (checked here in both modes; whether it shows a digit is the server's call in bytes mode),
-4 server unreachable, 5 deadline exceeded, 6 NOT_FOUND (model, version, label), 7 INVALID_ARGUMENT,
+4 server unreachable, 5 deadline exceeded, 6 NOT_FOUND (model, version), 7 INVALID_ARGUMENT (also an unknown label, as in TF Serving),
 8 any other server error. Failures print one line on stderr.
 """
 

@@ -187,7 +187,9 @@ def test_readme_serving_commands_run_against_the_app(journey):
         elif "grpc_client" in code:
             assert "Predicted Digit:  0\nPredicted Confidence:  " in result.stdout
             assert "10/10 correct" in result.stdout
-            assert "exit 6: no such label" in result.stdout  # the documented NOT_FOUND exit code
+            assert (
+                "exit 7: no such label" in result.stdout
+            )  # TF Serving: an unknown label is INVALID_ARGUMENT
         else:
             assert '"model_version_status"' in result.stdout and '"predictions"' in result.stdout
 
