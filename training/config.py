@@ -34,6 +34,11 @@ class TrainConfig:
             raise ValueError(f"learning rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        global_batch = self.batch_size * self.num_workers
+        if self.max_train_examples is not None and self.max_train_examples < global_batch:
+            raise ValueError(
+                f"max train examples must be at least one global batch ({global_batch}), got {self.max_train_examples}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"tiny run for tests: {SMOKE_TRAIN_EXAMPLES} train / {SMOKE_TEST_EXAMPLES} test examples",
     )
+    p.add_argument(
+        "--max-train-examples",
+        type=int,
+        default=None,
+        help="train on the first N training images (quick experiments; --smoke-test: "
+        f"{SMOKE_TRAIN_EXAMPLES})",
+    )
     return p
 
 
@@ -187,7 +194,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             seed=args.seed,
             augment=not args.no_augment,
             use_gpu=args.use_gpu,
-            max_train_examples=SMOKE_TRAIN_EXAMPLES if args.smoke_test else None,
+            max_train_examples=args.max_train_examples or (SMOKE_TRAIN_EXAMPLES if args.smoke_test else None),
             max_test_examples=SMOKE_TEST_EXAMPLES if args.smoke_test else None,
             init_from=_resolve_init_from(args.model_path, args.init_from),
         )

@@ -21,6 +21,7 @@ from training.data import load_mnist
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SMOKE_ACCURACY = 0.97
+EPOCHS = 2
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def published(ray_cluster, store):
     """Version 1 from 1 worker, version 2 from 2 workers (the 2-worker run is the real distributed path)."""
-    base = ["--model_path", str(store), "--smoke-test", "--epochs", "3", "--seed", "1"]
+    base = ["--model_path", str(store), "--smoke-test", "--epochs", str(EPOCHS), "--seed", "1"]
     assert train.main([*base, "--num-workers", "1"]) == 0
     # Same global batch (2 x 64) and learning rate (2 x 5e-4) as the 1-worker run, so the same
     # number of steps: batch normalisation's moving statistics need a few hundred steps.
@@ -82,7 +83,7 @@ def test_two_workers_match_one_worker_and_do_not_stall(published):
     assert two["test_accuracy"] >= SMOKE_ACCURACY
     assert abs(one["test_accuracy"] - two["test_accuracy"]) <= 0.015  # same within noise
     for metrics in (one, two):
-        assert len(metrics["epoch_s"]) == 3
+        assert len(metrics["epoch_s"]) == EPOCHS
         # A tf.data destructor stall shows up as a multi-second epoch on this small run.
         assert max(metrics["epoch_s"]) < 4 * min(metrics["epoch_s"]) + 5, metrics["epoch_s"]
 
@@ -126,6 +127,8 @@ def test_gate_refuses_and_publishes_nothing(published, capsys):
             "--model_path",
             str(published),
             "--smoke-test",
+            "--max-train-examples",
+            "6400",  # the gate is under test, not the model
             "--epochs",
             "1",
             "--init-from",
@@ -181,8 +184,8 @@ def test_worker_killed_after_first_epoch_resumes_and_publishes_once(ray_cluster,
     killer.start()
     try:
         code = train.main(
-            ["--model_path", str(store), "--smoke-test", "--epochs", "2", "--seed", "3",
-             "--robustness-per-category", "5"]
+            ["--model_path", str(store), "--smoke-test", "--max-train-examples", "8192", "--epochs", "2",
+             "--seed", "3", "--robustness-per-category", "5"]
         )  # fmt: skip
     finally:
         stop.set()

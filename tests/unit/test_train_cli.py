@@ -27,6 +27,9 @@ def test_bad_numbers_are_usage_errors(tmp_path, capsys):
     assert train.main(["--model_path", str(tmp_path), "--epochs", "0"]) == train.EXIT_USAGE
     assert "epochs must be >= 1" in capsys.readouterr().err
     assert train.main(["--model_path", str(tmp_path), "--min-accuracy", "99"]) == train.EXIT_USAGE
+    capsys.readouterr()
+    assert train.main(["--model_path", str(tmp_path), "--max-train-examples", "100"]) == train.EXIT_USAGE
+    assert "at least one global batch (128)" in capsys.readouterr().err
 
 
 def test_corrupt_data_dir_fails_before_ray(tmp_path, capsys):
