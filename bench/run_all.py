@@ -72,12 +72,22 @@ VARIANTS = {
     for v in (
         Variant(BASELINE, "baseline", "hand-written grpc.aio + batcher (32 images / 2 ms), no Ray"),
         Variant("baseline-unbatched", "baseline", "hand-written grpc.aio, one model call per request", False),
-        Variant("ray-haproxy", "serve", "serve_configs/local.yaml as users get it: HAProxy + direct ingress"),
+        Variant(
+            "ray-haproxy",
+            "serve",
+            "serve_configs/local.yaml as users get it: HAProxy + direct ingress, 2 replicas",
+        ),
         Variant(
             "ray-python-proxy",
             "serve",
             "serve_configs/local.yaml through Serve's Python proxy (RAY_SERVE_ENABLE_HA_PROXY=0, the fallback)",
             front_door="python-proxy",
+        ),
+        Variant(
+            "ray-haproxy-1replica",
+            "serve",
+            "ray-haproxy with one replica (one process, one GIL)",
+            num_replicas=1,
         ),
         Variant(
             "ray-haproxy-wait0",
@@ -86,22 +96,16 @@ VARIANTS = {
             batch_wait_timeout_s=0.0,
         ),
         Variant(
-            "ray-haproxy-wait2ms",
+            "ray-haproxy-wait10ms",
             "serve",
-            "ray-haproxy with batch_wait_timeout_s 0.002: wait up to 2 ms for a batch to fill",
-            batch_wait_timeout_s=0.002,
+            "ray-haproxy with batch_wait_timeout_s 0.01 (config: 0.002): batches wait longer to fill",
+            batch_wait_timeout_s=0.01,
         ),
         Variant(
             "ray-haproxy-no-grpc-timeout",
             "serve",
             "ray-haproxy without grpc_options.request_timeout_s (no timeout task per request)",
             grpc_request_timeout=False,
-        ),
-        Variant(
-            "ray-haproxy-2replicas",
-            "serve",
-            "ray-haproxy with 2 replicas (local.yaml: 1), HAProxy balancing least-connections",
-            num_replicas=2,
         ),
         Variant(
             "ray-haproxy-unbatched",
@@ -117,7 +121,7 @@ DEFAULT_VARIANTS = (
     "baseline-unbatched",
     "ray-haproxy",
     "ray-python-proxy",
-    "ray-haproxy-2replicas",
+    "ray-haproxy-1replica",
 )
 
 
