@@ -42,7 +42,7 @@ def pytest_unconfigure(config) -> None:
 
 
 def train_quick_model(export_dir: Path, examples: int = 12000, seed: int = 0, epochs: int = 1) -> None:
-    """Train the product's CNN in-process (no Ray) and export it (one short epoch: ~10 s)."""
+    """Train the product's CNN in-process (no Ray) and export it (by default one short epoch: ~15 s)."""
     import keras
     import numpy as np
 
@@ -52,9 +52,12 @@ def train_quick_model(export_dir: Path, examples: int = 12000, seed: int = 0, ep
 
     keras.utils.set_random_seed(seed)
     train = load_mnist().train.head(examples)
-    model = build_model(bn_momentum=bn_momentum_for(examples // 128))  # one short epoch
+    steps = max(examples // 128, 1) * epochs
+    model = build_model(bn_momentum=bn_momentum_for(steps))
     model.compile(
-        optimizer=keras.optimizers.Adam(2e-3),
+        # Cosine decay to zero over the run: the last steps settle (98.4 % after 2 epochs with a
+        # constant 2e-3, measured).
+        optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(2e-3, decay_steps=steps)),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     model.fit(train.images.astype(np.float32) / 255.0, train.labels, batch_size=128, epochs=epochs, verbose=0)
@@ -72,10 +75,10 @@ def trained_export(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def accurate_export(tmp_path_factory) -> Path:
-    """A SavedModel trained on all 60,000 training images for 4 epochs (~99.2 % on the test set, a
-    minute or two): for tests that hold the app to an accuracy figure."""
+    """A SavedModel trained on all 60,000 training images for 2 epochs (99.13 % on the test set,
+    ~2.5 minutes here): for tests that hold the app to an accuracy figure."""
     path = tmp_path_factory.mktemp("accurate") / "model"
-    train_quick_model(path, examples=60000, epochs=4)
+    train_quick_model(path, examples=60000, epochs=2)
     return path
 
 
