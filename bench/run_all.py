@@ -456,6 +456,8 @@ def _run_variant(variant: Variant, args: argparse.Namespace, workdir: Path) -> d
             record["target"] = running.target
             for k in variant.images_per_request:
                 for c in variant.concurrencies:
+                    if args.concurrencies and c not in args.concurrencies:
+                        continue
                     record["points"].append(_measure(running.target, args, c, k, running))
     except Exception as exc:  # report and go on with the next variant
         print(f"  FAILED: {exc}", flush=True)
@@ -510,6 +512,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup-s", type=float, default=2.0)
     parser.add_argument("--timeout-s", type=float, default=5.0, help="deadline of every RPC")
     parser.add_argument("--repeat", type=int, default=1, help="runs per point; the median is reported")
+    parser.add_argument(
+        "--concurrencies",
+        type=lambda text: tuple(int(c) for c in text.split(",")),
+        default=None,
+        help=f"only these of the variants' concurrencies (default: all, {','.join(map(str, CONCURRENCIES))})",
+    )
     parser.add_argument("--ready-timeout-s", type=float, default=240.0)
     parser.add_argument("--log-dir", type=Path, default=None, help="server logs (default: a new temp dir)")
     parser.add_argument("--keep-ray-tmp", action="store_true", help="keep each run's RAY_TMPDIR (Ray's logs)")
