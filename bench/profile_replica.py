@@ -52,34 +52,51 @@ OWNERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+# A thread whose innermost Python frame is its entry point is running C code with no Python
+# frame above it. Seen with --native: Ray runs each actor's asyncio loop in such a thread
+# (uvloop's ``uv_run``: I/O polling and the C-level callbacks of gRPC's Cython layer), and an
+# idle ThreadPoolExecutor worker blocks in ``SimpleQueue.get`` (py-spy does not flag that idle).
+NATIVE_LOOP = "event loop in C (uvloop, gRPC's Cython)"
+IDLE = "idle thread-pool workers"
+
+
 def owner_of(stack: str) -> str:
     """The owner of one raw py-spy stack (frames root first, separated by ';')."""
-    for frame in reversed(stack.split(";")):
+    frames = stack.split(";")
+    for frame in reversed(frames):
         for owner, markers in OWNERS:
             if any(marker in frame for marker in markers):
                 return owner
+    innermost = frames[-1]
+    if innermost.startswith("_worker (") and "/concurrent/futures/thread.py:" in innermost:
+        return IDLE
+    if innermost.startswith("Thread.run (") and "/threading.py:" in innermost:
+        return NATIVE_LOOP
     return "other"
 
 
 def shares(raw: str) -> tuple[dict[str, int], int]:
-    """Samples by owner from py-spy's raw (collapsed-stack) output, and their total."""
+    """Samples by owner from py-spy's raw (collapsed-stack) output, and the busy total (idle
+    thread-pool workers are counted but not part of the total)."""
     counts: collections.Counter[str] = collections.Counter()
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
         if stack and count.isdigit():
             counts[owner_of(stack)] += int(count)
-    return dict(counts.most_common()), sum(counts.values())
+    return dict(counts.most_common()), sum(n for owner, n in counts.items() if owner != IDLE)
 
 
 def _replica_pids(sid: int) -> list[int]:
     return [pid for pid in _session_pids(sid) if _component(pid).startswith("ray::ServeReplica")]
 
 
-def _record(pid: int, duration_s: float, rate: int, out: Path) -> subprocess.Popen[bytes]:
+def _record(pid: int, duration_s: float, rate: int, out: Path, native: bool) -> subprocess.Popen[bytes]:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     cmd = [py_spy, "record", "--pid", str(pid), "--duration", str(int(duration_s)), "--rate", str(rate)]
+    # --native must pause the process for each sample (py-spy refuses --nonblocking with it)
+    cmd += ["--native"] if native else ["--nonblocking"]
     return subprocess.Popen(
-        [*cmd, "--format", "raw", "--full-filenames", "--output", str(out), "--nonblocking"],
+        [*cmd, "--format", "raw", "--full-filenames", "--output", str(out)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -115,7 +132,9 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(1.0)  # the load's own warm-up: CPU and samples count from its end
         cpu_before = {pid: _cpu_s(pid) for pid in pids}
         outputs = {pid: workdir / f"replica-{pid}.txt" for pid in pids}
-        recorders = [_record(pid, args.duration_s - 0.5, args.rate, outputs[pid]) for pid in pids]
+        recorders = [
+            _record(pid, args.duration_s - 0.5, args.rate, outputs[pid], args.native) for pid in pids
+        ]
         for recorder in recorders:
             _, err = recorder.communicate(timeout=args.duration_s + 60)
             if recorder.returncode != 0:
@@ -133,6 +152,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
             "cpu_ms_per_request": round(cpu_ms_per_request * n / total, 3),
         }
         for owner, n in counts.items()
+        if owner != IDLE
     ]
     return {
         "variant": variant.name,
@@ -143,6 +163,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
         "load": {k: load.get(k) for k in ("img_per_s", "req_per_s", "p50_ms", "p99_ms", "errors")},
         "replica_cpu_ms_per_request": round(cpu_ms_per_request, 3),
         "samples": total,
+        "idle_thread_pool_samples": counts.get(IDLE, 0),
         "owners": rows,
     }
 
@@ -171,10 +192,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--images", type=int, default=1, help="images per request")
     parser.add_argument("--duration-s", type=float, default=15.0)
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    parser.add_argument("--native", action="store_true", help="also sample C/C++ frames (slower to record)")
     args, rest = parser.parse_known_args(argv)
     # The server settings (model, timeouts, logs) are run_all's, with its defaults.
     server_args = _parse_args(["--out", str(args.out), *rest])
-    for name in ("variant", "concurrency", "images", "duration_s", "rate"):
+    for name in ("variant", "concurrency", "images", "duration_s", "rate", "native"):
         setattr(server_args, name, getattr(args, name))
     report = profile(server_args)
     report["table"] = _table(report)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.profile_replica import owner_of, shares
+from bench.profile_replica import IDLE, NATIVE_LOOP, owner_of, shares
 
 ROOT = "_run_once (/usr/lib/python3.11/asyncio/base_events.py:1922);_run (/usr/lib/python3.11/asyncio/events.py:84)"
 
@@ -27,6 +27,18 @@ def test_innermost_known_owner_takes_the_sample() -> None:
     assert owner_of(f"{ROOT};_handle_call (/x/grpc/aio/_server.py:3)") == "gRPC (grpc.aio)"
     assert owner_of(ROOT) == "asyncio / uvloop"
     assert owner_of("main (/x/somewhere.py:1)") == "other"
+
+
+def test_thread_entry_as_innermost_frame_is_native_loop_or_idle_pool() -> None:
+    entry = (
+        "_bootstrap (/usr/lib/python3.11/threading.py:1002);Thread.run (/usr/lib/python3.11/threading.py:982)"
+    )
+    assert owner_of(entry) == NATIVE_LOOP
+    assert owner_of(f"{entry};_worker (/usr/lib/python3.11/concurrent/futures/thread.py:81)") == IDLE
+    counts, total = shares(
+        f"{entry} 7\n{entry};_worker (/usr/lib/python3.11/concurrent/futures/thread.py:81) 5"
+    )
+    assert counts == {NATIVE_LOOP: 7, IDLE: 5} and total == 7  # idle samples are not busy time
 
 
 def test_shares_sum_the_raw_counts() -> None:
