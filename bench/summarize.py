@@ -54,12 +54,79 @@ def median_table(reports: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _process_group(component: str) -> str:
+    """Which column a process's CPU goes to: replica, HAProxy, Python proxy, client, or Ray."""
+    if component.startswith("ray::ServeReplica"):
+        return "replica"
+    if component == "haproxy":
+        return "haproxy"
+    if component in ("ray::ProxyActor", "ray::HAProxyManager"):
+        return "proxy"
+    if component.startswith("client"):
+        return "client"
+    if component in ("bench.baseline_server", "python", "python3"):
+        return "server"
+    return "ray"
+
+
+def cpu_ms_per_request(point: dict[str, Any]) -> dict[str, float]:
+    """CPU milliseconds per answered request by process group (cores / requests per second)."""
+    if not point.get("req_per_s"):
+        return {}
+    groups: dict[str, float] = defaultdict(float)
+    for component, cores in point.get("cpu_cores", {}).items():
+        groups[_process_group(component)] += cores
+    return {group: 1000.0 * cores / point["req_per_s"] for group, cores in groups.items()}
+
+
+def detail_table(report: dict[str, Any]) -> str:
+    """One ``run_all --repeat N`` file: median img/s (each run), ratio, latencies of the median run,
+    the replica's mean batch and CPU per request by process group."""
+    baseline = {
+        (p["concurrency"], p["images_per_request"]): p.get("img_per_s_median", p["img_per_s"])
+        for r in report["results"]
+        if r["variant"] == BASELINE
+        for p in r["points"]
+    }
+    lines = [
+        "| variant | c | images/request | img/s (median) | runs | vs baseline | p50 ms | p99 ms | "
+        "mean batch | CPU ms per request (by process) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for record in report["results"]:
+        for p in record.get("points", []):
+            img = p.get("img_per_s_median", p["img_per_s"])
+            base = baseline.get((p["concurrency"], p["images_per_request"]))
+            ratio = f"{img / base:.2f}" if base and record["variant"] != BASELINE else "-"
+            runs = " / ".join(f"{v:.0f}" for v in p.get("img_per_s_runs", [p["img_per_s"]]))
+            cpu = cpu_ms_per_request(p)
+            cpu_text = ", ".join(
+                f"{group} {ms:.2f}" for group, ms in sorted(cpu.items(), key=lambda kv: -kv[1])
+            )
+            batch = p.get("serve_mean_batch_images")
+            lines.append(
+                f"| {record['variant']} | {p['concurrency']} | {p['images_per_request']} | {img:.0f} | {runs} | "
+                f"{ratio} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {'-' if batch is None else batch} | {cpu_text} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> str:
-    """Print the median table of the given result files."""
+    """Print the median table of the given result files (``--detail``: one file's full table)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", type=Path)
+    parser.add_argument(
+        "--detail",
+        action="store_true",
+        help="per file: medians of its --repeat runs, mean batch and CPU per request by process",
+    )
     args = parser.parse_args(argv)
-    table = median_table([json.loads(path.read_text()) for path in args.results])
+    reports = [json.loads(path.read_text()) for path in args.results]
+    if args.detail:
+        table = "\n\n".join(detail_table(report) for report in reports)
+        print(table)
+        return table
+    table = median_table(reports)
     print(table)
     return table
 
