@@ -11,8 +11,11 @@ by Ray's gRPC servicer as protobuf):
     protobuf (message (de)serialisation) | Serve's @serve.batch | Ray Serve's request path
     Ray core (metrics, logging, actor plumbing) | gRPC (grpc.aio) | asyncio/uvloop | other
 
-py-spy sees Python frames only (no ``--native``): time inside a C extension is charged to the
-Python frame that called it, which is what the owners above are about. Idle threads are left out,
+By default py-spy samples Python frames only, without pausing the replica: time inside a C
+extension is charged to the Python frame that called it, which is what the owners above are
+about; a thread with no Python frame above its entry point runs C code (Ray runs each actor's
+asyncio loop, uvloop, in such a thread). ``--native`` adds C/C++ frames but must pause the
+replica for every sample (a fraction of the throughput): use it to look inside, not to measure. Idle threads are left out,
 so the shares are of the time the replica was busy; with the replica's CPU seconds per request
 from /proc they give milliseconds per request by owner.
 
@@ -135,12 +138,27 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
         recorders = [
             _record(pid, args.duration_s - 0.5, args.rate, outputs[pid], args.native) for pid in pids
         ]
-        for recorder in recorders:
-            _, err = recorder.communicate(timeout=args.duration_s + 60)
-            if recorder.returncode != 0:
-                raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')[-2000:]}")
-        thread.join()
+        failures = []
+        try:
+            for recorder in recorders:
+                try:
+                    _, err = recorder.communicate(timeout=args.duration_s + 60)
+                except subprocess.TimeoutExpired:
+                    recorder.kill()
+                    _, err = recorder.communicate()
+                if recorder.returncode != 0:
+                    failures.append(err.decode(errors="replace")[-2000:])
+        finally:
+            for recorder in recorders:  # none outlives this run
+                if recorder.poll() is None:
+                    recorder.kill()
+                    recorder.wait()
+            thread.join()
         cpu_s = sum(_cpu_s(pid) - cpu_before[pid] for pid in pids)
+    if failures:
+        raise RuntimeError(f"py-spy failed: {failures[0]}")
+    if "requests_ok" not in load:
+        raise RuntimeError("the load generator did not finish (see the messages above)")
     counts, total = shares("\n".join(path.read_text() for path in outputs.values()))
     requests = load["requests_ok"]
     cpu_ms_per_request = 1000.0 * cpu_s / max(requests, 1)

@@ -511,7 +511,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration-s", type=float, default=10.0)
     parser.add_argument("--warmup-s", type=float, default=2.0)
     parser.add_argument("--timeout-s", type=float, default=5.0, help="deadline of every RPC")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per point; the median is reported")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per point (odd: the median run is reported)"
+    )
     parser.add_argument(
         "--concurrencies",
         type=lambda text: tuple(int(c) for c in text.split(",")),

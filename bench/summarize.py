@@ -19,6 +19,7 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     rows = []
     for record in report["results"]:
         rows += [(record["variant"], p) for p in record["points"]]
+        # "proxy_points": files of 2026-11-25 (ray-throughput-opt, the load also sent to the proxy)
         rows += [(f"{record['variant']} (via proxy)", p) for p in record.get("proxy_points", [])]
     return rows
 
@@ -64,9 +65,9 @@ def _process_group(component: str) -> str:
         return "proxy"
     if component.startswith("client"):
         return "client"
-    if component in ("bench.baseline_server", "python", "python3"):
+    if component == "bench.baseline_server":
         return "server"
-    return "ray"
+    return "ray"  # raylet, GCS, dashboard, controller, the `serve run` driver (python3), ...
 
 
 def cpu_ms_per_request(point: dict[str, Any]) -> dict[str, float]:
@@ -77,6 +78,10 @@ def cpu_ms_per_request(point: dict[str, Any]) -> dict[str, float]:
     for component, cores in point.get("cpu_cores", {}).items():
         groups[_process_group(component)] += cores
     return {group: 1000.0 * cores / point["req_per_s"] for group, cores in groups.items()}
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"  # None: no request succeeded at that point
 
 
 def detail_table(report: dict[str, Any]) -> str:
@@ -106,7 +111,7 @@ def detail_table(report: dict[str, Any]) -> str:
             batch = p.get("serve_mean_batch_images")
             lines.append(
                 f"| {record['variant']} | {p['concurrency']} | {p['images_per_request']} | {img:.0f} | {runs} | "
-                f"{ratio} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {'-' if batch is None else batch} | {cpu_text} |"
+                f"{ratio} | {_ms(p['p50_ms'])} | {_ms(p['p99_ms'])} | {'-' if batch is None else batch} | {cpu_text} |"
             )
     return "\n".join(lines)
 

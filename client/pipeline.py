@@ -457,9 +457,14 @@ class Journey:
         """
         state_dir = self.haproxy_state_dir
 
+        def alive(process: psutil.Process) -> bool:
+            try:
+                return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:  # exited between the two calls
+                return False
+
         def still_running() -> list[psutil.Process]:
-            alive = [p for p in ours if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-            return alive + (leftovers.haproxy_processes(state_dir) if state_dir else [])
+            return [p for p in ours if alive(p)] + (leftovers.haproxy_processes(state_dir) if state_dir else [])
 
         left = leftovers.wait_gone(still_running, timeout_s=self.leftover_grace_s)
         if left:

@@ -6,6 +6,7 @@ that dispatches on TF Serving's own URL patterns (``ray_app.rest_api.route``). B
 one ``Predictor``; errors map through one table (``ray_app.protocol.status``).
 """
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -261,6 +262,8 @@ class MnistServer:
         from ray_app import web
 
         try:
-            return Response(json.dumps(web.models_summary(self._predictor, name)), media_type=_JSON)
+            # in a thread: the first read of a version's metrics.json is a (shared) file-system read
+            summary = await asyncio.to_thread(web.models_summary, self._predictor, name)
+            return Response(json.dumps(summary), media_type=_JSON)
         except Exception as exc:
             return _error_response(exc)

@@ -29,7 +29,9 @@ HAPROXY_SWITCH = "RAY_SERVE_ENABLE_HA_PROXY"
 # Each value below, and why (README, "The front door"):
 #   THROUGHPUT_OPTIMIZED    replica runs user code and the direct-ingress servers on one event loop,
 #                           buffers its logs, no per-request stderr line: less CPU per request. Our
-#                           replica never blocks its loop (model calls and image decoding run in threads).
+#                           replica keeps slow work off its loop (model calls, image decoding and
+#                           file-system reads run in threads; a REST JSON body, bounded by
+#                           max_request_bytes, is parsed on it).
 #   NBTHREAD                one HAProxy thread per 4 CPUs (1 to 4): a thread relays tens of thousands
 #                           of requests/s; more threads only compete with the replicas for cores.
 #   MAXCONN                 concurrent client connections: 1024 per CPU, 2048 to 16384 (~32 KiB each).

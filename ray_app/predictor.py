@@ -366,6 +366,19 @@ class Predictor:
         """One backend call for items sharing version, signature and inputs; split the outputs."""
         self._follow_latest(items)
         first = items[0]
+        if any(item.version != first.version for item in items):
+            # A version was unloaded after _run_batch grouped these: some unpinned items moved to
+            # the latest, pinned ones stay (and get NOT_FOUND). Never answer one with another's.
+            same = [i for i, item in enumerate(items) if item.version == first.version]
+            other = [i for i, item in enumerate(items) if item.version != first.version]
+            parts = await asyncio.gather(
+                self._run_group([items[i] for i in same]), self._run_group([items[i] for i in other])
+            )
+            results: list[dict[str, np.ndarray] | Exception] = [{} for _ in items]
+            for indices, outcome in zip((same, other), parts):
+                for index, value in zip(indices, outcome):
+                    results[index] = value
+            return results
         if first.version not in self.backend.versions():
             error = NotFoundError(f"version {first.version} was unloaded before the request ran")
             return [error for _ in items]

@@ -16,7 +16,7 @@ def check_declared_length(headers: Mapping[str, str], max_bytes: int) -> None:
     declared = headers.get("content-length")
     if declared is None:
         return
-    if not declared.strip().isdigit():
+    if not (declared.isascii() and declared.strip().isdigit()):  # "²".isdigit() is True too
         raise InvalidArgumentError(f"Content-Length must be a number of bytes, got {declared!r}")
     if int(declared) > max_bytes:
         raise ResourceExhaustedError(

@@ -79,9 +79,10 @@ def route(method: str, path_and_query: str) -> Route:
         raise malformed  # the pattern is case-insensitive, the verb comparison is not
     version = None
     if version_text is not None:
+        # int() refuses over 4,300 digits (ValueError): anything over 19 is out of range anyway
+        if len(version_text) > len(str(_INT64_MAX)) or int(version_text) > _INT64_MAX:
+            raise InvalidArgumentError(f"Failed to convert version: {version_text[:40]} to numeric.")
         version = int(version_text)
-        if version > _INT64_MAX:
-            raise InvalidArgumentError(f"Failed to convert version: {version_text} to numeric.")
     kind: Kind = last if method == "POST" else ("metadata" if last == "metadata" else "status")
     return Route(kind, urllib.parse.unquote(name), version, urllib.parse.unquote(label) if label else None)
 

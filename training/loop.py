@@ -221,52 +221,56 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
 
     gauges = EpochGauges(context.get_experiment_name()) if rank == 0 else None  # for Grafana
     start_epoch = int(epoch_var.numpy())
-    for epoch in range(start_epoch + 1, config.epochs + 1):
-        started = time.perf_counter()
-        loss_sum = correct_sum = 0.0
-        for _ in range(steps_per_epoch):
-            loss, correct = train_step(iterator)
-            loss_sum += float(loss)
-            correct_sum += float(correct)
-        train_s = time.perf_counter() - started
+    try:
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            started = time.perf_counter()
+            loss_sum = correct_sum = 0.0
+            for _ in range(steps_per_epoch):
+                loss, correct = train_step(iterator)
+                loss_sum += float(loss)
+                correct_sum += float(correct)
+            train_s = time.perf_counter() - started
 
-        logits = np.concatenate(
-            [eval_logits(test_images[i : i + 1000]).numpy() for i in range(0, len(test_images), 1000)]
-        )
-        test_loss = float(tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(test_labels, logits)))
-        test_accuracy = float(np.mean(np.argmax(logits, -1) == test_labels))
-        epoch_var.assign(epoch)
-        metrics = {
-            "epoch": epoch,
-            "loss": loss_sum / steps_per_epoch,
-            "accuracy": correct_sum / (steps_per_epoch * global_batch),
-            "test_loss": test_loss,
-            "test_accuracy": test_accuracy,
-            "epoch_s": time.perf_counter() - started,
-            "train_s": train_s,
-            "images_per_s": steps_per_epoch * global_batch / train_s,
-            "workers": world,
-            "threads": threads,
-        }
-        history.append(metrics)
-        # Every worker writes (saving may use collectives); only rank 0's copy is kept.
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint.write(str(Path(tmp) / CHECKPOINT_PREFIX))
-            if rank == 0:
-                state = {"history": history, "resumed_after_epochs": resumed_after}
-                (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            else:
-                ray.train.report(metrics)
+            logits = np.concatenate(
+                [eval_logits(test_images[i : i + 1000]).numpy() for i in range(0, len(test_images), 1000)]
+            )
+            test_loss = float(
+                tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(test_labels, logits))
+            )
+            test_accuracy = float(np.mean(np.argmax(logits, -1) == test_labels))
+            epoch_var.assign(epoch)
+            metrics = {
+                "epoch": epoch,
+                "loss": loss_sum / steps_per_epoch,
+                "accuracy": correct_sum / (steps_per_epoch * global_batch),
+                "test_loss": test_loss,
+                "test_accuracy": test_accuracy,
+                "epoch_s": time.perf_counter() - started,
+                "train_s": train_s,
+                "images_per_s": steps_per_epoch * global_batch / train_s,
+                "workers": world,
+                "threads": threads,
+            }
+            history.append(metrics)
+            # Every worker writes (saving may use collectives); only rank 0's copy is kept.
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint.write(str(Path(tmp) / CHECKPOINT_PREFIX))
+                if rank == 0:
+                    state = {"history": history, "resumed_after_epochs": resumed_after}
+                    (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                else:
+                    ray.train.report(metrics)
+            if gauges is not None:
+                gauges.report(metrics)
+            if rank != 0:  # the figures are the same on every rank: one line per epoch
+                continue
+            print(
+                f"[rank {rank}] epoch {epoch}/{config.epochs}: loss {metrics['loss']:.4f} "
+                f"acc {metrics['accuracy']:.4f} test_acc {test_accuracy:.4f} "
+                f"{metrics['epoch_s']:.1f}s ({metrics['images_per_s']:.0f} img/s)",
+                flush=True,
+            )
+    finally:  # the gauges' refresher thread stops with the run, also when an epoch fails
         if gauges is not None:
-            gauges.report(metrics)
-        if rank != 0:  # the figures are the same on every rank: one line per epoch
-            continue
-        print(
-            f"[rank {rank}] epoch {epoch}/{config.epochs}: loss {metrics['loss']:.4f} "
-            f"acc {metrics['accuracy']:.4f} test_acc {test_accuracy:.4f} "
-            f"{metrics['epoch_s']:.1f}s ({metrics['images_per_s']:.0f} img/s)",
-            flush=True,
-        )
-    if gauges is not None:
-        gauges.close()
+            gauges.close()

@@ -182,7 +182,8 @@ class EmbeddedBackend:
         load: while a new version is broken, the newest good ones serve in its place.
         """
         async with self._sync_lock:
-            available = model_store.list_versions(self._config.model_base_path)
+            # off the event loop: a shared file system (EFS, NFS) can stall a listing
+            available = await asyncio.to_thread(model_store.list_versions, self._config.model_base_path)
             policy = desired_versions(available, self._config.num_versions, self._pinned)
             now_s = time.monotonic()
             retry = {v for v in policy if v in self._failed and self._failed[v].retry_at_s <= now_s}

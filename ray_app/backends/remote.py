@@ -120,9 +120,15 @@ class RemoteBackend:
                 if state.error and self._states.get(version) != state:  # newly failed
                     self.observer.load_failed(version, self.kind)
         versions = sorted(v for v, s in states.items() if s.state == "AVAILABLE")
-        for version in versions:
+        for version in list(versions):
             if version not in self._specs:
-                self._specs[version] = await self._fetch_specs(version)
+                try:
+                    self._specs[version] = await self._fetch_specs(version)
+                except grpc.aio.AioRpcError as exc:  # unloaded since the status call, or slow: next poll
+                    logger.warning(
+                        "metadata of version %s from %s: %s", version, self._address, exc.code().name
+                    )
+                    versions.remove(version)
         self._specs = {v: s for v, s in self._specs.items() if v in versions}
         self._states, self._versions = states, versions
         failed = {v: s.error for v, s in states.items() if s.error}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import logging
 import os
 import shutil
@@ -21,7 +22,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ray_app.backends.base import desired_versions
@@ -53,9 +54,11 @@ def model_server_config(config: AppConfig, specific_versions: Iterable[int] | No
     return server_config
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: no orphaned servers if the replica dies
+def _die_with_parent_hook() -> Callable[[], None]:
+    """The child's ``preexec_fn``: PR_SET_PDEATHSIG, so no server is orphaned if the replica dies.
+    libc is loaded here, in the parent: between fork and exec the child only makes the call."""
+    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    return functools.partial(prctl, 1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def build_command(config: AppConfig, binary: str, socket_path: Path, config_file: Path) -> list[str]:
@@ -95,7 +98,11 @@ class TFServingBackend(RemoteBackend):
         return self._process.pid if self._process else None
 
     async def start(self) -> None:
-        await self._launch()
+        try:
+            await self._launch()
+        except BaseException:  # no child, socket or work directory outlives a failed start
+            await self.stop()
+            raise
         self._poll_task = asyncio.get_running_loop().create_task(self._poll_forever())
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_child())
 
@@ -108,7 +115,7 @@ class TFServingBackend(RemoteBackend):
         self._config_file.write_text(str(model_server_config(self._config, self._specific)))
         command = build_command(self._config, binary, socket_path, self._config_file)
         logger.info("starting %s", " ".join(command))
-        self._process = subprocess.Popen(command, preexec_fn=_die_with_parent)
+        self._process = subprocess.Popen(command, preexec_fn=_die_with_parent_hook())
         if self._channel is not None:
             await self._channel.close()
         self._connect(f"unix:{socket_path}")
@@ -161,7 +168,7 @@ class TFServingBackend(RemoteBackend):
         """Keep labelled versions loaded: switch the child to a specific-versions policy."""
         wanted: list[int] = []  # empty: back to TF Serving's own latest-N policy
         if self._pinned:
-            available = model_store.list_versions(self._config.model_base_path)
+            available = await asyncio.to_thread(model_store.list_versions, self._config.model_base_path)
             wanted = sorted(desired_versions(available, self._config.num_versions, self._pinned))
         if wanted == self._specific:
             return
@@ -170,7 +177,8 @@ class TFServingBackend(RemoteBackend):
         response = await self._reload(request, timeout=self._config.backend_timeout_s)
         if response.status.error_code:
             raise RuntimeError(f"TF Serving refused the new config: {response.status.error_message}")
-        self._config_file.write_text(str(server_config))  # a restarted child starts from it
+        # a restarted child starts from it (off the loop, like every file-system call here)
+        await asyncio.to_thread(self._config_file.write_text, str(server_config))
         self._specific = wanted
 
     def health_problem(self) -> str | None:

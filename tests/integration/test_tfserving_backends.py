@@ -18,7 +18,7 @@ from ray_app.backends.remote import RemoteBackend
 from ray_app.backends.tfserving import TFServingBackend
 from ray_app.config import AppConfig, TFServingOptions
 from ray_app.ports import free_port
-from ray_app.protocol.status import InvalidArgumentError, NotFoundError
+from ray_app.protocol.status import InvalidArgumentError, NotFoundError, UnavailableError
 from tests.conftest import publish_copy
 from tests.fake_tfserving import install_fake_tfserving
 from training.data import load_mnist
@@ -184,6 +184,22 @@ def test_sidecar_listens_on_a_private_unix_socket_only(store, fake_binary_on_pat
     assert str(workdir / "tfserving.sock") in sockets and "--port=0" in command
     assert mode == "0o700"  # only the replica's user can open the socket
     assert not workdir.exists()  # removed on stop
+
+
+def test_a_failed_start_leaves_no_child_and_no_work_directory(store, tmp_path, monkeypatch):
+    """A binary that never answers: start() fails after its start-up limit and cleans up."""
+    binary = tmp_path / "bin" / "tensorflow_model_server"
+    binary.parent.mkdir()
+    binary.write_text("#!/bin/sh\nexec sleep 60\n")
+    binary.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{binary.parent}{os.pathsep}{os.environ['PATH']}")
+    backend = TFServingBackend(
+        AppConfig(model_base_path=str(store), tfserving=TFServingOptions(startup_timeout_s=1))
+    )
+    with pytest.raises(UnavailableError, match="did not answer within 1"):
+        asyncio.run(backend.start())
+    assert backend._process is not None and backend._process.poll() is not None  # stopped and reaped
+    assert not backend._workdir.exists()
 
 
 def test_sidecar_starts_before_the_first_version_and_serves_it_when_published(

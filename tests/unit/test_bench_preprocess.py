@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from bench import preprocess_cost
 
 
@@ -15,7 +17,8 @@ def test_preprocess_cost_reports_each_kind(capsys) -> None:
 
 
 def test_median_ms_counts_failures_as_time_spent() -> None:
-    def refuse(data: bytes):
+    def refuse_slowly(data: bytes):
+        time.sleep(0.005)
         raise ValueError("blank")
 
-    assert preprocess_cost.median_ms(refuse, [b"x", b"y"], repeats=2) >= 0.0
+    assert preprocess_cost.median_ms(refuse_slowly, [b"x", b"y"], repeats=2) >= 5.0

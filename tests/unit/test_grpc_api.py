@@ -447,3 +447,21 @@ def test_image_decoding_has_its_own_bounded_threads(monkeypatch) -> None:
     assert len(tensors.outputs["classes"].int64_val) == 4 and tensor_s < 0.3  # not behind the decodes
     assert refused.code is StatusCode.RESOURCE_EXHAUSTED and refused.limit == "max_pending_decodes"
     predictor.close()
+
+
+def test_an_unload_after_grouping_never_answers_a_pinned_request_with_another_version() -> None:
+    """Version 1 is gone by the time its group runs: the unpinned item moves to the latest (2),
+    the pinned one gets NOT_FOUND, and neither is answered by the other's version."""
+    import asyncio
+
+    from ray_app.predictor import _Item
+
+    backend = StaticBackend(versions=(2,))
+    predictor = Predictor(AppConfig(), backend)
+    images = np.zeros((1, 28, 28), np.uint8)
+    pinned = _Item(1, True, "serving_default", {"images": images}, ())
+    unpinned = _Item(1, False, "serving_default", {"images": images}, ())
+    first, second = asyncio.run(predictor._run_group([pinned, unpinned]))
+    assert isinstance(first, ServingError) and first.code == StatusCode.NOT_FOUND
+    assert unpinned.version == 2 and set(second) == {"probabilities", "classes"}
+    assert backend.calls == [(2, "serving_default", 1)]

@@ -88,6 +88,11 @@ def test_urls_are_matched_like_tf_serving(method: str, path: str, expected: Rout
             "/v1/models/m/versions/99999999999999999999",
             "Failed to convert version: 99999999999999999999 to numeric.",
         ),
+        (  # past int()'s 4,300-digit limit: still a clean 400, the echo cut short
+            "GET",
+            "/v1/models/m/versions/" + "9" * 5000,
+            "Failed to convert version: " + "9" * 40 + " to numeric.",
+        ),
     ],
 )
 def test_other_urls_are_tf_servings_400s(method: str, path: str, message: str) -> None:
