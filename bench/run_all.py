@@ -96,10 +96,16 @@ VARIANTS = {
             batch_wait_timeout_s=0.0,
         ),
         Variant(
-            "ray-haproxy-wait10ms",
+            "ray-haproxy-wait2ms",
             "serve",
-            "ray-haproxy with batch_wait_timeout_s 0.01 (config: 0.002): batches wait longer to fill",
-            batch_wait_timeout_s=0.01,
+            "ray-haproxy with batch_wait_timeout_s 0.002 (the config's value until 2026-11-30; now 0.01)",
+            batch_wait_timeout_s=0.002,
+        ),
+        Variant(
+            "ray-haproxy-wait20ms",
+            "serve",
+            "ray-haproxy with batch_wait_timeout_s 0.02 (config: 0.01)",
+            batch_wait_timeout_s=0.02,
         ),
         Variant(
             "ray-haproxy-no-grpc-timeout",
@@ -458,6 +464,8 @@ def _run_variant(variant: Variant, args: argparse.Namespace, workdir: Path) -> d
                 for c in variant.concurrencies:
                     if args.concurrencies and c not in args.concurrencies:
                         continue
+                    if args.images_per_request and k not in args.images_per_request:
+                        continue
                     record["points"].append(_measure(running.target, args, c, k, running))
     except Exception as exc:  # report and go on with the next variant
         print(f"  FAILED: {exc}", flush=True)
@@ -519,6 +527,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=lambda text: tuple(int(c) for c in text.split(",")),
         default=None,
         help=f"only these of the variants' concurrencies (default: all, {','.join(map(str, CONCURRENCIES))})",
+    )
+    parser.add_argument(
+        "--images-per-request",
+        type=lambda text: tuple(int(k) for k in text.split(",")),
+        default=None,
+        help=f"only these of the variants' images per request (default: all, {','.join(map(str, IMAGES_PER_REQUEST))})",
     )
     parser.add_argument("--ready-timeout-s", type=float, default=240.0)
     parser.add_argument("--log-dir", type=Path, default=None, help="server logs (default: a new temp dir)")

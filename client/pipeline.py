@@ -464,7 +464,9 @@ class Journey:
                 return False
 
         def still_running() -> list[psutil.Process]:
-            return [p for p in ours if alive(p)] + (leftovers.haproxy_processes(state_dir) if state_dir else [])
+            return [p for p in ours if alive(p)] + (
+                leftovers.haproxy_processes(state_dir) if state_dir else []
+            )
 
         left = leftovers.wait_gone(still_running, timeout_s=self.leftover_grace_s)
         if left:

@@ -88,7 +88,7 @@ class LiveConfig(_Strict):
     """Settings that change on running replicas (Serve ``user_config``)."""
 
     max_batch_size: int = Field(default=32, ge=1)  # counted in images, not requests
-    batch_wait_timeout_s: float = Field(default=0.002, ge=0)
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)  # serve_configs/local.yaml says why
     version_labels: dict[str, int] = Field(default_factory=dict)  # e.g. {stable: 1, canary: 2}
     canary_traffic_percent: float = Field(default=0.0, ge=0, le=100)
 

@@ -338,7 +338,7 @@ class Predictor:
         finally:
             self._pending_decodes -= 1
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, batch_size_fn=_batch_images)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_batch_images)
     async def _run_batch(self, items: list[_Item]) -> list[dict[str, np.ndarray] | Exception]:
         self._follow_latest(items)
         groups: dict[tuple, list[int]] = defaultdict(list)
