@@ -1,6 +1,6 @@
 """The whole journey on one machine, with the real Ray tools (the README's first command).
 
-    python client/pipeline.py            # ~3 min on 2 cores; --help for the knobs
+    python client/pipeline.py            # ~9 min on 2 cores; --help for the knobs
 
 1. ``ray get-auth-token --generate`` (creates ``~/.ray/auth_token`` only when no token exists),
    then ``ray start --head``: a local Ray cluster, dashboard on 127.0.0.1 only, token auth on.
