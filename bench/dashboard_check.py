@@ -62,7 +62,7 @@ import psutil
 import yaml
 
 from ray_app import leftovers
-from ray_app.front_door import HAPROXY_SWITCH, front_door_env, new_state_dir, node_cpus
+from ray_app.front_door import HAPROXY_SWITCH, front_door_env, new_state_dir, node_cpus, with_free_side_ports
 from ray_app.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -234,15 +234,8 @@ def _ray_environment(store: Path, state_dir: str) -> dict[str, str]:
     """Everything Ray's processes must inherit: the front door and our model store. Ray's metrics
     report interval stays at its default: gauges age out of Ray's endpoint two intervals after they
     were last set, so a shorter interval would hide what users would see (ray_app/metrics.py)."""
-    env = front_door_env(node_cpus(), state_dir=state_dir)
-    if env[HAPROXY_SWITCH] == "1":
-        for variable in (  # Ray's fixed HAProxy-mode ports: free ones (other Serve instances run here)
-            "RAY_SERVE_HAPROXY_STATS_PORT",
-            "RAY_SERVE_HAPROXY_METRICS_PORT",
-            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
-            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
-        ):
-            env[variable] = str(free_port())
+    # Ray's fixed HAProxy-mode ports: free ones (other Serve instances run here)
+    env = with_free_side_ports(front_door_env(node_cpus(), state_dir=state_dir))
     env.update(
         RAY_AUTH_MODE="disabled",  # a throwaway local cluster (RAY_FACTS: Operations)
         # The dashboard's and the autoscaler's own metrics servers default to fixed ports (44227,

@@ -40,7 +40,7 @@ import yaml
 
 from bench.loadgen import build_requests, format_result, run_load
 from ray_app import leftovers
-from ray_app.front_door import HAPROXY_SWITCH, front_door_env, new_state_dir, node_cpus
+from ray_app.front_door import HAPROXY_SWITCH, front_door_env, new_state_dir, node_cpus, with_free_side_ports
 from ray_app.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -370,13 +370,7 @@ def serve_app(variant: Variant, args: argparse.Namespace, workdir: Path) -> Iter
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", HAPROXY_SWITCH)}
     door = {HAPROXY_SWITCH: "0"} if variant.front_door == "python-proxy" else {}
     env.update(front_door_env(node_cpus(), state_dir=state_dir, environ=door))
-    for variable in (  # Ray's fixed HAProxy-mode ports, free ones here (other Serve instances run here)
-        "RAY_SERVE_HAPROXY_STATS_PORT",
-        "RAY_SERVE_HAPROXY_METRICS_PORT",
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
-        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
-    ):
-        env[variable] = str(free_port())
+    with_free_side_ports(env)  # Ray's fixed HAProxy-mode ports: free ones (other Serve instances run here)
     env.update(
         RAY_TMPDIR=str(ray_tmp),
         RAY_AUTH_MODE="disabled",  # throwaway local cluster (RAY_FACTS: Operations)

@@ -130,6 +130,25 @@ def fallback_ports(env: Mapping[str, str]) -> tuple[int, ...]:
     return int(env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"]), int(env["RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"])
 
 
+# Ports HAProxy mode binds besides the serving ports (Ray's fixed defaults, or ours above).
+SIDE_PORT_VARIABLES = (
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
+
+
+def with_free_side_ports(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with free ports for HAProxy mode's side ports, so that several clusters (tests,
+    benchmarks) can run on one machine; unchanged in Python-proxy mode."""
+    if env.get(HAPROXY_SWITCH) == "1":
+        from ray_app.ports import free_port
+
+        env.update({variable: str(free_port()) for variable in SIDE_PORT_VARIABLES})
+    return env
+
+
 def node_cpus() -> float:
     """CPUs as Ray counts them for this node (it honours cgroup quotas; os.cpu_count() does not)."""
     try:

@@ -86,6 +86,16 @@ _STRONG_FRACTION = 0.4  # of the peak: clear ink, which fainter ink must lie nea
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
+def _check_bytes(data: bytes, max_bytes: int) -> None:
+    """Empty or over ``max_bytes``: refused before anything is decoded."""
+    if not data:
+        raise InvalidArgumentError("image_bytes: empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise ResourceExhaustedError(
+            f"image_bytes: {len(data)} bytes, over the limit of {max_bytes} bytes", "max_image_bytes"
+        )
+
+
 def decode_image(
     data: bytes,
     *,
@@ -97,12 +107,7 @@ def decode_image(
     Raises InvalidArgumentError for empty, undecodable, truncated or zero-sized images and
     ResourceExhaustedError for images over ``max_bytes`` or ``max_pixels``.
     """
-    if not data:
-        raise InvalidArgumentError("image_bytes: empty (0 bytes)")
-    if len(data) > max_bytes:
-        raise ResourceExhaustedError(
-            f"image_bytes: {len(data)} bytes, over the limit of {max_bytes} bytes", "max_image_bytes"
-        )
+    _check_bytes(data, max_bytes)
     # Pillow's own bomb check warns (or raises) inside Image.open; turn the warning into an
     # error here only, leaving the global Image.MAX_IMAGE_PIXELS alone.
     with warnings.catch_warnings():
@@ -129,12 +134,7 @@ def declared_pixels(data: bytes, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) ->
     For budgets over several images (a request's total), checked before any of them is decoded.
     Same errors as :func:`decode_image` for empty, oversized or unrecognisable data.
     """
-    if not data:
-        raise InvalidArgumentError("image_bytes: empty (0 bytes)")
-    if len(data) > max_bytes:
-        raise ResourceExhaustedError(
-            f"image_bytes: {len(data)} bytes, over the limit of {max_bytes} bytes", "max_image_bytes"
-        )
+    _check_bytes(data, max_bytes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the caller's budget decides
         try:

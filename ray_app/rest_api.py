@@ -432,14 +432,20 @@ def error_json(message: str) -> str:
 
 
 # -- the handlers ------------------------------------------------------------------------------------
-async def predict(predictor: Predictor, where: Route, body: bytes) -> tuple[str, int, str]:
-    """``:predict``: the JSON answer, the version that ran and the signature."""
+def _object_and_signature(body: bytes) -> tuple[dict[str, Any], str]:
+    """The request's JSON object and its ``signature_name`` ("" when absent), TF Serving's checks."""
     document = parse_json(body)
     if not isinstance(document, dict):
         raise _format_error(body, "Is not object")
     signature = document.get("signature_name", "")
     if not isinstance(signature, str):
         raise _format_error(body, "not formatted correctly. 'signature_name' key must be a string value.")
+    return document, signature
+
+
+async def predict(predictor: Predictor, where: Route, body: bytes) -> tuple[str, int, str]:
+    """``:predict``: the JSON answer, the version that ran and the signature."""
+    document, signature = _object_and_signature(body)
     try:
         target = predictor.resolve(where.model_name, where.version, where.label, signature)
     except SignatureNotFoundError as exc:
@@ -465,12 +471,7 @@ async def predict(predictor: Predictor, where: Route, body: bytes) -> tuple[str,
 
 def examples_request(predictor: Predictor, where: Route, body: bytes) -> None:
     """``:classify`` / ``:regress``: TF Serving's body checks, then its signature checks (always refused)."""
-    document = parse_json(body)
-    if not isinstance(document, dict):
-        raise _format_error(body, "Is not object")
-    signature = document.get("signature_name", "")
-    if not isinstance(signature, str):
-        raise _format_error(body, "not formatted correctly. 'signature_name' key must be a string value.")
+    document, signature = _object_and_signature(body)
     if "examples" not in document:
         raise _format_error(body, "When method is classify, key 'examples' is expected and was not found")
     if not isinstance(document["examples"], list):

@@ -19,19 +19,10 @@ def pytest_configure(config) -> None:
     directory of this run's own (leftover checks find its processes there) and free ports for its
     stats and metrics pages. ``RAY_SERVE_ENABLE_HA_PROXY=0`` runs the suite through Serve's
     Python proxy instead."""
-    from ray_app.front_door import HAPROXY_SWITCH, front_door_env, new_state_dir, node_cpus
-    from ray_app.ports import free_port
+    from ray_app.front_door import front_door_env, new_state_dir, node_cpus, with_free_side_ports
 
     state_dir = new_state_dir()
-    env = front_door_env(node_cpus(), state_dir=state_dir)
-    if env[HAPROXY_SWITCH] == "1":
-        for variable in (
-            "RAY_SERVE_HAPROXY_STATS_PORT",
-            "RAY_SERVE_HAPROXY_METRICS_PORT",
-            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
-            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
-        ):
-            env[variable] = str(free_port())
+    env = with_free_side_ports(front_door_env(node_cpus(), state_dir=state_dir))
     os.environ.update(env, **{HAPROXY_STATE_DIR_VARIABLE: state_dir})
 
 

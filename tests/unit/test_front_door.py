@@ -14,9 +14,11 @@ import yaml
 from ray_app.front_door import (
     GRPC_MAX_MESSAGE_BYTES,
     HAPROXY_SWITCH,
+    SIDE_PORT_VARIABLES,
     fallback_ports,
     front_door_env,
     new_state_dir,
+    with_free_side_ports,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,3 +93,11 @@ def test_every_place_that_starts_ray_uses_it() -> None:
     assert 'eval "$(python -m ray_app.front_door)"' in block.split("ray start")[0]
     pipeline = (REPO / "client" / "pipeline.py").read_text()
     assert "front_door_env(node_cpus(), state_dir=" in pipeline
+
+
+def test_side_ports_are_moved_to_free_ones_in_haproxy_mode_only() -> None:
+    haproxy = with_free_side_ports(front_door_env(2, state_dir="/tmp/x", environ={}))
+    ports = [int(haproxy[variable]) for variable in SIDE_PORT_VARIABLES]
+    assert len(set(ports)) == 4 and 8404 not in ports and 9101 not in ports
+    python_proxy = front_door_env(2, state_dir="/tmp/x", environ={HAPROXY_SWITCH: "0"})
+    assert with_free_side_ports(dict(python_proxy)) == python_proxy
