@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.run_all import BASELINE
+from bench.run_all import BASELINE, _fmt
 
 
 def _rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -49,7 +49,7 @@ def median_table(reports: list[dict[str, Any]]) -> str:
         errors = sum(p["error_count"] for p in ps)
         lines.append(
             f"| {name} | {c} | {k} | {img[key]:.0f} | {runs} | "
-            f"{'-' if p50 is None else f'{p50:.1f}'} | {'-' if p99 is None else f'{p99:.1f}'} | "
+            f"{_fmt(p50)} | {_fmt(p99)} | "
             f"{errors} | {ratio} |"
         )
     return "\n".join(lines)
@@ -80,10 +80,6 @@ def cpu_ms_per_request(point: dict[str, Any]) -> dict[str, float]:
     return {group: 1000.0 * cores / point["req_per_s"] for group, cores in groups.items()}
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"  # None: no request succeeded at that point
-
-
 def detail_table(report: dict[str, Any]) -> str:
     """One ``run_all --repeat N`` file: median img/s (each run), ratio, latencies of the median run,
     the replica's mean batch and CPU per request by process group."""
@@ -111,7 +107,7 @@ def detail_table(report: dict[str, Any]) -> str:
             batch = p.get("serve_mean_batch_images")
             lines.append(
                 f"| {record['variant']} | {p['concurrency']} | {p['images_per_request']} | {img:.0f} | {runs} | "
-                f"{ratio} | {_ms(p['p50_ms'])} | {_ms(p['p99_ms'])} | {'-' if batch is None else batch} | {cpu_text} |"
+                f"{ratio} | {_fmt(p['p50_ms'])} | {_fmt(p['p99_ms'])} | {'-' if batch is None else batch} | {cpu_text} |"
             )
     return "\n".join(lines)
 

@@ -7,12 +7,17 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import psutil
+import yaml
 
 from ray_app import leftovers
 from ray_app.ports import free_port, port_in_use
 from tests.conftest import HAPROXY_STATE_DIR_VARIABLE
+
+LOCAL_CONFIG = Path(__file__).resolve().parents[2] / "serve_configs" / "local.yaml"
 
 SERVICERS = [
     "ray_app.grpc_servicers.add_PredictionServiceServicer_to_server",
@@ -103,3 +108,31 @@ def local_serve(num_cpus: int = 2) -> Iterator[LocalServe]:
             serve.shutdown()
         ray.shutdown()
         assert_nothing_left(ours, [ports.grpc_port, ports.http_port])
+
+
+def run_local_app(
+    store: Path,
+    *,
+    user_config: dict[str, Any] | None = None,
+    args: dict[str, Any] | None = None,
+    **options: Any,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``serve.run`` serve_configs/local.yaml's deployment as the app ``mnist`` at ``/``, serving
+    ``store``: its options, ``user_config`` and ``args``, each with these overrides. Needs a
+    running Serve (:func:`local_serve`). Returns the deployment options and the args it ran with."""
+    from ray import serve
+
+    from ray_app.config import AppConfig
+    from ray_app.deployment import MnistServer
+
+    app_yaml = yaml.safe_load(LOCAL_CONFIG.read_text())["applications"][0]
+    deployment = {key: value for key, value in app_yaml["deployments"][0].items() if key != "name"}
+    deployment.update(options)
+    deployment["user_config"] = {**deployment["user_config"], **(user_config or {})}
+    app_args = {**app_yaml["args"], "model_base_path": str(store), **(args or {})}
+    serve.run(
+        MnistServer.options(**deployment).bind(AppConfig.model_validate(app_args).model_dump()),
+        name="mnist",
+        route_prefix="/",
+    )
+    return deployment, app_args

@@ -27,8 +27,6 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-import yaml
-from ray import serve
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -40,9 +38,8 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
-from ray_app.config import AppConfig
 from tests.conftest import publish_copy
-from tests.integration.cluster import local_serve
+from tests.integration.cluster import local_serve, run_local_app
 from training.data import load_mnist
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -56,19 +53,8 @@ def app(tmp_path_factory, accurate_export):
     """local.yaml's deployment serving version 1 (the accurate model), label ``stable`` -> 1."""
     store = tmp_path_factory.mktemp("store") / "mnist"
     publish_copy(accurate_export, store, 1)
-    app_yaml = yaml.safe_load((REPO / "serve_configs" / "local.yaml").read_text())["applications"][0]
-    deployment = dict(app_yaml["deployments"][0])
-    deployment.pop("name")
-    deployment["user_config"] = {**deployment["user_config"], "version_labels": {"stable": 1}}
     with local_serve() as ports:
-        from ray_app.deployment import MnistServer
-
-        args = {**app_yaml["args"], "model_base_path": str(store)}
-        serve.run(
-            MnistServer.options(**deployment).bind(AppConfig.model_validate(args).model_dump()),
-            name="mnist",
-            route_prefix="/",
-        )
+        run_local_app(store, user_config={"version_labels": {"stable": 1}})
         channel = grpc.insecure_channel(ports.grpc_address)
         yield {"channel": channel, "http": ports.http, "grpc_address": ports.grpc_address}
         channel.close()

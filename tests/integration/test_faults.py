@@ -21,14 +21,11 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
-import yaml
-from ray import serve
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from ray_app.config import AppConfig
 from ray_app.protocol.tensors import from_ndarray
 from tests.conftest import publish_copy
-from tests.integration.cluster import cluster_processes, local_serve
+from tests.integration.cluster import cluster_processes, local_serve, run_local_app
 from training.data import load_mnist
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -71,22 +68,12 @@ def _wait_for(condition, timeout_s: float, what: str) -> None:
 def test_killing_a_replica_under_load_fails_only_its_requests_in_flight(tmp_path, trained_export) -> None:
     store = tmp_path / "mnist"
     publish_copy(trained_export, store, 1)
-    app_yaml = yaml.safe_load((REPO / "serve_configs" / "local.yaml").read_text())["applications"][0]
-    deployment = {**app_yaml["deployments"][0], "num_replicas": 2}
-    deployment.pop("name")
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "mnist"
     request.inputs["images"].CopyFrom(from_ndarray(load_mnist().test.images[:1], tensor_content=True))
 
     with local_serve() as ports:
-        from ray_app.deployment import MnistServer
-
-        args = {**app_yaml["args"], "model_base_path": str(store)}
-        serve.run(
-            MnistServer.options(**deployment).bind(AppConfig.model_validate(args).model_dump()),
-            name="mnist",
-            route_prefix="/",
-        )
+        run_local_app(store, num_replicas=2)
         _wait_for(lambda: len(_replica_pids()) == 2, 120, "two replicas running")
         outcomes: list[Outcome] = []
         stop = threading.Event()

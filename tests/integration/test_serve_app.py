@@ -35,7 +35,7 @@ from tensorflow_serving.apis import (
 
 from ray_app.config import AppConfig
 from tests.conftest import publish_copy
-from tests.integration.cluster import local_serve
+from tests.integration.cluster import local_serve, run_local_app
 from training.data import load_mnist
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -68,18 +68,9 @@ def served(tmp_path_factory, trained_export):
     """local.yaml's deployment behind the front door, on free ports, serving a store with version 1."""
     store = tmp_path_factory.mktemp("store") / "mnist"
     publish_copy(trained_export, store, 1)
-    app_yaml = _load_yaml("local.yaml")["applications"][0]
-    deployment = dict(app_yaml["deployments"][0])
-    deployment.pop("name")
-    deployment["user_config"] = {**deployment["user_config"], "batch_wait_timeout_s": 0.005}
     with local_serve() as ports:
-        from ray_app.deployment import MnistServer
-
-        args = {**app_yaml["args"], "model_base_path": str(store), "poll_interval_s": 0.5}
-        serve.run(
-            MnistServer.options(**deployment).bind(AppConfig.model_validate(args).model_dump()),
-            name="mnist",
-            route_prefix="/",
+        deployment, args = run_local_app(
+            store, user_config={"batch_wait_timeout_s": 0.005}, args={"poll_interval_s": 0.5}
         )
         channel = grpc.insecure_channel(ports.grpc_address)
         yield {

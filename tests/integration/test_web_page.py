@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-import yaml
 from ray import serve
 from urllib3.filepost import encode_multipart_formdata
 
-from ray_app.config import AppConfig
 from ray_app.ports import free_port
+from tests.integration.cluster import run_local_app
 from training import model_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -81,26 +80,17 @@ def app(tmp_path_factory, trained_export):
     """local.yaml's deployment on a free HTTP port: version 1, labels stable=1 and canary=2 (25 %)."""
     store = tmp_path_factory.mktemp("web-store") / "mnist"
     _publish(trained_export, store, 1)
-    raw = yaml.safe_load((REPO / "serve_configs" / "local.yaml").read_text())
-    app_yaml = raw["applications"][0]
-    deployment = dict(app_yaml["deployments"][0])
-    deployment.pop("name")
-    deployment["user_config"] = {
-        **deployment["user_config"],
-        "batch_wait_timeout_s": 0.005,
-        "version_labels": LABELS,
-        "canary_traffic_percent": CANARY_PERCENT,
-    }
     http_port = free_port()
     ray.init(num_cpus=2, include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    from ray_app.deployment import MnistServer
-
-    args = {**app_yaml["args"], "model_base_path": str(store), "poll_interval_s": 0.5, "limits": LIMITS}
-    serve.run(
-        MnistServer.options(**deployment).bind(AppConfig.model_validate(args).model_dump()),
-        name="mnist",
-        route_prefix="/",
+    run_local_app(
+        store,
+        user_config={
+            "batch_wait_timeout_s": 0.005,
+            "version_labels": LABELS,
+            "canary_traffic_percent": CANARY_PERCENT,
+        },
+        args={"poll_interval_s": 0.5, "limits": LIMITS},
     )
     yield {"url": f"http://127.0.0.1:{http_port}", "store": store, "export": trained_export}
     serve.shutdown()
