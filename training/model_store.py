@@ -5,8 +5,10 @@ Layout (one directory per model)::
     <base_path>/
         1/  saved_model.pb  variables/  assets.extra/{metrics.json, tf_serving_warmup_requests}
         2/  ...
-        .staging-<random>/   # export in progress; TF Serving ignores non-integer names
-        .checkpoints/<run>/  # Ray Train checkpoints of each training run (training/train.py)
+        .staging-<random>/       # export in progress; TF Serving ignores non-integer names
+        .staging-<random>.lock   # held (shared flock) by the export while it runs
+        .checkpoints/<run>/      # Ray Train checkpoints of each training run (training/train.py)
+        .deleting-<version>-<random>/  # a version being removed (training/retention.py)
 
 A version is published by renaming a finished staging directory into place, under a lock,
 so readers never see half a model and two publishers never get the same number. This module
@@ -29,6 +31,9 @@ METRICS_FILE = "metrics.json"
 WARMUP_FILE = "tf_serving_warmup_requests"
 EXTRA_DIR = "assets.extra"
 STAGING_PREFIX = ".staging-"
+STAGING_LOCK_SUFFIX = ".lock"
+DELETING_PREFIX = ".deleting-"
+CHECKPOINTS_DIR = ".checkpoints"  # not an integer, so never a version
 _LOCK_FILE = ".publish.lock"
 
 
@@ -112,16 +117,55 @@ def _publish_lock(root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def staging_lock_path(staged: Path) -> Path:
+    """The lock file an export holds while ``staged`` is in use (beside it, never inside a version)."""
+    return staged.with_name(staged.name + STAGING_LOCK_SUFFIX)
+
+
+def staging_in_use(staged: Path) -> bool:
+    """True while an export holds ``staged``'s lock (a killed export's lock is free: flock dies with it)."""
+    try:
+        handle = open(staging_lock_path(staged), "rb")  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
 @contextlib.contextmanager
 def staging_dir(base_path: str | os.PathLike[str]) -> Iterator[Path]:
-    """A fresh hidden directory beside the versions, removed afterwards unless published."""
+    """A fresh hidden directory beside the versions, removed afterwards unless published.
+
+    The export holds a shared lock on ``<dir>.lock`` meanwhile, so retention never removes a
+    staging directory that is still being written or scored, however long that takes.
+    """
     root = _local(base_path)
     root.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    lock = staging_lock_path(path)
+    with open(lock, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+
+
+def remove_version(base_path: str | os.PathLike[str], version: int) -> None:
+    """Remove a published version: renamed out of the versions first (atomic, so a watcher sees it
+    gone at once, never half deleted), then deleted."""
+    root = _local(base_path)
+    source = version_path(root, version)
+    with _publish_lock(root):
+        doomed = Path(tempfile.mkdtemp(prefix=f"{DELETING_PREFIX}{int(version)}-", dir=root))
+        os.rename(source, doomed / "version")
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def check_version_free(base_path: str | os.PathLike[str], version: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import re
 import subprocess
 import sys
 import time
@@ -35,7 +36,9 @@ EXIT_VERSION_EXISTS = 4
 SMOKE_TRAIN_EXAMPLES = 30_000
 SMOKE_TEST_EXAMPLES = 2_000
 SMOKE_ROBUSTNESS_PER_CATEGORY = 40
-CHECKPOINTS_DIR = ".checkpoints"  # inside the model store; not an integer, so no version
+CHECKPOINTS_DIR = model_store.CHECKPOINTS_DIR  # inside the model store; not an integer, so no version
+DEFAULT_RUN_NAME = "mnist-%Y%m%d-%H%M%S"
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +117,29 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Ray Train run storage (checkpoints; default <model_path>/{CHECKPOINTS_DIR}, shared exactly "
         "when the model store is)",
     )
+    p.add_argument(
+        "--run-name",
+        default=DEFAULT_RUN_NAME,
+        help="Ray Train run name; strftime codes are filled in (UTC) when the run starts. A job that "
+        "is submitted again with the same name resumes from that run's latest checkpoint, and "
+        "publishes nothing if the run already published a version (default: %(default)s, a new "
+        "run each time; e.g. 'finetune-%%Y%%m%%d' for one run per day)",
+    )
+    p.add_argument(
+        "--keep-versions",
+        type=int,
+        default=None,
+        help="after publishing, keep the newest N versions and remove older ones, except those "
+        "that --protect-from names (training/retention.py)",
+    )
+    p.add_argument(
+        "--protect-from",
+        action="append",
+        default=[],
+        metavar="CONFIG_OR_URL",
+        help="with --keep-versions: a Serve config file or the http(s) URL of a running app whose "
+        "labelled, canary and loaded versions are never removed (repeatable)",
+    )
     p.add_argument("--model-name", default=None, help="name in warmup records (default: store dir name)")
     p.add_argument(
         "--smoke-test",
@@ -158,6 +184,28 @@ def _resolve_init_from(model_path: str, init_from: str | None) -> str | None:
     return str(model_store.version_path(model_path, version).resolve())
 
 
+def resolve_run_name(template: str, now: dt.datetime | None = None) -> str:
+    """``--run-name`` with its strftime codes filled in (UTC); UsageError if not a safe directory name."""
+    name = (now or dt.datetime.now(dt.UTC)).strftime(template)
+    if not _RUN_NAME.fullmatch(name):
+        raise UsageError(
+            f"--run-name must give 1-128 letters, digits, '.', '_' or '-' (starting with a letter "
+            f"or digit), got {name!r}"
+        )
+    return name
+
+
+def published_by_run(model_path: str, run_name: str) -> int | None:
+    """The version that the run ``run_name`` already published, if any (from each version's metrics)."""
+    for version in reversed(model_store.list_versions(model_path)):
+        try:
+            if model_store.read_metrics(model_path, version).get("run_name") == run_name:
+                return version
+        except model_store.ModelStoreError:
+            continue
+    return None
+
+
 def _git_commit() -> str:
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
@@ -182,6 +230,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise UsageError(f"--cpus-per-worker must be > 0, got {args.cpus_per_worker}")
     if args.min_accuracy is not None and not 0.0 <= args.min_accuracy <= 1.0:
         raise UsageError(f"--min-accuracy must be in [0, 1], got {args.min_accuracy}")
+    if args.keep_versions is not None and args.keep_versions < 1:
+        raise UsageError(f"--keep-versions must be >= 1, got {args.keep_versions}")
+    if args.protect_from and args.keep_versions is None:
+        raise UsageError("--protect-from needs --keep-versions")
     if args.version is not None:
         model_store.check_version_free(args.model_path, args.version)
     try:
@@ -220,8 +272,9 @@ def checkpoint_storage(args: argparse.Namespace) -> str:
     return str((model_store.store_path(args.model_path) / CHECKPOINTS_DIR).resolve())
 
 
-def run_training(config: TrainConfig, args: argparse.Namespace):
-    """Run the Ray Train job; returns the ``ray.train.Result``."""
+def run_training(config: TrainConfig, args: argparse.Namespace, name: str):
+    """Run the Ray Train job named ``name`` (resumed from its latest checkpoint in the storage, if
+    an earlier driver of the same run left one); returns the ``ray.train.Result``."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
@@ -236,7 +289,6 @@ def run_training(config: TrainConfig, args: argparse.Namespace):
         ray.init(log_to_driver=False)
     cpus = args.cpus_per_worker or default_cpus_per_worker(config.num_workers)
     storage = checkpoint_storage(args)
-    name = f"mnist-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
     print(
         f"Training {config.epochs} epoch(s) on {config.num_workers} worker(s), {cpus:g} CPU(s) each"
         f"{' + 1 GPU' if args.use_gpu else ''}; checkpoints in {storage}/{name}",
@@ -361,7 +413,9 @@ def _describe(by_category: dict[str, float]) -> str:
     return ", ".join(f"{name} {value * 100:.1f} %" for name, value in by_category.items())
 
 
-def export_and_publish(result, config: TrainConfig, args: argparse.Namespace, wall_s: float) -> int:
+def export_and_publish(
+    result, config: TrainConfig, args: argparse.Namespace, wall_s: float, run_name: str
+) -> int:
     """Export the final checkpoint, score it (MNIST test, robustness set), gate and publish.
 
     Returns an exit code.
@@ -422,6 +476,7 @@ def export_and_publish(result, config: TrainConfig, args: argparse.Namespace, wa
             "train_examples": config.max_train_examples or len(mnist.train),
             "data_source": mnist.source,
             "init_from": config.init_from,
+            "run_name": run_name,
             "architecture": ARCHITECTURE,
             "git_commit": _git_commit(),
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -454,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update(cpu_only_environment())
     try:
         config = config_from_args(args)
+        run_name = resolve_run_name(args.run_name)
         load_mnist(config.data_dir)  # fail fast on missing or corrupt data, before Ray starts
     except model_store.VersionExistsError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -462,9 +518,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
+    done = published_by_run(args.model_path, run_name)
+    if done is not None:  # a job submitted again after its run had published: nothing to redo
+        print(f"Run {run_name} already published version {done}; nothing to do", flush=True)
+        return 0
     started = time.perf_counter()
     try:
-        result = run_training(config, args)
+        result = run_training(config, args, run_name)
     except Exception as exc:  # Ray wraps worker failures; report them in one line
         print(f"error: training failed: {exc}", file=sys.stderr, flush=True)
         return EXIT_TRAINING_FAILED
@@ -478,7 +538,28 @@ def main(argv: list[str] | None = None) -> int:
         f"{last.get('test_accuracy', float('nan')):.4f} after the last one",
         flush=True,
     )
-    return export_and_publish(result, config, args, wall_s)
+    code = export_and_publish(result, config, args, wall_s, run_name)
+    if code == 0 and args.keep_versions is not None:
+        return _apply_retention(args)
+    return code
+
+
+def _apply_retention(args: argparse.Namespace) -> int:
+    """``--keep-versions`` after a publish: the retention command's rules, its report printed."""
+    from training import retention
+
+    try:
+        report = retention.apply(
+            args.model_path,
+            retention.Policy(keep_versions=args.keep_versions),
+            args.protect_from,
+            model_name=args.model_name,
+        )
+    except retention.RetentionError as exc:
+        print(f"warning: retention skipped, nothing removed: {exc}", file=sys.stderr, flush=True)
+        return 0  # the new version is published; a store left untidy is no failure of training
+    print(report.describe(), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

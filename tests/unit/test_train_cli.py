@@ -124,3 +124,33 @@ def test_batch_norm_momentum_settles_short_runs_and_keeps_the_default_run():
     assert bn_momentum_for(469 * 12) == DEFAULT_BN_MOMENTUM == 0.99  # the measured default run
     assert abs(bn_momentum_for(234) - (1 - 10 / 234)) < 1e-12  # a 2-worker smoke run
     assert 0.5 <= bn_momentum_for(1) < bn_momentum_for(100) < 0.99
+
+
+def test_run_name_fills_in_the_date_and_refuses_unsafe_names():
+    import datetime as dt
+
+    now = dt.datetime(2026, 12, 2, 3, 4, 5, tzinfo=dt.UTC)
+    assert train.resolve_run_name(train.DEFAULT_RUN_NAME, now) == "mnist-20261202-030405"
+    assert train.resolve_run_name("finetune-%Y%m%d", now) == "finetune-20261202"
+    for bad in ("../elsewhere", "a/b", "", ".hidden", "x" * 129):
+        with pytest.raises(train.UsageError):
+            train.resolve_run_name(bad, now)
+
+
+def test_a_run_that_already_published_publishes_nothing_again(tmp_path, capsys):
+    version = tmp_path / "4"
+    (version / "assets.extra").mkdir(parents=True)
+    (version / "saved_model.pb").write_bytes(b"")
+    (version / "assets.extra" / "metrics.json").write_text('{"run_name": "nightly-20261202"}')
+    # Returns before Ray starts (the unit tests' fixture fails any ray.init) and publishes nothing.
+    assert train.main(["--model_path", str(tmp_path), "--run-name", "nightly-20261202"]) == 0
+    assert "Run nightly-20261202 already published version 4; nothing to do" in capsys.readouterr().out
+    assert model_store.list_versions(tmp_path) == [4]
+    assert train.published_by_run(str(tmp_path), "nightly-20261203") is None
+
+
+def test_retention_flags_are_checked_before_training(tmp_path, capsys):
+    assert train.main(["--model_path", str(tmp_path), "--keep-versions", "0"]) == train.EXIT_USAGE
+    assert "--keep-versions must be >= 1" in capsys.readouterr().err
+    assert train.main(["--model_path", str(tmp_path), "--protect-from", "x.yaml"]) == train.EXIT_USAGE
+    assert "--protect-from needs --keep-versions" in capsys.readouterr().err
