@@ -196,15 +196,15 @@ def test_readme_serving_commands_run_against_the_app(journey):
 
 def test_readme_set_up_commands_are_what_ci_runs():
     commands = re.findall(
-        r"```bash\n((?:\(command -v chromedriver .*?\) && )?python3 -m venv .venv && [^\n]+)\n```", README
+        r"```bash\n((?:\(command -v chromedriver .*?\)\) && )?python3 -m venv .venv && [^\n]+)\n```", README
     )
     assert len(commands) == 2, commands
     main, tests = commands
     assert main.endswith(".venv/bin/python client/pipeline.py")  # what the journey fixture runs
     assert tests.endswith(".venv/bin/pytest -q")
     assert (
-        "apt-get install -y -qq --no-install-recommends chromium chromium-driver" in tests
-    )  # the browser test
+        "apt-get install -y -qq --no-install-recommends chromium chromium-driver redis-server" in tests
+    )  # the browser test, the head-failure test
     install = tests[tests.index("python3 -m venv") :]
     assert main.rsplit(" && ", 1)[0] == install.rsplit(" && ", 1)[0]  # the same install
     assert tests in (REPO / ".ci" / "run").read_text()
