@@ -185,7 +185,11 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
         history = state["history"]
         resumed_after = [*state.get("resumed_after_epochs", []), int(epoch_var.numpy())]
         if rank == 0:
-            print(f"warning: a worker failed; resumed after epoch {int(epoch_var.numpy())}", flush=True)
+            print(
+                f"warning: resumed after epoch {int(epoch_var.numpy())} from the run's last checkpoint "
+                "(a worker or the job's driver was lost)",
+                flush=True,
+            )
     elif config.init_from:
         restore_weights(model, config.init_from)
         print(f"[rank {rank}] initialised from {config.init_from}", flush=True)

@@ -38,6 +38,7 @@ SMOKE_TEST_EXAMPLES = 2_000
 SMOKE_ROBUSTNESS_PER_CATEGORY = 40
 CHECKPOINTS_DIR = model_store.CHECKPOINTS_DIR  # inside the model store; not an integer, so no version
 DEFAULT_RUN_NAME = "mnist-%Y%m%d-%H%M%S"
+RUN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -289,9 +290,11 @@ def run_training(config: TrainConfig, args: argparse.Namespace, name: str):
         ray.init(log_to_driver=False)
     cpus = args.cpus_per_worker or default_cpus_per_worker(config.num_workers)
     storage = checkpoint_storage(args)
+    resuming = "://" not in storage and (Path(storage) / name / RUN_SNAPSHOT_FILE).is_file()
     print(
         f"Training {config.epochs} epoch(s) on {config.num_workers} worker(s), {cpus:g} CPU(s) each"
-        f"{' + 1 GPU' if args.use_gpu else ''}; checkpoints in {storage}/{name}",
+        f"{' + 1 GPU' if args.use_gpu else ''}; checkpoints in {storage}/{name}"
+        f"{' (resuming this run from its latest checkpoint)' if resuming else ''}",
         flush=True,
     )
     trainer = TensorflowTrainer(

@@ -72,10 +72,11 @@ def assert_nothing_left(ours: list[psutil.Process], ports: list[int], timeout_s:
 
 @contextlib.contextmanager
 def local_ray(num_cpus: int = 2, **init_kwargs) -> Iterator[str]:
-    """``ray.init`` a local cluster; yields its node id. Shut down and checked gone on exit."""
+    """``ray.init`` a local cluster (no dashboard unless ``include_dashboard=True``); yields its
+    node id. Shut down and checked gone on exit."""
     import ray
 
-    ray.init(num_cpus=num_cpus, include_dashboard=False, **init_kwargs)
+    ray.init(num_cpus=num_cpus, **{"include_dashboard": False, **init_kwargs})
     node_id = ray.get_runtime_context().get_node_id()
     try:
         yield node_id

@@ -1,12 +1,15 @@
-"""Ray Train for real: 1- and 2-worker runs publish versions that load and predict correctly.
+"""Ray Train for real: 1- and 2-worker runs publish versions that load and predict correctly; a run
+resumes after a lost worker and after a lost job driver.
 
 One local Ray cluster is shared by the module; each run uses the CLI's ``main()``.
 """
 
 import json
 import signal
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -14,11 +17,15 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
+from ray_app.ports import free_port
 from tests.integration.cluster import local_ray
+from tests.integration.training_runs import first_checkpoint_registered
 from training import model_store, robustness, train
 from training.data import load_mnist
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
 
 # 15,000 images x 2 epochs (234 steps of 128): 96.9-97.0 % on the smoke test set, measured; well
 # above what a broken distributed step or a wrong learning-rate scaling gives.
@@ -29,8 +36,17 @@ SMOKE_ACCURACY = 0.95
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    with local_ray(num_cpus=2, log_to_driver=False):  # checks that no Ray process is left after
-        yield
+    """The module's Ray, with its dashboard (the job API) on a free loopback port; yields its address."""
+    port = free_port()
+    # Checks that no Ray process is left after.
+    with local_ray(
+        num_cpus=2,
+        log_to_driver=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+    ):
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -146,17 +162,6 @@ def test_gate_refuses_and_publishes_nothing(published, capsys):
     assert not [p for p in published.iterdir() if p.name.startswith(".staging")]
 
 
-def _first_checkpoint_registered(store) -> bool:
-    """Ray Train's controller has taken epoch 1's checkpoint (files alone may still be unreported)."""
-    for snapshot in store.glob(".checkpoints/*/checkpoint_manager_snapshot.json"):
-        try:
-            if json.loads(snapshot.read_text()).get("checkpoint_results"):
-                return True
-        except (OSError, ValueError):  # being written
-            continue
-    return False
-
-
 def _kill_train_workers_after_the_first_checkpoint(store, killed: list, stop: threading.Event) -> None:
     """SIGKILL the Ray Train workers of this test's own cluster once epoch 1's checkpoint is registered.
 
@@ -164,7 +169,7 @@ def _kill_train_workers_after_the_first_checkpoint(store, killed: list, stop: th
     touched); idle workers left by earlier runs of the module may go too, harmlessly.
     """
     while not stop.is_set():
-        if _first_checkpoint_registered(store):
+        if first_checkpoint_registered(store):
             for process in psutil.Process().children(recursive=True):
                 try:
                     if " ".join(process.cmdline()).startswith("ray::RayTrainWorker"):
@@ -201,3 +206,75 @@ def test_worker_killed_after_first_epoch_resumes_and_publishes_once(ray_cluster,
     assert metrics["resumed_after_epochs"] == [1]  # resumed from epoch 1's checkpoint, not from scratch
     assert len(metrics["epoch_s"]) == 2
     assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
+
+
+def _drivers_of(run_name: str) -> list[psutil.Process]:
+    """The job driver processes (``python training/train.py ... --run-name <run_name>``) of this test."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            argv = process.cmdline()
+        except psutil.Error:
+            continue
+        if any(a.endswith("training/train.py") for a in argv) and run_name in argv:
+            found.append(process)
+    return found
+
+
+def _wait_job(client, job_id: str, timeout_s: float = 600):
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout_s
+    while (status := client.get_job_status(job_id)) not in {
+        JobStatus.SUCCEEDED,
+        JobStatus.FAILED,
+        JobStatus.STOPPED,
+    }:
+        assert time.monotonic() < deadline, f"job {job_id} still {status} after {timeout_s} s"
+        time.sleep(1)
+    return status
+
+
+def test_a_job_whose_driver_is_killed_resumes_when_submitted_again_and_publishes_once(ray_cluster, tmp_path):
+    """``ray job submit`` the training command; SIGKILL its driver once epoch 1's checkpoint is
+    registered; submit the very same command again: it resumes after epoch 1 (the run name finds
+    the run's checkpoints) and publishes one version. A third submission publishes nothing."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    store = tmp_path / "mnist"
+    run_name = "resume-test"
+    entrypoint = (
+        f"{sys.executable} {REPO / 'training' / 'train.py'} --model_path {store} --smoke-test "
+        f"--max-train-examples 8192 --epochs 2 --seed 5 --robustness-per-category 5 --run-name {run_name}"
+    )
+    client = JobSubmissionClient(ray_cluster)
+    first = client.submit_job(entrypoint=entrypoint)
+    deadline = time.monotonic() + 300
+    while not first_checkpoint_registered(store):
+        assert client.get_job_status(first) in {JobStatus.PENDING, JobStatus.RUNNING}, client.get_job_logs(
+            first
+        )
+        assert time.monotonic() < deadline, "no epoch checkpoint within 300 s"
+        time.sleep(0.5)
+    resolved = train.resolve_run_name(run_name)
+    drivers = _drivers_of(resolved)
+    assert len(drivers) == 1, drivers
+    drivers[0].send_signal(signal.SIGKILL)
+    assert _wait_job(client, first) == JobStatus.FAILED
+    assert model_store.list_versions(store) == []
+
+    second = client.submit_job(entrypoint=entrypoint)
+    assert _wait_job(client, second) == JobStatus.SUCCEEDED, client.get_job_logs(second)
+    logs = client.get_job_logs(second)
+    assert "(resuming this run from its latest checkpoint)" in logs
+    assert model_store.list_versions(store) == [1]
+    metrics = _metrics(store, 1)
+    assert metrics["run_name"] == resolved
+    assert metrics["resumed_after_epochs"] == [1]  # epoch 2 only was trained again, not epoch 1
+    assert len(metrics["epoch_s"]) == 2
+
+    third = client.submit_job(entrypoint=entrypoint)
+    assert _wait_job(client, third) == JobStatus.SUCCEEDED
+    assert f"Run {resolved} already published version 1; nothing to do" in client.get_job_logs(third)
+    assert model_store.list_versions(store) == [1]
+    assert not _drivers_of(resolved)
