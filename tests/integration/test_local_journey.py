@@ -208,3 +208,19 @@ def test_readme_set_up_commands_are_what_ci_runs():
     install = tests[tests.index("python3 -m venv") :]
     assert main.rsplit(" && ", 1)[0] == install.rsplit(" && ", 1)[0]  # the same install
     assert tests in (REPO / ".ci" / "run").read_text()
+
+
+def test_readme_retention_command_protects_what_the_app_serves(journey):
+    if not journey["default_ports"]:
+        pytest.skip("ports 9000/8000/8265 were taken, so the app runs on other ports than the README's")
+    ((language, code),) = _blocks("retention")
+    store = journey["run_dir"] / "models" / "mnist"
+    command = code.replace("--model_path models/mnist", f"--model_path {store}")
+    assert command != code and "--dry-run" in command
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=REPO, env=_env(),
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    # --keep 1, but the app has both versions loaded (local.yaml: num_versions 2): both stay.
+    assert "loaded by http://127.0.0.1:8000" in result.stdout
+    assert "would remove versions none" in result.stdout
+    assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == ["1", "2"]
