@@ -23,7 +23,29 @@ def pytest_configure(config) -> None:
 
     state_dir = new_state_dir()
     env = with_free_side_ports(front_door_env(node_cpus(), state_dir=state_dir))
-    os.environ.update(env, **{HAPROXY_STATE_DIR_VARIABLE: state_dir})
+    os.environ.update(env, **{HAPROXY_STATE_DIR_VARIABLE: state_dir}, **_direct_ingress_ports())
+
+
+DIRECT_INGRESS_PORTS_PER_WORKER = 250
+
+
+def _direct_ingress_ports() -> dict[str, str]:
+    """Under pytest-xdist, each worker process's Ray gets its own slice of Serve's direct-ingress
+    port ranges (HTTP 30000-31000, gRPC 40000-41000): Serve hands those ports out without
+    checking that they are free, so two clusters on one machine would collide."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return {}
+    first = int(worker[2:]) * DIRECT_INGRESS_PORTS_PER_WORKER
+    if first + DIRECT_INGRESS_PORTS_PER_WORKER > 1000:
+        raise RuntimeError(f"at most 4 xdist workers share Serve's direct-ingress ranges, not {worker}")
+    ranges = {}
+    for protocol, base in (("HTTP", 30000), ("GRPC", 40000)):
+        ranges[f"RAY_SERVE_DIRECT_INGRESS_MIN_{protocol}_PORT"] = str(base + first)
+        ranges[f"RAY_SERVE_DIRECT_INGRESS_MAX_{protocol}_PORT"] = str(
+            base + first + DIRECT_INGRESS_PORTS_PER_WORKER
+        )
+    return ranges
 
 
 def pytest_unconfigure(config) -> None:

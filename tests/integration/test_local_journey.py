@@ -23,7 +23,7 @@ from client.pipeline import DASHBOARD_PORT, default_ports, running_ray_processes
 from ray_app import leftovers
 from ray_app.ports import free_port, port_in_use
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.serial]  # its clean-up is `ray stop`
 
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
@@ -201,12 +201,15 @@ def test_readme_set_up_commands_are_what_ci_runs():
     assert len(commands) == 2, commands
     main, tests = commands
     assert main.endswith(".venv/bin/python client/pipeline.py")  # what the journey fixture runs
-    assert tests.endswith(".venv/bin/pytest -q")
+    # Two processes for everything else, then the tests that stop every Ray on the machine, alone.
+    assert tests.endswith(
+        '.venv/bin/pytest -q -n 2 --dist loadfile -m "not serial" && .venv/bin/pytest -q -m serial'
+    )
     assert (
         "apt-get install -y -qq --no-install-recommends chromium chromium-driver redis-server" in tests
     )  # the browser test, the head-failure test
     install = tests[tests.index("python3 -m venv") :]
-    assert main.rsplit(" && ", 1)[0] == install.rsplit(" && ", 1)[0]  # the same install
+    assert main.rsplit(" && ", 1)[0] == install.split(" && .venv/bin/pytest", 1)[0]  # the same install
     assert tests in (REPO / ".ci" / "run").read_text()
 
 

@@ -31,19 +31,15 @@ def _run_python(code: str) -> subprocess.CompletedProcess:
 
 
 # -- the generated modules ----------------------------------------------------------------------
-def test_client_side_imports_load_no_tensorflow_ray_or_fastapi_and_start_fast() -> None:
+def test_client_side_imports_load_no_tensorflow_ray_or_fastapi() -> None:
+    # What keeps the CLI's start-up at ~0.2 s (against 3.4 s with TensorFlow): none of these load.
     result = _run_python(
-        "import sys, time\n"
-        "started = time.perf_counter()\n"
+        "import sys\n"
         "import client.grpc_client, client.transport, ray_app.protocol.protos, ray_app.protocol.tensors\n"
-        "elapsed = time.perf_counter() - started\n"
-        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'ray', 'fastapi', 'keras'})\n"
-        "print(heavy, elapsed)\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'ray', 'fastapi', 'keras'}))\n"
     )
     assert result.returncode == 0, result.stderr
-    heavy, elapsed = result.stdout.split(" ", 1)
-    assert heavy == "[]"
-    assert float(elapsed) < 1.0  # the whole CLI's imports (measured ~0.2 s)
+    assert result.stdout.strip() == "[]"
 
 
 def test_generated_modules_match_the_installed_tf_serving() -> None:
