@@ -201,9 +201,11 @@ def test_readme_set_up_commands_are_what_ci_runs():
     assert len(commands) == 2, commands
     main, tests = commands
     assert main.endswith(".venv/bin/python client/pipeline.py")  # what the journey fixture runs
-    # Two processes for everything else, then the tests that stop every Ray on the machine, alone.
+    # Two processes: the journey (its clean-up stops every Ray on the machine) beside the unit tests
+    # (which start none), then the other integration modules, one per process at a time.
     assert tests.endswith(
-        '.venv/bin/pytest -q -n 2 --dist loadfile -m "not serial" && .venv/bin/pytest -q -m serial'
+        '.venv/bin/pytest -q -n 2 --dist loadfile -m "serial or not integration" '
+        '&& .venv/bin/pytest -q -n 2 --dist loadfile -m "integration and not serial"'
     )
     assert (
         "apt-get install -y -qq --no-install-recommends chromium chromium-driver redis-server" in tests
