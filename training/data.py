@@ -105,7 +105,9 @@ def _read_bytes(data_dir: str, filename: str) -> bytes:
         hint = ""
         if Path(data_dir) == DEFAULT_DATA_DIR and not DEFAULT_DATA_DIR.is_dir():
             # An installed package (not the checkout) has no data/: the files ship with the source.
-            hint = " (MNIST ships in the source checkout's data/mnist; pass --data-dir with the 4 IDX gz files)"
+            hint = (
+                " (MNIST ships in the source checkout's data/mnist; pass --data-dir with the 4 IDX gz files)"
+            )
         raise DatasetError(f"cannot read {path}: {exc.strerror or exc}{hint}") from exc
 
 
