@@ -15,7 +15,6 @@ import json
 import shutil
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -41,6 +40,7 @@ from tensorflow_serving.config import model_server_config_pb2
 from ray_app.ports import free_port
 from tests.fake_tfserving import install_fake_tfserving
 from tests.fake_tfserving import server as fake_server
+from tests.polling import wait_for
 from training import model_store
 
 MODEL = "mnist"
@@ -93,16 +93,6 @@ def _status(server: RunningServer, version: int | None = None) -> dict[int, tupl
         request.model_spec.version.value = version
     response = server.models.GetModelStatus(request, timeout=RPC_TIMEOUT_S)
     return {s.version: (s.state, s.status.error_code) for s in response.model_version_status}
-
-
-def _wait_for(condition, what: str, deadline_s: float) -> float:
-    """Poll ``condition`` until true; return the seconds it took."""
-    start = time.monotonic()
-    while time.monotonic() - start < deadline_s:
-        if condition():
-            return time.monotonic() - start
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {deadline_s} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +158,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, exported_model: Path) -> It
             return False
 
     try:
-        _wait_for(ready, "the model to become AVAILABLE", STARTUP_DEADLINE_S)
+        wait_for(ready, STARTUP_DEADLINE_S, "the model to become AVAILABLE")
         yield running
     finally:
         channel.close()
@@ -378,9 +368,9 @@ def test_new_version_is_picked_up_within_the_poll_interval(
         response = server.prediction.Predict(_request({"images": _images(1)}), timeout=RPC_TIMEOUT_S)
         return response.model_spec.version.value == 3
 
-    waited_s = _wait_for(serves_three, "version 3 to answer", deadline_s=POLL_S + 15)
+    waited_s = wait_for(serves_three, POLL_S + 15, "version 3 to answer")
     print(f"version 3 answered {waited_s:.1f} s after publishing")
-    _wait_for(lambda: _status(server) == {2: (END, 0), 3: (AVAILABLE, 0)}, "version 2 to unload", 10)
+    wait_for(lambda: _status(server) == {2: (END, 0), 3: (AVAILABLE, 0)}, 10, "version 2 to unload")
 
 
 def test_broken_version_is_reported_and_the_last_good_one_keeps_serving(server: RunningServer) -> None:
@@ -391,7 +381,7 @@ def test_broken_version_is_reported_and_the_last_good_one_keeps_serving(server: 
     def failed() -> bool:
         return _status(server).get(4) == (END, grpc.StatusCode.DATA_LOSS.value[0])
 
-    _wait_for(failed, "version 4 to fail loading", deadline_s=POLL_S + 15)
+    wait_for(failed, POLL_S + 15, "version 4 to fail loading")
     assert _status(server)[3] == (AVAILABLE, 0)
     response = server.prediction.Predict(_request({"images": _images(1)}), timeout=RPC_TIMEOUT_S)
     assert response.model_spec.version.value == 3

@@ -26,6 +26,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from ray_app.protocol.tensors import from_ndarray
 from tests.conftest import publish_copy
 from tests.integration.cluster import cluster_processes, local_serve, run_local_app
+from tests.polling import wait_for
 from training.data import load_mnist
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -56,15 +57,6 @@ def _replica_pids() -> set[int]:
     return pids
 
 
-def _wait_for(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{what} within {timeout_s} s")
-
-
 def test_killing_a_replica_under_load_fails_only_its_requests_in_flight(tmp_path, trained_export) -> None:
     store = tmp_path / "mnist"
     publish_copy(trained_export, store, 1)
@@ -74,7 +66,7 @@ def test_killing_a_replica_under_load_fails_only_its_requests_in_flight(tmp_path
 
     with local_serve() as ports:
         run_local_app(store, num_replicas=2)
-        _wait_for(lambda: len(_replica_pids()) == 2, 120, "two replicas running")
+        wait_for(lambda: len(_replica_pids()) == 2, 120, "two replicas running")
         outcomes: list[Outcome] = []
         stop = threading.Event()
 
@@ -97,7 +89,7 @@ def test_killing_a_replica_under_load_fails_only_its_requests_in_flight(tmp_path
         victim = min(_replica_pids())
         killed_s = time.monotonic()
         os.kill(victim, signal.SIGKILL)
-        _wait_for(
+        wait_for(
             lambda: len(_replica_pids()) == 2 and victim not in _replica_pids(),
             120,
             "Serve to replace the killed replica",

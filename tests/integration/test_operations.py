@@ -34,6 +34,7 @@ from ray_app.ports import free_port
 from ray_app.protocol.tensors import from_ndarray
 from tests.conftest import publish_copy
 from tests.integration.cluster import LocalServe, local_serve, run_local_app
+from tests.polling import wait_for
 from training import model_store, retention
 from training.data import load_mnist
 
@@ -157,15 +158,6 @@ class Load:
         return collections.Counter(o.code for o in self.outcomes if o.code != "OK")
 
 
-def _wait_for(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{what} within {timeout_s} s")
-
-
 def test_serving_survives_the_gcs_going_down_and_coming_back(app, redis_port, trained_export):
     import ray
     from ray import serve
@@ -184,10 +176,10 @@ def test_serving_survives_the_gcs_going_down_and_coming_back(app, redis_port, tr
         time.sleep(OUTAGE_S)
         restarted_s = time.monotonic()
         node.start_gcs_server()  # same port, tables reloaded from Redis
-        _wait_for(lambda: serve.status().applications["mnist"].status == "RUNNING", 60, "serve.status")
+        wait_for(lambda: serve.status().applications["mnist"].status == "RUNNING", 60, "serve.status")
         controls_s = time.monotonic()
         publish_copy(trained_export, app.store, new_version)
-        _wait_for(lambda: load.outcomes[-1].version == new_version, 60, f"version {new_version} to be served")
+        wait_for(lambda: load.outcomes[-1].version == new_version, 60, f"version {new_version} to be served")
         rolled_out_s = time.monotonic()
         time.sleep(2)
 
@@ -210,7 +202,7 @@ def test_retention_removes_old_versions_while_serving(app, trained_export):
     newest = first_new + 2
     url = app.ports.http
     with Load(app.ports.grpc_address) as load:
-        _wait_for(
+        wait_for(
             lambda: load.outcomes and load.outcomes[-1].version == newest, 60, f"version {newest} served"
         )
         report = retention.apply(app.store, retention.Policy(keep_versions=1), [url])
