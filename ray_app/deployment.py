@@ -288,6 +288,25 @@ class MnistServer:
         )
         return rest_api.to_json(result, rows=True), result.version, result.signature_name
 
+    # -- REST: the Open Inference Protocol's /v2 API (ray_app.oip_rest) -------------------------------
+    @http_app.api_route("/v2", methods=_METHODS, include_in_schema=False)
+    @http_app.api_route("/v2/{path:path}", methods=_METHODS, include_in_schema=False)
+    async def rest_v2(self, request: Request) -> Response:
+        from ray_app import oip_rest
+
+        started_s = time.perf_counter()
+        raw_path = (request.scope.get("raw_path") or request.url.path.encode()).decode("latin-1")
+        answer = await oip_rest.handle(
+            self._predictor, request.method, raw_path, request.headers, request.stream()
+        )
+        if answer.error is not None:
+            _log_unexpected(answer.error)
+        outcome = answer.error if answer.error is not None else answer
+        self._observe(OIP_REST, answer.method, started_s, outcome, answer.version, answer.signature)
+        return Response(
+            answer.body, status_code=answer.status, media_type=answer.media_type, headers=answer.headers
+        )
+
     # -- the web page and its panel data (ours, outside TF Serving's API; see ray_app.web) ----------
     @http_app.get("/", include_in_schema=False)
     async def web_page(self, request: Request) -> Response:
