@@ -68,11 +68,18 @@ def server_version() -> str:
 
 
 # -- names and versions ------------------------------------------------------------------------------
-def _unknown_model(name: str, version: str = "") -> NotFoundError:
-    """Triton's NOT_FOUND text for a model (or model version) it does not serve."""
-    shown = name[:200]
-    suffix = f" version {version[:40]}" if version else ""
-    return NotFoundError(f"Request for unknown model: '{shown}'{suffix} is not found")
+def _unknown_model(name: str) -> NotFoundError:
+    """Triton's NOT_FOUND for a model name it does not serve (model_repository_manager.cc)."""
+    return NotFoundError(f"Request for unknown model: '{name[:200]}' is not found")
+
+
+def _unknown_version(name: str, version: str) -> NotFoundError:
+    """Triton's NOT_FOUND for a version of a model it does not have (model_lifecycle.cc GetModel)."""
+    return NotFoundError(f"'{name[:200]}' version {version[:40]} is not found")
+
+
+def _no_versions(name: str) -> NotFoundError:
+    return NotFoundError(f"'{name[:200]}' has no available versions")
 
 
 def split_name(predictor: Predictor, name: str) -> str:
@@ -93,7 +100,7 @@ def parse_version(predictor: Predictor, version: str) -> tuple[int | None, str |
         return None, None
     if version.isascii() and version.isdigit():
         if len(version) > 18 or int(version) == 0:
-            raise _unknown_model(predictor.config.model_name, version)
+            raise _unknown_version(predictor.config.model_name, version)
         return int(version), None
     if version in predictor.live.version_labels:
         return None, version
@@ -109,7 +116,7 @@ def _pinned_version(predictor: Predictor, name: str, version: str) -> int | None
     if label is not None:
         number = predictor.live.version_labels[label]
     if number is not None and number not in predictor.backend.versions():
-        raise _unknown_model(name, version)
+        raise _unknown_version(name, version)
     return number
 
 
@@ -119,7 +126,7 @@ def resolve(predictor: Predictor, name: str, version: str) -> Target:
     number, label = parse_version(predictor, version)
     _pinned_version(predictor, name, version)  # Triton's NOT_FOUND text for a version not loaded
     if not predictor.backend.versions():
-        raise NotFoundError(f"Request for unknown model: '{name[:200]}' has no available versions")
+        raise _no_versions(name)
     try:
         return predictor.resolve(predictor.config.model_name, number, label, signature)
     except SignatureNotFoundError:
@@ -132,7 +139,7 @@ def _signature(predictor: Predictor, name: str, version: str) -> tuple[int, Sign
     loaded = predictor.backend.versions()
     if number is None:
         if not loaded:
-            raise NotFoundError(f"Request for unknown model: '{name[:200]}' has no available versions")
+            raise _no_versions(name)
         number = loaded[-1]
     signatures = predictor.signatures(number)
     if signature not in signatures:
@@ -147,12 +154,17 @@ def server_ready(predictor: Predictor) -> bool:
 
 
 def model_ready(predictor: Predictor, name: str, version: str) -> bool:
-    """Whether that model (version) can answer now; False for unknown ones, as Triton answers."""
-    parse_version(predictor, version)  # a malformed version is an error, not "not ready"
-    try:
-        _signature(predictor, name, version)
-    except NotFoundError:
-        return False
+    """Whether that model (version) can answer now. As Triton: NOT_FOUND for a model or version it
+    does not know; False for a version it knows that is not loaded (loading, or failed to load)."""
+    split_name(predictor, name)
+    number, label = parse_version(predictor, version)
+    if label is not None:
+        number = predictor.live.version_labels[label]
+    if number is not None and number not in predictor.backend.versions():
+        if number in predictor.backend.version_states():
+            return False
+        raise _unknown_version(name, version)
+    _signature(predictor, name, version)
     return True
 
 
