@@ -60,6 +60,7 @@ def app(tmp_path_factory, trained_export):
             "grpc": grpc_client,
             "http": http_client,
             "url": ports.http,
+            "grpc_address": ports.grpc_address,
         }
         grpc_client.close()
         http_client.close()
@@ -168,6 +169,15 @@ def test_tritonclient_classifies_as_tf_servings_protocol_does(app):
     assert by_protocol["oip_grpc"].tolist() == by_protocol["tf_serving"].tolist(), accuracy
     assert by_protocol["oip_http"].tolist() == by_protocol["tf_serving"].tolist(), accuracy
     assert accuracy["tf_serving"] > 0.9, accuracy
+
+
+def test_the_docs_example_runs_unchanged(app, capsys) -> None:
+    """docs/oip.md's example, pointed at this deployment's gRPC port."""
+    text = (REPO / "docs" / "oip.md").read_text()
+    example = text.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(example.replace("localhost:9000", app["grpc_address"]), "docs/oip.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.startswith("[") and len(printed.strip("[]\n").split()) == 2, printed
 
 
 # -- the conformance table (docs/oip.md) --------------------------------------------------------------------

@@ -317,3 +317,15 @@ def test_the_deployment_counts_oip_requests_under_their_own_protocol() -> None:
         ("oip_grpc", "ModelMetadata", "NOT_FOUND", None, ""),
         ("oip_rest", "server_ready", "OK", None, ""),
     ]
+
+
+def test_the_benchmarks_oip_requests_are_answered_and_checked() -> None:
+    from bench.loadgen import build_oip_requests, correct_oip
+
+    requests, labels = build_oip_requests("mnist", 4, count=2)
+    for request, expected in zip(requests, labels):
+        response = _call("ModelInfer", request)
+        images = np.frombuffer(request.raw_input_contents[0], np.uint8).reshape(4, 28, 28)
+        predicted = fake_probabilities(images).argmax(axis=1)
+        assert correct_oip(response, expected) == int(np.sum(predicted == expected))
+        assert correct_oip(response, expected[:3]) is None  # an answer of the wrong size is malformed
