@@ -65,17 +65,19 @@ class _HttpError(ServingError):
         self.code = StatusCode.NOT_FOUND if status == 404 else StatusCode.UNIMPLEMENTED  # for the metrics
 
 
+# JSON answers are written ASCII-only: a request may carry lone surrogates ("\ud800" is valid JSON),
+# which no UTF-8 encoder takes.
 def error_answer(exc: BaseException, method: str = "unknown") -> Answer:
     if isinstance(exc, _HttpError):
         status, message = exc.status, exc.message
     else:
         _, status, message = to_status(exc)
-    body = json.dumps({"error": message}, ensure_ascii=False).encode()
+    body = json.dumps({"error": message}, ensure_ascii=True).encode()
     return Answer(status, body, method=method, error=exc)
 
 
 def _json_answer(document: Any, method: str, **kwargs: Any) -> Answer:
-    return Answer(200, json.dumps(document, ensure_ascii=False).encode(), method=method, **kwargs)
+    return Answer(200, json.dumps(document, ensure_ascii=True).encode(), method=method, **kwargs)
 
 
 def _only(http_method: str, allowed: str) -> None:
@@ -298,7 +300,7 @@ async def _infer(
     if request_id:
         answer["id"] = request_id
     answer["outputs"] = out_json
-    header = json.dumps(answer, ensure_ascii=False).encode()
+    header = json.dumps(answer, ensure_ascii=True).encode()
     common = {"method": "model_infer", "version": result.version, "signature": result.signature_name}
     if not raws:
         return Answer(200, header, **common)

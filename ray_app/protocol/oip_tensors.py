@@ -234,7 +234,7 @@ def _json_leaf(name: str, datatype: str, value: Any) -> Any:
     elif datatype == "BYTES":
         if not isinstance(value, str):
             raise _type_error(name, datatype, value)
-        return value.encode("utf-8", "surrogateescape")
+        return value.encode("utf-8", "surrogatepass")  # JSON allows lone surrogates ("\ud800")
     elif isinstance(value, bool) or not isinstance(value, int | float):
         raise _type_error(name, datatype, value)
     return value

@@ -275,3 +275,14 @@ def test_arbitrary_bodies_and_paths_never_get_a_500(body: bytes, path: str) -> N
     for method in ("GET", "POST"):
         assert _call(method, "/v2" + path, body).status != 500
         assert _call(method, "/v2/models/mnist/infer", body).status != 500
+
+
+def test_lone_surrogates_in_a_request_are_answered_in_valid_json() -> None:
+    body = (
+        b'{"id": "\\ud800", "inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], '
+        b'"data": ["\\udfff"]}]}'
+    )
+    answer = _call("POST", "/v2/models/mnist.predict_image_bytes/infer", body)
+    assert answer.status == 400 and "image 0:" in json.loads(answer.body.decode("utf-8"))["error"]
+    answer = _call("POST", "/v2/models/mnist/infer", b'{"inputs": [{"name": "\\ud800"}]}')
+    assert answer.status == 400 and json.loads(answer.body.decode("utf-8"))["error"]
