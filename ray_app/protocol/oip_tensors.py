@@ -73,6 +73,9 @@ def numpy_dtype(datatype: str, name: str) -> np.dtype:
 
 def datatype_of(dtype: np.dtype) -> str:
     """OIP datatype of a numpy dtype (object and numpy strings mean BYTES)."""
+    known = _BY_NUMPY.get(dtype)  # the usual case: a native numeric dtype
+    if known is not None:
+        return known
     dtype = np.dtype(dtype)
     if dtype == STRING or dtype.kind in "SU":
         return "BYTES"
