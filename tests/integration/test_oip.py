@@ -180,6 +180,12 @@ def test_the_docs_example_runs_unchanged(app, capsys) -> None:
     assert printed.startswith("[") and len(printed.strip("[]\n").split()) == 2, printed
 
 
+def test_paths_outside_v1_and_v2_still_get_tf_servings_404_page(app) -> None:
+    status, headers, body = _http("GET", "/v3/models/mnist")(app)
+    assert (status, headers["content-type"]) == (404, "text/html; charset=ISO-8859-1")
+    assert b"<TITLE>404 Not Found</TITLE>" in body
+
+
 # -- the conformance table (docs/oip.md) --------------------------------------------------------------------
 @dataclass(frozen=True)
 class Case:
