@@ -329,3 +329,33 @@ def test_the_benchmarks_oip_requests_are_answered_and_checked() -> None:
         predicted = fake_probabilities(images).argmax(axis=1)
         assert correct_oip(response, expected) == int(np.sum(predicted == expected))
         assert correct_oip(response, expected[:3]) is None  # an answer of the wrong size is malformed
+
+
+def test_both_protocols_share_one_batch() -> None:
+    """TF Serving's Predict and OIP ModelInfer requests in flight together run in one backend call,
+    each answered with its own rows."""
+    import asyncio
+
+    from ray_app import grpc_api
+    from ray_app.protocol.protos import predict_pb2
+    from ray_app.protocol.tensors import from_ndarray, to_ndarray
+
+    predictor = _predictor(max_batch_size=8, batch_wait_timeout_s=0.05)
+    backend = predictor.backend
+    tf_request = predict_pb2.PredictRequest()
+    tf_request.model_spec.name = "mnist"
+    tf_request.inputs["images"].CopyFrom(from_ndarray(IMAGES[:1], tensor_content=True))
+
+    async def main():
+        first = asyncio.ensure_future(oip_grpc.model_infer(predictor, _infer(IMAGES[:1]).SerializeToString()))
+        await asyncio.sleep(0)  # in flight: what comes next waits for a batch
+        rest = await asyncio.gather(
+            grpc_api.predict(predictor, tf_request.SerializeToString()),
+            oip_grpc.model_infer(predictor, _infer(IMAGES[1:]).SerializeToString()),
+        )
+        return [await first, *rest]
+
+    alone, tf_response, oip_response = run_on_replica_loop(main())
+    assert [size for _, _, size in backend.calls] == [1, 3]  # the lone one at once, then one mixed batch
+    assert to_ndarray(tf_response.outputs["classes"]).tolist() == EXPECTED[:1]
+    assert _classes(oip_response) == EXPECTED[1:] and _classes(alone) == EXPECTED[:1]
