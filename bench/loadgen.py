@@ -1,4 +1,5 @@
-"""Closed-loop gRPC load generator for TF Serving's ``PredictionService.Predict``.
+"""Closed-loop gRPC load generator for TF Serving's ``PredictionService.Predict`` (or, with
+``--protocol oip``, the Open Inference Protocol's ``GRPCInferenceService.ModelInfer``).
 
 ``concurrency`` workers share one ``grpc.aio`` channel; each sends a request, waits for the
 answer, and sends the next, for ``warmup_s`` (not counted) plus ``duration_s`` (counted).
@@ -44,6 +45,40 @@ def build_requests(
     return requests, labels
 
 
+def build_oip_requests(
+    model: str, images_per_request: int, count: int = _DISTINCT_REQUESTS
+) -> tuple[list[Any], list[np.ndarray]]:
+    """The same digits as :func:`build_requests`, as OIP ``ModelInferRequest`` s the way tritonclient
+    sends them (uint8 ``[k, 28, 28]`` in ``raw_input_contents``), asking for ``classes`` only."""
+    from tritonclient.grpc import service_pb2
+
+    from training.data import load_mnist
+
+    test = load_mnist().test
+    requests, labels = [], []
+    for i in range(count):
+        start = (i * images_per_request) % (len(test) - images_per_request)
+        images = test.images[start : start + images_per_request]
+        request = service_pb2.ModelInferRequest(model_name=model)
+        request.inputs.add(name="images", datatype="UINT8", shape=list(images.shape))
+        request.raw_input_contents.append(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+        request.outputs.add(name="classes")
+        requests.append(request)
+        labels.append(test.labels[start : start + images_per_request].astype(np.int64))
+    return requests, labels
+
+
+def correct_oip(response: Any, labels: np.ndarray) -> int | None:
+    """How many of an OIP answer's ``classes`` (raw INT64) match ``labels``; None when malformed."""
+    names = [output.name for output in response.outputs]
+    if "classes" not in names or len(response.raw_output_contents) != len(names):
+        return None
+    raw = response.raw_output_contents[names.index("classes")]
+    if len(raw) != 8 * len(labels):
+        return None
+    return int(np.sum(np.frombuffer(raw, "<i8") == labels))
+
+
 def _correct(response: Any, labels: np.ndarray) -> int | None:
     """How many predicted digits match ``labels``; None when the response is malformed."""
     from client.errors import ClientError
@@ -71,14 +106,32 @@ async def run_load(
     timeout_s: float = 5.0,
     channels: int = 1,
     verbose: bool = False,
+    protocol: str = "tf_serving",
 ) -> dict[str, Any]:
-    """Drive ``target`` at fixed concurrency; return throughput, latency percentiles and errors."""
-    from tensorflow_serving.apis import prediction_service_pb2_grpc
+    """Drive ``target`` at fixed concurrency; return throughput, latency percentiles and errors.
 
-    requests, labels = build_requests(model, images_per_request)
+    ``protocol``: ``tf_serving`` (``Predict``) or ``oip`` (``ModelInfer``, raw tensors)."""
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
     opened = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, channels))]
-    stubs = [prediction_service_pb2_grpc.PredictionServiceStub(ch) for ch in opened]
+    if protocol == "oip":
+        from tritonclient.grpc import service_pb2
+
+        requests, labels = build_oip_requests(model, images_per_request)
+        check = correct_oip
+        stubs = [
+            ch.unary_unary(
+                "/inference.GRPCInferenceService/ModelInfer",
+                request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=service_pb2.ModelInferResponse.FromString,
+            )
+            for ch in opened
+        ]
+    else:
+        from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+        requests, labels = build_requests(model, images_per_request)
+        check = _correct
+        stubs = [prediction_service_pb2_grpc.PredictionServiceStub(ch).Predict for ch in opened]
 
     latencies_s: list[float] = []
     errors: Counter[str] = Counter()
@@ -99,12 +152,12 @@ async def run_load(
             n += concurrency
             code = None
             try:
-                response = await stub.Predict(requests[which], timeout=timeout_s)
+                response = await stub(requests[which], timeout=timeout_s)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code().name
             done = time.perf_counter()
             if code is None:
-                correct = _correct(response, labels[which])
+                correct = check(response, labels[which])
                 if correct is None:
                     code = "BAD_RESPONSE"
             if done < measure_from:
@@ -133,6 +186,7 @@ async def run_load(
     result = {
         "target": target,
         "model": model,
+        "protocol": protocol,
         "concurrency": concurrency,
         "images_per_request": images_per_request,
         "duration_s": duration_s,
@@ -180,6 +234,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--images-per-request", type=int, default=1, choices=(1, 32))
     parser.add_argument("--timeout-s", type=float, default=5.0, help="deadline of every RPC")
     parser.add_argument("--channels", type=int, default=1, help="gRPC channels the workers share")
+    parser.add_argument("--protocol", choices=("tf_serving", "oip"), default="tf_serving")
     parser.add_argument("--json", action="store_true", help="print the result as JSON too")
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.duration_s <= 0 or args.warmup_s < 0 or args.timeout_s <= 0:
@@ -200,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             warmup_s=args.warmup_s,
             timeout_s=args.timeout_s,
             channels=args.channels,
+            protocol=args.protocol,
         )
     )
     print(format_result(result))

@@ -65,6 +65,7 @@ class Variant:
     grpc_request_timeout: bool = True  # serve: False drops grpc_options.request_timeout_s
     concurrencies: tuple[int, ...] = CONCURRENCIES
     images_per_request: tuple[int, ...] = IMAGES_PER_REQUEST
+    protocol: str = "tf_serving"  # the clients': tf_serving (Predict) | oip (ModelInfer, docs/oip.md)
 
 
 VARIANTS = {
@@ -76,6 +77,12 @@ VARIANTS = {
             "ray-haproxy",
             "serve",
             "serve_configs/local.yaml as users get it: HAProxy + direct ingress, 2 replicas",
+        ),
+        Variant(
+            "ray-haproxy-oip",
+            "serve",
+            "ray-haproxy, clients on the Open Inference Protocol (gRPC ModelInfer, raw tensors)",
+            protocol="oip",
         ),
         Variant(
             "ray-python-proxy",
@@ -126,6 +133,7 @@ DEFAULT_VARIANTS = (
     BASELINE,
     "baseline-unbatched",
     "ray-haproxy",
+    "ray-haproxy-oip",
     "ray-python-proxy",
     "ray-haproxy-1replica",
 )
@@ -403,7 +411,9 @@ def serve_app(variant: Variant, args: argparse.Namespace, workdir: Path) -> Iter
 
 
 # -- measuring -------------------------------------------------------------------------------------
-def _measure(target: str, args: argparse.Namespace, c: int, k: int, running: Running) -> dict[str, Any]:
+def _measure(
+    target: str, args: argparse.Namespace, c: int, k: int, running: Running, protocol: str = "tf_serving"
+) -> dict[str, Any]:
     """``args.repeat`` runs of one point; the one with the median img/s (its own latencies)."""
     runs = []
     sid, batch_metrics = running.sid, running.batch_metrics
@@ -419,6 +429,7 @@ def _measure(target: str, args: argparse.Namespace, c: int, k: int, running: Run
                 k,
                 warmup_s=args.warmup_s,
                 timeout_s=args.timeout_s,
+                protocol=protocol,
             )
         )
         wall_s = time.monotonic() - wall_before
@@ -460,7 +471,7 @@ def _run_variant(variant: Variant, args: argparse.Namespace, workdir: Path) -> d
                         continue
                     if args.images_per_request and k not in args.images_per_request:
                         continue
-                    record["points"].append(_measure(running.target, args, c, k, running))
+                    record["points"].append(_measure(running.target, args, c, k, running, variant.protocol))
     except Exception as exc:  # report and go on with the next variant
         print(f"  FAILED: {exc}", flush=True)
         record["error"] = f"{type(exc).__name__}: {exc}"

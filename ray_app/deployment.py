@@ -2,8 +2,10 @@
 
 gRPC methods are named like TF Serving's RPCs (Serve routes by method name) and get raw
 request bytes (see ``ray_app.grpc_servicers``). REST requests under ``/v1/`` go to one route
-that dispatches on TF Serving's own URL patterns (``ray_app.rest_api.route``). Both delegate to
-one ``Predictor``; errors map through one table (``ray_app.protocol.status``).
+that dispatches on TF Serving's own URL patterns (``ray_app.rest_api.route``). The Open Inference
+Protocol (KServe v2 / Triton) is a third adapter on the same ports: its gRPC methods
+(``ray_app.oip_grpc``) and ``/v2`` routes (``ray_app.oip_rest``). All delegate to one
+``Predictor``; errors map through one table (``ray_app.protocol.status``).
 """
 
 import asyncio
@@ -55,6 +57,16 @@ def _grpc_fail(exc: BaseException, grpc_context: Any) -> None:
         message = message[:GRPC_MESSAGE_LIMIT] + "...TRUNCATED"
     grpc_context.set_code(getattr(grpc.StatusCode, code.value))
     grpc_context.set_details(message)
+
+
+OIP_GRPC, OIP_REST = "oip_grpc", "oip_rest"  # the Open Inference Protocol's `protocol` metric tag
+
+
+def _oip_signature(predictor: Any, method: str, result: Any) -> str:
+    """The signature an answered OIP infer ran (its model name says it; see ray_app.oip_api)."""
+    from ray_app import oip_api
+
+    return oip_api.split_name(predictor, result.model_name) if method == "ModelInfer" else ""
 
 
 def _path_and_query(request: Request) -> str:
@@ -196,6 +208,44 @@ class MnistServer:
         _grpc_fail(UnimplementedError(message), grpc_context)
         return model_management_pb2.ReloadConfigResponse()
 
+    # -- gRPC: inference.GRPCInferenceService (Open Inference Protocol; see ray_app.oip_grpc) -------
+    async def _oip_grpc(self, method: str, raw: bytes, grpc_context: Any):
+        from ray_app import oip_grpc
+
+        started_s = time.perf_counter()
+        handler, _ = oip_grpc.METHODS[method]
+        try:
+            result = handler(self._predictor, raw)
+            if hasattr(result, "__await__"):
+                result = await result
+        except Exception as exc:
+            _grpc_fail(exc, grpc_context)
+            self._observe(OIP_GRPC, method, started_s, exc)
+            return oip_grpc.empty_response(method)
+        version = int(result.model_version) if method == "ModelInfer" else None
+        self._observe(
+            OIP_GRPC, method, started_s, result, version, _oip_signature(self._predictor, method, result)
+        )
+        return result
+
+    async def ServerLive(self, request: bytes, grpc_context: Any):  # noqa: N802
+        return await self._oip_grpc("ServerLive", request, grpc_context)
+
+    async def ServerReady(self, request: bytes, grpc_context: Any):  # noqa: N802
+        return await self._oip_grpc("ServerReady", request, grpc_context)
+
+    async def ModelReady(self, request: bytes, grpc_context: Any):  # noqa: N802
+        return await self._oip_grpc("ModelReady", request, grpc_context)
+
+    async def ServerMetadata(self, request: bytes, grpc_context: Any):  # noqa: N802
+        return await self._oip_grpc("ServerMetadata", request, grpc_context)
+
+    async def ModelMetadata(self, request: bytes, grpc_context: Any):  # noqa: N802
+        return await self._oip_grpc("ModelMetadata", request, grpc_context)
+
+    async def ModelInfer(self, request: bytes, grpc_context: Any):  # noqa: N802
+        return await self._oip_grpc("ModelInfer", request, grpc_context)
+
     # -- REST: TF Serving's HTTP API ---------------------------------------------------------------
     @http_app.api_route("/v1/{path:path}", methods=_METHODS)
     async def rest_v1(self, request: Request, path: str) -> Response:
@@ -237,6 +287,25 @@ class MnistServer:
             uploads.image_request(where.model_name, images, where.version, where.label)
         )
         return rest_api.to_json(result, rows=True), result.version, result.signature_name
+
+    # -- REST: the Open Inference Protocol's /v2 API (ray_app.oip_rest) -------------------------------
+    @http_app.api_route("/v2", methods=_METHODS, include_in_schema=False)
+    @http_app.api_route("/v2/{path:path}", methods=_METHODS, include_in_schema=False)
+    async def rest_v2(self, request: Request) -> Response:
+        from ray_app import oip_rest
+
+        started_s = time.perf_counter()
+        raw_path = (request.scope.get("raw_path") or request.url.path.encode()).decode("latin-1")
+        answer = await oip_rest.handle(
+            self._predictor, request.method, raw_path, request.headers, request.stream()
+        )
+        if answer.error is not None:
+            _log_unexpected(answer.error)
+        outcome = answer.error if answer.error is not None else answer
+        self._observe(OIP_REST, answer.method, started_s, outcome, answer.version, answer.signature)
+        return Response(
+            answer.body, status_code=answer.status, media_type=answer.media_type, headers=answer.headers
+        )
 
     # -- the web page and its panel data (ours, outside TF Serving's API; see ray_app.web) ----------
     @http_app.get("/", include_in_schema=False)

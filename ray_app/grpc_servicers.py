@@ -1,4 +1,4 @@
-"""gRPC service registration for Ray Serve's proxy, without importing TensorFlow.
+"""gRPC service registration for Ray Serve's proxy, without importing TensorFlow (or tritonclient).
 
 The stock ``*_pb2_grpc.add_*Servicer_to_server`` functions import all of TensorFlow into
 the proxy actor (~724 MiB vs ~210 MiB). These register the same method paths as TF
@@ -17,6 +17,17 @@ PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 PREDICTION_METHODS = ("Classify", "Regress", "Predict", "MultiInference", "GetModelMetadata")
 MODEL_SERVICE = "tensorflow.serving.ModelService"
 MODEL_METHODS = ("GetModelStatus", "HandleReloadConfigRequest")
+# The Open Inference Protocol's service (KServe v2 / Triton): the methods ray_app.oip_grpc answers.
+# Serve routes by the last path segment: none of these names is one of TF Serving's.
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
+INFERENCE_METHODS = (
+    "ServerLive",
+    "ServerReady",
+    "ModelReady",
+    "ServerMetadata",
+    "ModelMetadata",
+    "ModelInfer",
+)
 
 
 def _add_raw_service(service: str, methods: tuple[str, ...], servicer: Any, server: Any) -> None:
@@ -37,3 +48,9 @@ def add_PredictionServiceServicer_to_server(servicer: Any, server: Any) -> None:
 def add_ModelServiceServicer_to_server(servicer: Any, server: Any) -> None:  # noqa: N802
     """Register ``tensorflow.serving.ModelService`` (requests reach replicas as bytes)."""
     _add_raw_service(MODEL_SERVICE, MODEL_METHODS, servicer, server)
+
+
+def add_GRPCInferenceServiceServicer_to_server(servicer: Any, server: Any) -> None:  # noqa: N802
+    """Register ``inference.GRPCInferenceService``'s unary methods that this server implements
+    (requests reach replicas as bytes; the others answer gRPC's own UNIMPLEMENTED)."""
+    _add_raw_service(INFERENCE_SERVICE, INFERENCE_METHODS, servicer, server)

@@ -22,6 +22,7 @@ LOCAL_CONFIG = Path(__file__).resolve().parents[2] / "serve_configs" / "local.ya
 SERVICERS = [
     "ray_app.grpc_servicers.add_PredictionServiceServicer_to_server",
     "ray_app.grpc_servicers.add_ModelServiceServicer_to_server",
+    "ray_app.grpc_servicers.add_GRPCInferenceServiceServicer_to_server",
 ]
 
 

@@ -469,7 +469,7 @@ def test_rest_answers_as_tf_serving(app, case: Case) -> None:
 
 
 def test_paths_outside_v1_get_libevents_html_404(app) -> None:
-    code, content_type, text = _rest("GET", "/v2/models/mnist")(app)
+    code, content_type, text = _rest("GET", "/v3/models/mnist")(app)  # /v2 is the Open Inference Protocol's
     assert (code, content_type) == (404, "text/html; charset=ISO-8859-1")
     assert "<TITLE>404 Not Found</TITLE>" in text
 
