@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model-name", default=None, help="name in warmup records (default: store dir name)")
     p.add_argument(
+        "--signing-key",
+        default=os.environ.get("MNIST_SIGNING_KEY") or None,
+        help="Ed25519 private key (PEM) that signs the version's manifest (default: $MNIST_SIGNING_KEY; "
+        "none: unsigned manifest). See docs/security.md",
+    )
+    p.add_argument(
         "--smoke-test",
         action="store_true",
         help=f"tiny run for tests: {SMOKE_TRAIN_EXAMPLES} train / {SMOKE_TEST_EXAMPLES} test examples",
@@ -132,6 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 class UsageError(ValueError):
     """Arguments that cannot work; reported before any training starts."""
+
+
+def _signing_key(path: str | None) -> Any:
+    """The --signing-key, loaded before training so a bad key fails fast."""
+    if path is None:
+        return None
+    from training import integrity
+
+    try:
+        return integrity.load_private_key(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--signing-key {path}: {exc}") from exc
 
 
 def _resolve_init_from(model_path: str, init_from: str | None) -> str | None:
@@ -361,7 +379,9 @@ def _describe(by_category: dict[str, float]) -> str:
     return ", ".join(f"{name} {value * 100:.1f} %" for name, value in by_category.items())
 
 
-def export_and_publish(result, config: TrainConfig, args: argparse.Namespace, wall_s: float) -> int:
+def export_and_publish(
+    result, config: TrainConfig, args: argparse.Namespace, wall_s: float, signing_key: Any = None
+) -> int:
     """Export the final checkpoint, score it (MNIST test, robustness set), gate and publish.
 
     Returns an exit code.
@@ -433,7 +453,7 @@ def export_and_publish(result, config: TrainConfig, args: argparse.Namespace, wa
         export.write_metrics(staged, metrics)
         export.write_warmup_requests(staged, model_name, test.images[:4])
         try:
-            version = model_store.publish(staged, args.model_path, args.version)
+            version = model_store.publish(staged, args.model_path, args.version, signing_key)
         except model_store.VersionExistsError as exc:
             print(f"NOT PUBLISHED: {exc}", file=sys.stderr, flush=True)
             return EXIT_VERSION_EXISTS
@@ -455,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         load_mnist(config.data_dir)  # fail fast on missing or corrupt data, before Ray starts
+        signing_key = _signing_key(args.signing_key)
     except model_store.VersionExistsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_VERSION_EXISTS
@@ -478,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{last.get('test_accuracy', float('nan')):.4f} after the last one",
         flush=True,
     )
-    return export_and_publish(result, config, args, wall_s)
+    return export_and_publish(result, config, args, wall_s, signing_key)
 
 
 if __name__ == "__main__":
