@@ -56,6 +56,13 @@ class IntegrityOptions(_Strict):
     trusted_keys: list[str] = Field(default_factory=list)  # Ed25519 public keys (PEM files); any: signed only
 
 
+class AuthOptions(_Strict):
+    """Bearer tokens on the data path (``ray_app.auth``; docs/security.md). Off without a file."""
+
+    token_file: str | None = None  # one token a line; re-read when it changes (rotation, no redeploy)
+    reload_interval_s: float = Field(default=1.0, gt=0)  # how often the file is looked at, at most
+
+
 class AppConfig(_Strict):
     """The serving app: which model, from where, through which backend."""
 
@@ -71,6 +78,7 @@ class AppConfig(_Strict):
     tfserving: TFServingOptions = Field(default_factory=TFServingOptions)
     limits: Limits = Field(default_factory=Limits)
     integrity: IntegrityOptions = Field(default_factory=IntegrityOptions)
+    auth: AuthOptions = Field(default_factory=AuthOptions)
 
     @model_validator(mode="after")
     def _remote_needs_address(self) -> AppConfig:
