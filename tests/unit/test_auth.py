@@ -257,10 +257,10 @@ def test_the_client_takes_the_token_from_a_flag_a_file_or_the_environment(tmp_pa
     from client.grpc_client import parse_args
 
     monkeypatch.delenv("MNIST_TOKEN", raising=False)
-    assert parse_args(["x.png"]).token is None
-    assert parse_args(["x.png", "--token", "t1"]).token == "t1"
+    assert parse_args(["--image", "x.png"]).token is None
+    assert parse_args(["--image", "x.png", "--token", "t1"]).token == "t1"
     (tmp_path / "token").write_text("t2\n")
-    assert parse_args(["x.png", "--token-file", str(tmp_path / "token")]).token == "t2"
+    assert parse_args(["--image", "x.png", "--token-file", str(tmp_path / "token")]).token == "t2"
     monkeypatch.setenv("MNIST_TOKEN", "t3")
-    config = parse_args(["x.png"])
+    config = parse_args(["--image", "x.png"])
     assert config.token == "t3" and "t3" not in repr(config)
