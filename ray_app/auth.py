@@ -88,7 +88,7 @@ class TokenAuth:
         on_refusal: Callable[[str, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._path = Path(token_file)
+        self._path = Path(token_file).expanduser()
         self._reload_interval_s = reload_interval_s
         self._on_refusal = on_refusal  # (protocol, reason), e.g. AppMetrics.auth_refused
         self._clock = clock

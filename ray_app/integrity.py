@@ -28,7 +28,7 @@ class VersionVerifier:
     def __init__(self, options: IntegrityOptions, base_path: str) -> None:
         self._options = options
         self._base_path = base_path
-        self._keys = [integrity.load_public_key(path) for path in options.trusted_keys]
+        self._keys = [integrity.load_public_key(os.path.expanduser(path)) for path in options.trusted_keys]
         self._verified: dict[int, tuple] = {}  # version -> its listing when it passed
 
     def check(self, version: int) -> None:
