@@ -34,6 +34,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TOKEN = "first-token-0123456789"
 REPLICA_TITLE = "ray::ServeReplica:mnist:MnistServer"
 HAPROXY_MODE = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+WORKER_PORTS = range(10002, 20000)  # Ray's default --min-worker-port / --max-worker-port
 
 
 @pytest.fixture(scope="module")
@@ -210,17 +211,13 @@ def _wide_listener_reason(process: psutil.Process, port: int) -> str | None:
         os.environ.get("RAY_SERVE_FALLBACK_PROXY_GRPC_PORT", -1)
     ):
         return "fallback proxy gRPC: grpc_util binds [::], no switch; token-checked in the replica"
-    if (
-        title.startswith("ray::ServeController")
-        or title.startswith("ray::ProxyActor")
-        or title.startswith(REPLICA_TITLE)
+    if title.startswith("ray::") and port in WORKER_PORTS:
+        return "Ray core worker gRPC server of this worker or actor: cluster-internal (Ray's token auth)"
+    command = " ".join(process.cmdline())
+    if not title.startswith("ray::") and (
+        name in ("gcs_server", "raylet") or "/site-packages/ray/" in command
     ):
-        return "Ray core worker gRPC server of this actor: cluster-internal (Ray's token auth)"
-    ray_processes = ("gcs_server", "raylet", "dashboard_agent", "runtime_env_agent", "log_monitor", "monitor")
-    if any(part in name or any(part in arg for arg in process.cmdline()[:3]) for part in ray_processes):
         return "Ray's own cluster ports (GCS, raylet, object manager, agents): Ray's token auth"
-    if title.startswith("ray::"):
-        return "Ray core worker gRPC server: cluster-internal (Ray's token auth)"
     return None
 
 
