@@ -34,7 +34,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TOKEN = "first-token-0123456789"
 REPLICA_TITLE = "ray::ServeReplica:mnist:MnistServer"
 HAPROXY_MODE = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
-WORKER_PORTS = range(10002, 20000)  # Ray's default --min-worker-port / --max-worker-port
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +171,11 @@ def test_a_rotated_token_file_takes_effect_without_a_redeploy(app) -> None:
 # -- A: a tampered version is refused, the last good one keeps serving ------------------------------------
 def test_a_version_altered_after_publishing_is_never_served(app) -> None:
     _ready(app)
-    tamper_with_weights(publish_copy(app["export"], app["store"], 2))
+    # Published by training's code path, altered, then moved into the served store in one rename
+    # (the replica polls every second: altering it in place could race its first load).
+    tampered = publish_copy(app["export"], app["store"].parent / "elsewhere", 2)
+    tamper_with_weights(tampered)
+    os.rename(tampered, app["store"] / "2")
     url = f"{app['ports'].http}/v1/models/mnist"
 
     def refused() -> bool:
@@ -192,44 +195,60 @@ def _is_loopback(address: str) -> bool:
     return ipaddress.ip_address(address.split("%")[0]).is_loopback
 
 
-def _wide_listener_reason(process: psutil.Process, port: int) -> str | None:
+RAY_OWN_TITLES = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")  # Ray's agents (titled like workers)
+
+
+def _actor_ports() -> dict[int, int]:
+    """Each live actor's process id -> its core worker's gRPC port (from the GCS actor table)."""
+    from ray._private import state
+
+    table = state.state.actor_table(None, None, "ALIVE")
+    return {info["Pid"]: info["Address"]["Port"] for info in table.values()}
+
+
+def _wide_listener_reason(
+    process: psutil.Process, ip: str, port: int, actor_ports: dict[int, int]
+) -> str | None:
     """Why a socket of the app may listen beyond loopback (docs/security.md, "What listens"), or None."""
     from ray.serve._private import constants
 
     title = (process.cmdline() or [""])[0]
     name = process.name()
+    any_v6 = ip == "::"
     if name == "haproxy" and port in (
         constants.RAY_SERVE_HAPROXY_STATS_PORT,
         constants.RAY_SERVE_HAPROXY_METRICS_PORT,
     ):
         return "HAProxy stats/metrics: Ray 2.60's template binds them to all interfaces, no switch"
-    if title.startswith(REPLICA_TITLE) and port in range(
-        constants.RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT, constants.RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT
-    ):
-        return "replica direct-ingress gRPC: grpc_util binds [::], no switch; token-checked in the replica"
-    if title.startswith("ray::ProxyActor") and port == int(
-        os.environ.get("RAY_SERVE_FALLBACK_PROXY_GRPC_PORT", -1)
-    ):
-        return "fallback proxy gRPC: grpc_util binds [::], no switch; token-checked in the replica"
-    if title.startswith("ray::") and port in WORKER_PORTS:
-        return "Ray core worker gRPC server of this worker or actor: cluster-internal (Ray's token auth)"
-    command = " ".join(process.cmdline())
-    if not title.startswith("ray::") and (
-        name in ("gcs_server", "raylet") or "/site-packages/ray/" in command
-    ):
-        return "Ray's own cluster ports (GCS, raylet, object manager, agents): Ray's token auth"
+    if actor_ports.get(process.pid) == port:
+        return "the actor's Ray core worker gRPC server: cluster-internal, Ray's token auth"
+    if title.startswith(REPLICA_TITLE) and any_v6:
+        if port in range(
+            constants.RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT, constants.RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT
+        ):
+            return (
+                "replica direct-ingress gRPC: grpc_util binds [::], no switch; tokens checked in the replica"
+            )
+        return "Serve's inter-deployment gRPC server: replica.py binds [::]:0, no switch; Ray's token auth"
+    if title.startswith("ray::ProxyActor") and any_v6:
+        return "fallback proxy gRPC: grpc_util binds [::], no switch; tokens checked in the replica"
+    if name in ("gcs_server", "raylet") or title.startswith(RAY_OWN_TITLES):
+        return "Ray's own cluster ports (GCS, raylet, object manager, agents): other nodes reach them; Ray's token auth"
     return None
 
 
 def test_every_listening_socket_is_on_loopback_or_in_the_allow_list(app) -> None:
     _ready(app)
     unexplained, wide, wide_ports = [], [], set()
+    actor_ports = _actor_ports()
     for process in cluster_processes(app["node"]):
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             for connection in process.net_connections(kind="inet"):
                 if connection.status != psutil.CONN_LISTEN or _is_loopback(connection.laddr.ip):
                     continue
-                reason = _wide_listener_reason(process, connection.laddr.port)
+                reason = _wide_listener_reason(
+                    process, connection.laddr.ip, connection.laddr.port, actor_ports
+                )
                 entry = f"{process.name()} {(process.cmdline() or [''])[0]} {connection.laddr.ip}:{connection.laddr.port}"
                 (wide if reason else unexplained).append(f"{entry}: {reason}")
                 wide_ports.add(connection.laddr.port)
