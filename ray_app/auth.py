@@ -143,6 +143,14 @@ def is_open_path(path: str) -> bool:
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
+def _app_path(scope) -> str:
+    """The request's path inside the app (an app under a route prefix sees it in ``root_path``)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root) :] or "/"
+    return path
+
+
 def grpc_authorization(invocation_metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     """The ``authorization`` value of a call's metadata (gRPC keys are lower case)."""
     for key, value in invocation_metadata or ():
@@ -176,7 +184,7 @@ class BearerTokenMiddleware:
 
     async def __call__(self, scope, receive, send) -> None:
         auth = _installed
-        if scope["type"] != "http" or auth is None or is_open_path(scope.get("path", "")):
+        if scope["type"] != "http" or auth is None or is_open_path(_app_path(scope)):
             await self.app(scope, receive, send)
             return
         header = None

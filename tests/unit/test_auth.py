@@ -108,14 +108,14 @@ def http_client(token_file):
 class _AsgiClient:
     """Calls an ASGI app in-process (Starlette's TestClient needs a package we do not install)."""
 
-    def __init__(self, app) -> None:
-        self._app = app
+    def __init__(self, app, root_path: str = "") -> None:
+        self._app, self._root_path = app, root_path
 
     def request(self, method: str, path: str, headers=None, content: bytes = b""):
         scope = {
             "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-            "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-            "root_path": "", "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+            "scheme": "http", "path": self._root_path + path, "raw_path": (self._root_path + path).encode(), "query_string": b"",
+            "root_path": self._root_path, "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
         }  # fmt: skip
         messages = [{"type": "http.request", "body": content, "more_body": False}]
@@ -166,6 +166,12 @@ def test_a_valid_token_passes_and_the_page_stays_open(http_client) -> None:
     ).text == ("api v1/models/mnist:predict")
     assert http_client.get("/").text == "page"
     assert http_client.get("/static/app.js").text == "app.js"
+
+
+def test_the_page_stays_open_under_a_route_prefix(http_client) -> None:
+    prefixed = _AsgiClient(http_client._app, root_path="/mnist")
+    assert prefixed.get("/").status_code == 200
+    assert prefixed.get("/v1/models/mnist").status_code == 401
 
 
 def test_without_a_token_file_nothing_is_checked(http_client) -> None:
