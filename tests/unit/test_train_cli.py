@@ -124,3 +124,14 @@ def test_batch_norm_momentum_settles_short_runs_and_keeps_the_default_run():
     assert bn_momentum_for(469 * 12) == DEFAULT_BN_MOMENTUM == 0.99  # the measured default run
     assert abs(bn_momentum_for(234) - (1 - 10 / 234)) < 1e-12  # a 2-worker smoke run
     assert 0.5 <= bn_momentum_for(1) < bn_momentum_for(100) < 0.99
+
+
+def test_a_signing_key_that_cannot_be_used_fails_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "run_training", lambda *a: pytest.fail("training started"))
+    missing = tmp_path / "absent.pem"
+    assert train.main(["--model_path", str(tmp_path), "--signing-key", str(missing)]) == train.EXIT_USAGE
+    assert "--signing-key" in capsys.readouterr().err
+    not_a_key = tmp_path / "key.pem"
+    not_a_key.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    monkeypatch.setenv("MNIST_SIGNING_KEY", str(not_a_key))
+    assert train.main(["--model_path", str(tmp_path)]) == train.EXIT_USAGE
