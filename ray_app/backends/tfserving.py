@@ -6,9 +6,9 @@ else on the cluster network can call it, its reload API included. It gets a
 ``--model_config_file`` whose policy always names specific versions: of the versions in the
 store that match their manifests (``ray_app.integrity``), the latest N plus those that labels
 pin. So the child never loads a version that fails the check (TF Serving would run its graph's
-initialisers and warmup); a refused version is reported END with why. The replica waits until the child answers (with or
-without a version: before the first version is published it simply has none yet), restarts
-it if it dies, keeps supervising whatever a reload RPC or a store listing raises, and stops it
+initialisers and warmup); a refused version is reported END with why. The replica waits until
+the child answers (with or without a version: before the first version is published it simply
+has none yet), restarts it if it dies, keeps supervising whatever a reload RPC or a store listing raises, and stops it
 when the replica shuts down. With ``num_gpus: 1`` on the replica, each child owns one GPU.
 """
 
