@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ class ClientConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     tls: bool = False
     ca_cert: Path | None = None
+    token: str | None = field(default=None, repr=False)  # bearer token (never printed)
     labels: Path | None = None
     json_output: bool = False
 
@@ -133,7 +135,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ca-cert", type=Path, default=None, help="PEM CA certificate to trust (implies --tls)"
     )
+    token = parser.add_mutually_exclusive_group()
+    token.add_argument("--token", default=None, help=f"bearer token (default: ${TOKEN_ENV})")
+    token.add_argument("--token-file", type=Path, default=None, help="read the bearer token from this file")
     return parser
+
+
+TOKEN_ENV = "MNIST_TOKEN"
+
+
+def _token(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
+    """--token, else the first line of --token-file, else $MNIST_TOKEN (None: send none)."""
+    if args.token_file is not None:
+        try:
+            lines = args.token_file.read_text().split()
+        except OSError as exc:
+            parser.error(f"--token-file {args.token_file}: {exc.strerror or exc}")
+        if not lines:
+            parser.error(f"--token-file {args.token_file} is empty")
+        return lines[0]
+    return args.token or os.environ.get(TOKEN_ENV) or None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ClientConfig:
@@ -160,6 +181,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ClientConfig:
         batch_size=args.batch_size,
         tls=args.tls or args.ca_cert is not None,
         ca_cert=args.ca_cert,
+        token=_token(args, parser),
         labels=args.labels,
         json_output=args.json_output,
     )
@@ -239,7 +261,12 @@ def classify(config: ClientConfig) -> Outcome:
     results: list[ImageResult] = []
     elapsed_s = 0.0
     with transport_class(
-        config.host, config.port, timeout_s=config.timeout_s, tls=config.tls, ca_cert=config.ca_cert
+        config.host,
+        config.port,
+        timeout_s=config.timeout_s,
+        tls=config.tls,
+        ca_cert=config.ca_cert,
+        token=config.token,
     ) as transport:
         for start in range(0, len(ready), config.batch_size):
             chunk = ready[start : start + config.batch_size]

@@ -61,11 +61,19 @@ class GrpcTransport:
     """TF Serving's ``PredictionService.Predict`` over one channel (TLS optional)."""
 
     def __init__(
-        self, host: str, port: int, *, timeout_s: float, tls: bool = False, ca_cert: Path | None = None
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout_s: float,
+        tls: bool = False,
+        ca_cert: Path | None = None,
+        token: str | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.address = f"{host}:{port}"
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.timeout_s = timeout_s
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -86,7 +94,7 @@ class GrpcTransport:
     def predict(self, target: ModelTarget, batch: Batch) -> Predictions:
         request = predict_request(target, batch)
         try:
-            response = self._predict(request, timeout=self.timeout_s)
+            response = self._predict(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise self._error(exc) from None
         return parse_predict_response(response, expected=len(batch))
@@ -119,10 +127,20 @@ class RestTransport:
     """
 
     def __init__(
-        self, host: str, port: int, *, timeout_s: float, tls: bool = False, ca_cert: Path | None = None
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout_s: float,
+        tls: bool = False,
+        ca_cert: Path | None = None,
+        token: str | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self._headers = {"Content-Type": "application/json"}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
         scheme = "https" if tls or ca_cert is not None else "http"
         self.base_url = f"{scheme}://{host}:{port}"
         self.timeout_s = timeout_s
@@ -139,8 +157,7 @@ class RestTransport:
     def predict(self, target: ModelTarget, batch: Batch) -> Predictions:
         url = self.base_url + rest_path(target)
         request = urllib.request.Request(
-            url, data=json.dumps(rest_body(batch)).encode(), method="POST",
-            headers={"Content-Type": "application/json"},
+            url, data=json.dumps(rest_body(batch)).encode(), method="POST", headers=self._headers,
         )  # fmt: skip
         outcome: dict[str, Any] = {}
 

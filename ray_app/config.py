@@ -48,6 +48,21 @@ class Limits(_Strict):
     max_pending_decodes: int = Field(default=16, ge=1)  # image-bytes requests decoding or queued for it
 
 
+class IntegrityOptions(_Strict):
+    """How a replica checks a version's manifest (``training.integrity``) before it loads or serves
+    it; a version that does not match is refused (docs/security.md)."""
+
+    require_manifest: bool = True  # False: versions without a manifest load (stores not yet sealed)
+    trusted_keys: list[str] = Field(default_factory=list)  # Ed25519 public keys (PEM files); any: signed only
+
+
+class AuthOptions(_Strict):
+    """Bearer tokens on the data path (``ray_app.auth``; docs/security.md). Off without a file."""
+
+    token_file: str | None = None  # one token a line; re-read when it changes (rotation, no redeploy)
+    reload_interval_s: float = Field(default=1.0, gt=0)  # how often the file is looked at, at most
+
+
 class AppConfig(_Strict):
     """The serving app: which model, from where, through which backend."""
 
@@ -62,6 +77,8 @@ class AppConfig(_Strict):
     load_retry_max_s: float = Field(default=300.0, gt=0)  # the backoff doubles up to this
     tfserving: TFServingOptions = Field(default_factory=TFServingOptions)
     limits: Limits = Field(default_factory=Limits)
+    integrity: IntegrityOptions = Field(default_factory=IntegrityOptions)
+    auth: AuthOptions = Field(default_factory=AuthOptions)
 
     @model_validator(mode="after")
     def _remote_needs_address(self) -> AppConfig:

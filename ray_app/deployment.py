@@ -6,6 +6,11 @@ that dispatches on TF Serving's own URL patterns (``ray_app.rest_api.route``). T
 Protocol (KServe v2 / Triton) is a third adapter on the same ports: its gRPC methods
 (``ray_app.oip_grpc``) and ``/v2`` routes (``ray_app.oip_rest``). All delegate to one
 ``Predictor``; errors map through one table (``ray_app.protocol.status``).
+
+Authentication (``ray_app.auth``, when ``AppConfig.auth.token_file`` is set) is one check per
+protocol that every route goes through: gRPC methods through ``MnistServer._grpc`` (a new gRPC
+method must call it), HTTP routes through ``BearerTokenMiddleware`` on ``http_app`` (every path
+but the web page's, new routes included).
 """
 
 import asyncio
@@ -18,13 +23,21 @@ from fastapi.responses import HTMLResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ray_app import auth
 from ray_app.metrics import AppMetrics
 from ray_app.protocol.names import MODEL_VERSION_HEADER
-from ray_app.protocol.status import ResourceExhaustedError, ServingError, UnimplementedError, to_status
+from ray_app.protocol.status import (
+    ResourceExhaustedError,
+    ServingError,
+    UnauthenticatedError,
+    UnimplementedError,
+    to_status,
+)
 
 logger = logging.getLogger("ray.serve")
 
 http_app = FastAPI(title="MNIST on Ray Serve (TF Serving REST API)", docs_url=None, redoc_url=None)
+http_app.add_middleware(auth.BearerTokenMiddleware)  # every HTTP route but the page's (ray_app.auth)
 
 GRPC_MESSAGE_LIMIT = 1024  # TF Serving cuts gRPC error messages here (grpc_status_util.cc)
 # libevent's own page, which TF Serving answers for paths outside /v1/.
@@ -76,6 +89,13 @@ def _path_and_query(request: Request) -> str:
     return raw.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
 
 
+def _no_reload(predictor: Any, raw: bytes) -> None:
+    raise UnimplementedError(
+        "HandleReloadConfigRequest is not supported: models are configured by the Serve config "
+        "(`serve deploy`), and new versions are picked up from the model store"
+    )
+
+
 @http_app.exception_handler(StarletteHTTPException)
 async def _not_found(request: Request, exc: StarletteHTTPException) -> Response:
     if exc.status_code == 404:
@@ -95,6 +115,12 @@ class MnistServer:
 
         app_config = AppConfig.model_validate(config)
         self._metrics = AppMetrics(app_config.model_name)
+        self._auth = None
+        if app_config.auth.token_file:
+            self._auth = auth.TokenAuth(
+                app_config.auth.token_file, app_config.auth.reload_interval_s, self._metrics.auth_refused
+            )
+        auth.install(self._auth)
         self._backend = make_backend(app_config)
         self._backend.observer = self._metrics
         await self._backend.start()
@@ -140,7 +166,16 @@ class MnistServer:
         self._metrics.request(protocol, method, code, latency_ms, version, signature)
 
     async def _grpc(self, method: str, handler, raw: bytes, grpc_context: Any, empty):
+        """Every gRPC method goes through here: the token check, the handler, errors and metrics."""
         started_s = time.perf_counter()
+        if self._auth is not None:
+            header = auth.grpc_authorization(grpc_context.invocation_metadata())
+            why = self._auth.refusal(header, "grpc")
+            if why is not None:
+                refused = UnauthenticatedError(auth.MESSAGES[why])
+                _grpc_fail(refused, grpc_context)
+                self._observe("grpc", method, started_s, refused)
+                return empty()
         try:
             result = handler(self._predictor, raw)
             if hasattr(result, "__await__"):
@@ -201,12 +236,8 @@ class MnistServer:
     async def HandleReloadConfigRequest(self, request: bytes, grpc_context: Any):  # noqa: N802
         from ray_app.protocol.protos import model_management_pb2
 
-        message = (
-            "HandleReloadConfigRequest is not supported: models are configured by the Serve config "
-            "(`serve deploy`), and new versions are picked up from the model store"
-        )
-        _grpc_fail(UnimplementedError(message), grpc_context)
-        return model_management_pb2.ReloadConfigResponse()
+        empty = model_management_pb2.ReloadConfigResponse
+        return await self._grpc("HandleReloadConfigRequest", _no_reload, request, grpc_context, empty)
 
     # -- gRPC: inference.GRPCInferenceService (Open Inference Protocol; see ray_app.oip_grpc) -------
     async def _oip_grpc(self, method: str, raw: bytes, grpc_context: Any):

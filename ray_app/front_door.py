@@ -18,8 +18,10 @@ proxy (every request through a proxy actor): the fallback when HAProxy is not wa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
+import stat
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -123,6 +125,23 @@ def new_state_dir() -> str:
     return path
 
 
+def private_state_dir(uid: int | None = None, root: str = "/tmp") -> str:
+    """This user's HAProxy state directory, ``/tmp/mnist-ha-<uid>``, mode 0700: Ray renders the
+    admin socket in it ``mode 666 level admin`` (haproxy_templates.py, no switch), so the
+    directory is what keeps other users from reaching it. Refuses one that another user owns or
+    that others can enter (docs/security.md)."""
+    uid = os.getuid() if uid is None else uid
+    path = os.path.join(root, f"mnist-ha-{uid}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid or info.st_mode & 0o077:
+        raise RuntimeError(
+            f"{path} must be a directory of user {uid} with mode 0700 (it holds HAProxy's admin socket)"
+        )
+    return path
+
+
 def fallback_ports(env: Mapping[str, str]) -> tuple[int, ...]:
     """Ports the fallback Python proxy binds in HAProxy mode (none in Python-proxy mode)."""
     if env.get(HAPROXY_SWITCH) != "1":
@@ -166,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster", action="store_true", help="Ray's 30 s drain (multi-node clusters)")
     args = parser.parse_args(argv)
     cpus = args.cpus if args.cpus is not None else node_cpus()
-    for name, value in front_door_env(cpus, cluster=args.cluster).items():
+    env = front_door_env(cpus, cluster=args.cluster, state_dir=private_state_dir())
+    for name, value in env.items():
         print(f"export {name}={shlex.quote(value)}")
     return 0
 

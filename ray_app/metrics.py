@@ -18,6 +18,7 @@ TF Serving counterpart; ``serve_configs/grafana/mnist-serving.json`` is a dashbo
 | ``mnist_requests_rejected_total`` | counter | model, limit | requests refused by one of ``Limits`` (RESOURCE_EXHAUSTED) |
 | ``mnist_routed_requests_total`` | counter | model, version, route | requests without a pinned version, by where they went: canary, stable, latest |
 | ``mnist_canary_traffic_percent`` | gauge | model | the configured canary share (compare with the routed counter's actual share) |
+| ``mnist_auth_refusals_total`` | counter | model, protocol, reason | requests refused by token auth (reason: missing, malformed, wrong) |
 
 Ray 2.60 exports a gauge's value after it is set and its metrics agent drops the value about two
 report intervals (``RAY_metrics_report_interval_ms``, 10 s by default) after the last export: a
@@ -112,6 +113,11 @@ class AppMetrics:
             "Configured share of unpinned traffic for the canary",
             tag_keys=("model",),
         )
+        self._auth_refusals = Counter(
+            "mnist_auth_refusals_total",
+            "Requests refused by bearer-token authentication, by reason",
+            tag_keys=("model", "protocol", "reason"),
+        )
         self._shown_versions: dict[tuple[int, str], float] = {}
         self._tally: Tally[tuple[Counter, tuple[tuple[str, str], ...]]] = Tally()
         self._flushed_s = time.monotonic()
@@ -169,6 +175,9 @@ class AppMetrics:
 
     def rejected(self, limit: str) -> None:
         self._count(self._rejected, 1, model=self.model, limit=limit)
+
+    def auth_refused(self, protocol: str, reason: str) -> None:
+        self._count(self._auth_refusals, 1, model=self.model, protocol=protocol, reason=reason)
 
     def routed(self, version: int, route: str) -> None:
         self._count(self._routed, 1, model=self.model, version=str(version), route=route)

@@ -111,3 +111,34 @@ def store(tmp_path, trained_export) -> Path:
     base = tmp_path / "mnist"
     publish_copy(trained_export, base, 1)
     return base
+
+
+def tamper_with_weights(version_dir: Path) -> None:
+    """Turn a published version into another *valid* SavedModel, as an attacker with write access
+    to the store would: load it, shift its output layer so each digit reads as the next one, save
+    it again, and put the original version's ``assets.extra`` (metrics, warmup, manifest) back in."""
+    import tempfile
+
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(version_dir))
+    output_layer, seen, todo = {}, set(), [loaded]
+    while todo:  # every variable the restored object tracks (it has no ``variables`` attribute)
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, tf.Variable) and node.name.startswith("logits/"):  # the output Dense layer
+            output_layer[node.name] = node  # one variable can be reached through several paths
+        todo.extend(node._trackable_children().values())
+    assert len(output_layer) == 2, f"expected the output layer's kernel and bias: {sorted(output_layer)}"
+    for variable in output_layer.values():
+        variable.assign(tf.roll(variable, shift=1, axis=-1))
+    with tempfile.TemporaryDirectory() as work:
+        resaved = Path(work) / "model"
+        tf.saved_model.save(loaded, str(resaved), signatures=dict(loaded.signatures))
+        shutil.rmtree(resaved / "assets.extra", ignore_errors=True)
+        shutil.copytree(version_dir / "assets.extra", resaved / "assets.extra")
+        for child in version_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        shutil.copytree(resaved, version_dir, dirs_exist_ok=True)

@@ -3,7 +3,8 @@
 Layout (one directory per model)::
 
     <base_path>/
-        1/  saved_model.pb  variables/  assets.extra/{metrics.json, tf_serving_warmup_requests}
+        1/  saved_model.pb  variables/  assets.extra/{metrics.json, tf_serving_warmup_requests,
+                                                     manifest.json[, manifest.json.sig]}
         2/  ...
         .staging-<random>/       # export in progress; TF Serving ignores non-integer names
         .staging-<random>.lock   # held (shared flock) by the export while it runs
@@ -11,7 +12,9 @@ Layout (one directory per model)::
         .deleting-<version>-<random>/  # a version being removed (training/retention.py)
 
 A version is published by renaming a finished staging directory into place, under a lock,
-so readers never see half a model and two publishers never get the same number. This module
+so readers never see half a model and two publishers never get the same number. Publishing
+writes the version's manifest (every file with its SHA-256, optionally signed: see
+``training.integrity``), which servers check before they load a version. This module
 has no TensorFlow dependency so the serving side can import it cheaply.
 """
 
@@ -27,9 +30,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from training import integrity
+
 METRICS_FILE = "metrics.json"
 WARMUP_FILE = "tf_serving_warmup_requests"
-EXTRA_DIR = "assets.extra"
+EXTRA_DIR = integrity.EXTRA_DIR
 STAGING_PREFIX = ".staging-"
 STAGING_LOCK_SUFFIX = ".lock"
 DELETING_PREFIX = ".deleting-"
@@ -179,14 +184,18 @@ def check_version_free(base_path: str | os.PathLike[str], version: int) -> None:
         )
 
 
-def publish(staged: Path, base_path: str | os.PathLike[str], version: int | None = None) -> int:
-    """Atomically move a finished export into place as ``version`` (default: the next one).
+def publish(
+    staged: Path, base_path: str | os.PathLike[str], version: int | None = None, signing_key: Any = None
+) -> int:
+    """Atomically move a finished export into place as ``version`` (default: the next one), with
+    its manifest (signed when ``signing_key``, an Ed25519 private key, is given).
 
     Raises VersionExistsError instead of overwriting. Returns the version published.
     """
     root = _local(base_path)
     if not is_complete_version(staged):
         raise ModelStoreError(f"{staged} is not a SavedModel (no saved_model.pb)")
+    integrity.write_manifest(staged, signing_key)  # last: it covers every file written before
     with _publish_lock(root):
         chosen = next_version(root) if version is None else int(version)
         check_version_free(root, chosen)

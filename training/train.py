@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model-name", default=None, help="name in warmup records (default: store dir name)")
     p.add_argument(
+        "--signing-key",
+        default=os.environ.get("MNIST_SIGNING_KEY") or None,
+        help="Ed25519 private key (PEM) that signs the version's manifest (default: $MNIST_SIGNING_KEY; "
+        "none: unsigned manifest). See docs/security.md",
+    )
+    p.add_argument(
         "--smoke-test",
         action="store_true",
         help=f"tiny run for tests: {SMOKE_TRAIN_EXAMPLES} train / {SMOKE_TEST_EXAMPLES} test examples",
@@ -159,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 class UsageError(ValueError):
     """Arguments that cannot work; reported before any training starts."""
+
+
+def _signing_key(path: str | None) -> Any:
+    """The --signing-key, loaded before training so a bad key fails fast."""
+    if path is None:
+        return None
+    from training import integrity
+
+    try:
+        return integrity.load_private_key(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--signing-key {path}: {exc}") from exc
 
 
 def _resolve_init_from(model_path: str, init_from: str | None) -> str | None:
@@ -417,7 +435,12 @@ def _describe(by_category: dict[str, float]) -> str:
 
 
 def export_and_publish(
-    result, config: TrainConfig, args: argparse.Namespace, wall_s: float, run_name: str
+    result,
+    config: TrainConfig,
+    args: argparse.Namespace,
+    wall_s: float,
+    run_name: str,
+    signing_key: Any = None,
 ) -> int:
     """Export the final checkpoint, score it (MNIST test, robustness set), gate and publish.
 
@@ -491,7 +514,7 @@ def export_and_publish(
         export.write_metrics(staged, metrics)
         export.write_warmup_requests(staged, model_name, test.images[:4])
         try:
-            version = model_store.publish(staged, args.model_path, args.version)
+            version = model_store.publish(staged, args.model_path, args.version, signing_key)
         except model_store.VersionExistsError as exc:
             print(f"NOT PUBLISHED: {exc}", file=sys.stderr, flush=True)
             return EXIT_VERSION_EXISTS
@@ -514,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         run_name = resolve_run_name(args.run_name)
         load_mnist(config.data_dir)  # fail fast on missing or corrupt data, before Ray starts
+        signing_key = _signing_key(args.signing_key)
     except model_store.VersionExistsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_VERSION_EXISTS
@@ -541,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{last.get('test_accuracy', float('nan')):.4f} after the last one",
         flush=True,
     )
-    code = export_and_publish(result, config, args, wall_s, run_name)
+    code = export_and_publish(result, config, args, wall_s, run_name, signing_key)
     if code == 0 and args.keep_versions is not None:
         return _apply_retention(args)
     return code

@@ -3,8 +3,9 @@
 It watches the model store like TF Serving does: every ``poll_interval_s`` it lists the
 versions, loads new ones off the event loop (and replays their warmup records), and drops
 the ones that fall out of the policy, swapping the set of loaded versions as one object.
-A version that fails to load (corrupt, or a transient error such as an NFS hiccup or lack of
-memory) is never served, is reported in model status (state END with the error), and is
+Before a version is loaded its files are checked against its manifest (``ray_app.integrity``):
+one that does not match is refused like a failed load. A version that fails to load (corrupt,
+refused, or a transient error such as an NFS hiccup or lack of memory) is never served, is reported in model status (state END with the error), and is
 tried again with exponential backoff; the versions already loaded keep serving meanwhile.
 """
 
@@ -23,10 +24,12 @@ import numpy as np
 
 from ray_app.backends.base import AVAILABLE, LoadObserver, VersionState, desired_versions
 from ray_app.config import AppConfig
+from ray_app.integrity import REFUSED_CODE, VersionVerifier
 from ray_app.protocol.protos import error_codes_pb2, saved_model_pb2
 from ray_app.protocol.status import FailedPreconditionError, error_for_code
 from ray_app.signatures import SignatureSpec
 from training import model_store
+from training.integrity import IntegrityError
 
 logger = logging.getLogger("ray.serve")
 
@@ -103,6 +106,7 @@ class LoadFailure:
     error: str
     attempts: int
     retry_at_s: float  # time.monotonic() after which the next attempt may run
+    code: str = "UNKNOWN"  # the tensorflow::error::Code name model status reports
 
 
 def retry_delay_s(attempts: int, initial_s: float, max_s: float) -> float:
@@ -115,6 +119,7 @@ class EmbeddedBackend:
 
     def __init__(self, config: AppConfig) -> None:
         self._config = config
+        self._verifier = VersionVerifier(config.integrity, config.model_base_path)
         self._loaded: dict[int, LoadedVersion] = {}
         self._failed: dict[int, LoadFailure] = {}
         self._loading: set[int] = set()
@@ -139,7 +144,7 @@ class EmbeddedBackend:
         return sorted(self._loaded)
 
     def version_states(self) -> dict[int, VersionState]:
-        states = {v: VersionState("END", f.error, "UNKNOWN") for v, f in self._failed.items()}
+        states = {v: VersionState("END", f.error, f.code) for v, f in self._failed.items()}
         states.update({v: VersionState("LOADING") for v in self._loading})
         states.update({v: AVAILABLE for v in self._loaded})
         return states
@@ -218,7 +223,7 @@ class EmbeddedBackend:
         self._loading.add(version)
         started_s = time.monotonic()
         try:
-            loaded = await asyncio.to_thread(load_version, path, version)
+            loaded = await asyncio.to_thread(self._verify_and_load, path, version)
         except Exception as exc:  # a broken version must not take the others down
             self._record_failure(version, path, exc)
             if self.observer is not None:
@@ -232,11 +237,16 @@ class EmbeddedBackend:
         logger.info("loaded %s version %d from %s", self._config.model_name, version, path)
         return loaded
 
+    def _verify_and_load(self, path: Path, version: int) -> LoadedVersion:
+        self._verifier.check(version)
+        return load_version(path, version)
+
     def _record_failure(self, version: int, path: Path, exc: Exception) -> None:
         attempts = self._failed[version].attempts + 1 if version in self._failed else 1
         delay_s = retry_delay_s(attempts, self._config.load_retry_initial_s, self._config.load_retry_max_s)
         error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-        self._failed[version] = LoadFailure(error, attempts, time.monotonic() + delay_s)
+        code = REFUSED_CODE if isinstance(exc, IntegrityError) else "UNKNOWN"
+        self._failed[version] = LoadFailure(error, attempts, time.monotonic() + delay_s, code)
         logger.error(
             "failed to load version %d from %s (attempt %d; next try in %.0f s): %s",
             version, path, attempts, delay_s, error,

@@ -3,6 +3,10 @@
 Versions and their states come from ``ModelService.GetModelStatus`` (polled), signatures from
 ``GetModelMetadata``. Every RPC carries a deadline (``backend_timeout_s``). TensorFlow-free:
 TF Serving's messages come from ``ray_app.protocol`` and the methods are called by path.
+
+A version the server reports is served only once its directory in ``model_base_path`` (the
+remote server's store, mounted here) matches its manifest (``ray_app.integrity``); one that does
+not, or that this replica cannot see, is reported END with why and never routed to.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import grpc
 import numpy as np
 
 from ray_app.backends.base import LoadObserver, VersionState
+from ray_app.integrity import REFUSED_CODE, REFUSED_REASON, VersionVerifier
 from ray_app.protocol.protos import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -22,7 +27,7 @@ from ray_app.protocol.protos import (
     model_pb2,
     predict_pb2,
 )
-from ray_app.protocol.status import UnavailableError, error_for_code
+from ray_app.protocol.status import NotFoundError, UnavailableError, error_for_code
 from ray_app.protocol.tensors import from_ndarray, to_ndarray
 from ray_app.signatures import SignatureSpec
 
@@ -52,6 +57,8 @@ class RemoteBackend:
         self._states: dict[int, VersionState] = {}
         self._specs: dict[int, Mapping[str, SignatureSpec]] = {}
         self._pinned: set[int] = set()
+        self._verifier = VersionVerifier(config.integrity, config.model_base_path)
+        self._refused: dict[int, str] = {}  # version -> why it must not be served
         self._problem: str | None = "not started"
         self._poll_task: asyncio.Task[None] | None = None
         self.observer: LoadObserver | None = None  # told of failed loads TF Serving reports (metrics)
@@ -119,6 +126,12 @@ class RemoteBackend:
             for version, state in states.items():
                 if state.error and self._states.get(version) != state:  # newly failed
                     self.observer.load_failed(version, self.kind)
+        refused = await self._refusals(states)
+        if self.observer is not None:
+            for version in refused.keys() - self._refused.keys():
+                self.observer.load_failed(version, REFUSED_REASON)
+        self._refused = refused
+        states.update({v: VersionState("END", why, REFUSED_CODE) for v, why in refused.items()})
         versions = sorted(v for v, s in states.items() if s.state == "AVAILABLE")
         for version in list(versions):
             if version not in self._specs:
@@ -136,6 +149,11 @@ class RemoteBackend:
         if failed and not versions:
             self._problem = f"TF Serving at {self._address} could not load any version: {failed}"
         return True
+
+    async def _refusals(self, states: Mapping[int, VersionState]) -> dict[int, str]:
+        """The versions that must not be served, with why: here, the server's that fail the check."""
+        known = sorted(v for v, s in states.items() if s.state in ("AVAILABLE", "LOADING"))
+        return await asyncio.to_thread(self._verifier.refusals, known)
 
     async def _fetch_specs(self, version: int) -> Mapping[str, SignatureSpec]:
         request = get_model_metadata_pb2.GetModelMetadataRequest(
@@ -168,6 +186,8 @@ class RemoteBackend:
     async def predict(
         self, version: int, signature: str, inputs: Mapping[str, np.ndarray], output_filter: Iterable[str]
     ) -> dict[str, np.ndarray]:
+        if version in self._refused:  # the predictor routes only to versions(); this holds regardless
+            raise NotFoundError(f"version {version} is refused: {self._refused[version]}")
         request = predict_pb2.PredictRequest(
             model_spec=model_pb2.ModelSpec(
                 name=self._config.model_name, version={"value": version}, signature_name=signature

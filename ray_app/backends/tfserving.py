@@ -3,10 +3,12 @@
 The child listens only on a unix socket in the replica's private directory (``--port=0``
 turns TF Serving's TCP listener off, ``--grpc_socket_path`` turns the socket on), so nothing
 else on the cluster network can call it, its reload API included. It gets a
-``--model_config_file`` (policy: latest N versions, or the specific versions that must stay
-loaded when labels pin older ones). The replica waits until the child answers (with or
-without a version: before the first version is published it simply has none yet), restarts
-it if it dies, keeps supervising whatever a reload RPC or a store listing raises, and stops it
+``--model_config_file`` whose policy always names specific versions: of the versions in the
+store that match their manifests (``ray_app.integrity``), the latest N plus those that labels
+pin. So the child never loads a version that fails the check (TF Serving would run its graph's
+initialisers and warmup); a refused version is reported END with why. The replica waits until
+the child answers (with or without a version: before the first version is published it simply
+has none yet), restarts it if it dies, keeps supervising whatever a reload RPC or a store listing raises, and stops it
 when the replica shuts down. With ``num_gpus: 1`` on the replica, each child owns one GPU.
 """
 
@@ -37,18 +39,15 @@ SOCKET_NAME = "tfserving.sock"
 logger = logging.getLogger("ray.serve")
 
 
-def model_server_config(config: AppConfig, specific_versions: Iterable[int] | None):
-    """The ``ModelServerConfig`` the child loads: latest N, or exactly ``specific_versions``."""
+def model_server_config(config: AppConfig, specific_versions: Iterable[int]):
+    """The ``ModelServerConfig`` the child loads: exactly ``specific_versions`` (none: no version)."""
     model = model_server_config_pb2.ModelConfig(
         name=config.model_name,
         base_path=os.path.abspath(config.model_base_path),
         model_platform="tensorflow",
     )
-    versions = sorted(specific_versions or [])
-    if versions:
-        model.model_version_policy.specific.versions.extend(versions)
-    else:
-        model.model_version_policy.latest.num_versions = config.num_versions
+    model.model_version_policy.specific.SetInParent()  # an empty list still means "specific"
+    model.model_version_policy.specific.versions.extend(sorted(specific_versions))
     server_config = model_server_config_pb2.ModelServerConfig()
     server_config.model_config_list.config.append(model)
     return server_config
@@ -90,6 +89,7 @@ class TFServingBackend(RemoteBackend):
         self._workdir = Path(tempfile.mkdtemp(prefix="tfserving-"))
         self._config_file = self._workdir / "models.config"
         self._specific: list[int] = []
+        self._store_refused: dict[int, str] = {}
         self._watch_task: asyncio.Task[None] | None = None
         self._stopping = False
 
@@ -112,6 +112,11 @@ class TFServingBackend(RemoteBackend):
             raise UnavailableError(f"TF Serving binary {self._config.tfserving.binary!r} is not on PATH")
         socket_path = self._workdir / SOCKET_NAME
         socket_path.unlink(missing_ok=True)
+        try:
+            self._specific = await self._wanted_versions()
+        except OSError:  # an unreadable store: start with no version, supervision looks again
+            logger.exception("listing the model store failed; starting the child with no version")
+            self._specific = []
         self._config_file.write_text(str(model_server_config(self._config, self._specific)))
         command = build_command(self._config, binary, socket_path, self._config_file)
         logger.info("starting %s", " ".join(command))
@@ -161,15 +166,23 @@ class TFServingBackend(RemoteBackend):
             self._problem = f"TF Serving child exited with code {self._process.returncode}"
             await asyncio.sleep(self._config.tfserving.restart_backoff_s)
             await self._launch()
-        elif self._pinned or self._specific:
+        else:
             await self._update_policy()
 
+    async def _wanted_versions(self) -> list[int]:
+        """The store's versions that pass the check, through the policy (latest N plus pinned)."""
+        available = await asyncio.to_thread(model_store.list_versions, self._config.model_base_path)
+        self._store_refused = await asyncio.to_thread(self._verifier.refusals, available)
+        verified = [v for v in available if v not in self._store_refused]
+        return sorted(desired_versions(verified, self._config.num_versions, self._pinned))
+
+    async def _refusals(self, states) -> dict[int, str]:
+        """Refused versions of the store (the child never sees them), from the last policy update."""
+        return dict(self._store_refused)
+
     async def _update_policy(self) -> None:
-        """Keep labelled versions loaded: switch the child to a specific-versions policy."""
-        wanted: list[int] = []  # empty: back to TF Serving's own latest-N policy
-        if self._pinned:
-            available = await asyncio.to_thread(model_store.list_versions, self._config.model_base_path)
-            wanted = sorted(desired_versions(available, self._config.num_versions, self._pinned))
+        """Point the child at the versions it should hold (new, refused or labelled ones change it)."""
+        wanted = await self._wanted_versions()
         if wanted == self._specific:
             return
         server_config = model_server_config(self._config, wanted)

@@ -22,6 +22,7 @@ class StatusCode(enum.Enum):
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     UNIMPLEMENTED = "UNIMPLEMENTED"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
     INTERNAL = "INTERNAL"
 
 
@@ -29,6 +30,7 @@ class StatusCode(enum.Enum):
 GRPC_TO_HTTP: dict[StatusCode, int] = {
     StatusCode.INVALID_ARGUMENT: 400,
     StatusCode.FAILED_PRECONDITION: 400,
+    StatusCode.UNAUTHENTICATED: 401,
     StatusCode.NOT_FOUND: 404,
     StatusCode.RESOURCE_EXHAUSTED: 429,
     StatusCode.UNIMPLEMENTED: 501,
@@ -38,6 +40,7 @@ GRPC_TO_HTTP: dict[StatusCode, int] = {
 }
 HTTP_TO_GRPC: dict[int, StatusCode] = {
     400: StatusCode.INVALID_ARGUMENT,
+    401: StatusCode.UNAUTHENTICATED,
     404: StatusCode.NOT_FOUND,
     413: StatusCode.RESOURCE_EXHAUSTED,
     429: StatusCode.RESOURCE_EXHAUSTED,
@@ -96,6 +99,10 @@ class FailedPreconditionError(ServingError):
     code = StatusCode.FAILED_PRECONDITION
 
 
+class UnauthenticatedError(ServingError):
+    code = StatusCode.UNAUTHENTICATED
+
+
 _BY_CODE: dict[StatusCode, type[ServingError]] = {
     cls.code: cls
     for cls in (
@@ -106,6 +113,7 @@ _BY_CODE: dict[StatusCode, type[ServingError]] = {
         DeadlineExceededError,
         UnimplementedError,
         FailedPreconditionError,
+        UnauthenticatedError,
     )
 }
 

@@ -90,6 +90,14 @@
     $("status").classList.toggle("error", isError);
   }
 
+  // The bearer token (docs/security.md): typed once, kept in this tab's sessionStorage only.
+  const TOKEN_KEY = "mnist-token";
+
+  function authHeaders() {
+    const token = $("token").value.trim();
+    return token ? { Authorization: `Bearer ${token}` } : {};
+  }
+
   async function ask(init) {
     const sequence = ++state.request;
     const started = performance.now();
@@ -97,7 +105,8 @@
     let response;
     let body;
     try {
-      response = await fetch(predictPath(), { method: "POST", cache: "no-store", ...init });
+      const headers = { ...authHeaders(), ...(init.headers || {}) };
+      response = await fetch(predictPath(), { method: "POST", cache: "no-store", ...init, headers });
       body = await response.json().catch(() => ({})); // a proxy's error page is not JSON
     } catch (error) {
       if (sequence === state.request) setStatus(`The server did not answer: ${error.message}`, true);
@@ -271,7 +280,10 @@
 
   async function poll() {
     try {
-      const response = await fetch(`api/models/${encodeURIComponent(model)}`, { cache: "no-store" });
+      const response = await fetch(`api/models/${encodeURIComponent(model)}`, {
+        cache: "no-store",
+        headers: authHeaders(),
+      });
       const body = await response.json().catch(() => ({}));
       if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
       renderVersions(body);
@@ -304,6 +316,12 @@
     event.preventDefault();
     zone.classList.remove("over");
     predictFile(event.dataTransfer.files[0]);
+  });
+
+  $("token").value = sessionStorage.getItem(TOKEN_KEY) || "";
+  $("token").addEventListener("change", (event) => {
+    sessionStorage.setItem(TOKEN_KEY, event.target.value.trim());
+    setStatus("");
   });
 
   clearPad();

@@ -19,7 +19,7 @@ from ray_app.backends.tfserving import TFServingBackend
 from ray_app.config import AppConfig, TFServingOptions
 from ray_app.ports import free_port
 from ray_app.protocol.status import InvalidArgumentError, NotFoundError, UnavailableError
-from tests.conftest import publish_copy
+from tests.conftest import publish_copy, tamper_with_weights
 from tests.fake_tfserving import install_fake_tfserving
 from training.data import load_mnist
 
@@ -84,7 +84,7 @@ def test_sidecar_serves_reloads_restarts_and_stops(store, trained_export, fake_b
             with pytest.raises(NotFoundError):
                 await backend.predict(5, "serving_default", {"images": IMAGES}, ())
 
-            publish_copy(trained_export, store, 2)  # the child's own file-system poll finds it
+            publish_copy(trained_export, store, 2)  # checked, then named in the child's policy
             await _await(lambda: backend.versions() == [1, 2])
 
             first_pid = backend.pid
@@ -263,3 +263,68 @@ def test_sidecar_keeps_supervising_when_a_listing_or_a_reload_fails(
             await backend.stop()
 
     asyncio.run(scenario())
+
+
+async def _child_versions(backend: RemoteBackend) -> set[int]:
+    """The versions the TF Serving process itself holds (asked directly, not through our filter)."""
+    from ray_app.protocol.protos import get_model_status_pb2, model_pb2
+
+    request = get_model_status_pb2.GetModelStatusRequest(model_spec=model_pb2.ModelSpec(name="mnist"))
+    status = await backend._status(request, timeout=10)
+    return {s.version for s in status.model_version_status}
+
+
+def test_sidecar_never_loads_a_version_altered_after_publishing(store, trained_export, fake_binary_on_path):
+    tamper_with_weights(publish_copy(trained_export, store, 2))
+
+    async def scenario():
+        backend = TFServingBackend(_config(store, num_versions=1))
+        await backend.start()
+        try:
+            await asyncio.sleep(1.5)  # several polls and policy updates
+            state = backend.version_states()[2]
+            return backend.versions(), state, await _child_versions(backend)
+        finally:
+            await backend.stop()
+
+    versions, state, child_versions = asyncio.run(scenario())
+    assert versions == [1] and child_versions == {1}  # the child never even loaded it
+    assert (
+        state.state == "END" and state.error_code == "DATA_LOSS" and state.error.startswith("IntegrityError")
+    )
+
+
+def test_remote_backend_never_routes_to_a_version_altered_after_publishing(store, trained_export, tmp_path):
+    tamper_with_weights(publish_copy(trained_export, store, 2))
+    binary = install_fake_tfserving(tmp_path / "bin")
+    port = free_port()
+    process = subprocess.Popen(
+        [str(binary), f"--port={port}", "--model_name=mnist", f"--model_base_path={store}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        async def scenario():
+            config = _config(store, backend="remote", remote_address=f"127.0.0.1:{port}")
+            backend = RemoteBackend(config, address=f"127.0.0.1:{port}")
+            await backend.start()
+            try:
+                for _ in range(300):  # the server (policy: latest 1) loads version 2: it trusts its store
+                    if await backend.refresh() and await _child_versions(backend) == {2}:
+                        break
+                    await asyncio.sleep(0.2)
+                await backend.refresh()  # a status read after both are loaded
+                with pytest.raises(NotFoundError):
+                    await backend.predict(2, "serving_default", {"images": IMAGES}, ())
+                return backend.versions(), backend.version_states()
+            finally:
+                await backend.stop()
+
+        versions, states = asyncio.run(scenario())
+    finally:
+        process.terminate()
+        process.wait(10)
+    assert versions == [], states  # the remote server's own policy holds only version 2: nothing to serve
+    state = states[2]
+    assert state.error_code == "DATA_LOSS" and state.error.startswith("IntegrityError")

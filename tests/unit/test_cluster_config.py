@@ -376,3 +376,22 @@ def test_readme_commands_use_this_repository(cluster):
     assert _flag(client, "--port") == str(grpc_port)
     attach = next(words for words in commands if words[:2] == ["ray", "attach"])
     assert str(grpc_port) in attach
+
+
+def test_the_store_is_writable_where_training_publishes_only(cluster):
+    """Replicas run on the GPU workers: there the store is read-only (docs/security.md), except
+    Ray Train's checkpoint directory; nothing makes it writable by every user of a host."""
+    options = _docker_options(cluster, "worker")
+    mounts = [value for flag, value in zip(options, options[1:]) if flag in {"-v", "--volume"}]
+    store_mounts = {value.split(":")[1]: value.split(":")[2:] for value in mounts}
+    assert store_mounts[STORE] == ["ro"]
+    assert [target for target, mode in store_mounts.items() if not mode and target.startswith(STORE)] == [
+        f"{STORE}/_ray_results"
+    ]
+    head = [
+        value
+        for flag, value in zip(_docker_options(cluster, "head"), _docker_options(cluster, "head")[1:])
+        if flag == "-v"
+    ]
+    assert f"{STORE}:{STORE}" in head
+    assert not re.search(r"chmod\s+[0-7]?[0-7][0-7][2367]\b", " ".join(cluster["initialization_commands"]))

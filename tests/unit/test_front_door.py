@@ -18,6 +18,7 @@ from ray_app.front_door import (
     fallback_ports,
     front_door_env,
     new_state_dir,
+    private_state_dir,
     with_free_side_ports,
 )
 
@@ -80,7 +81,7 @@ def test_the_shell_form_prints_the_same_environment() -> None:
     )
     assert result.returncode == 0, result.stderr
     printed = dict(shlex.split(line)[1].split("=", 1) for line in result.stdout.splitlines())
-    assert printed == front_door_env(8, cluster=True, environ={})
+    assert printed == front_door_env(8, cluster=True, environ={}, state_dir=private_state_dir())
 
 
 def test_every_place_that_starts_ray_uses_it() -> None:
@@ -101,3 +102,30 @@ def test_side_ports_are_moved_to_free_ones_in_haproxy_mode_only() -> None:
     assert len(set(ports)) == 4 and 8404 not in ports and 9101 not in ports
     python_proxy = front_door_env(2, state_dir="/tmp/x", environ={HAPROXY_SWITCH: "0"})
     assert with_free_side_ports(dict(python_proxy)) == python_proxy
+
+
+def test_haproxys_admin_socket_goes_into_a_directory_only_its_user_can_enter(tmp_path, capsys) -> None:
+    """Ray renders the admin socket mode 666; the 0700 directory keeps other users out of it."""
+    import os
+
+    path = private_state_dir(root=str(tmp_path))
+    assert os.stat(path).st_mode & 0o777 == 0o700
+    assert private_state_dir(root=str(tmp_path)) == path  # the same one next time
+    os.chmod(path, 0o755)
+    with pytest.raises(RuntimeError, match="mode 0700"):
+        private_state_dir(root=str(tmp_path))
+
+
+def test_the_printed_front_door_puts_haproxys_sockets_in_the_private_directory(capsys, monkeypatch) -> None:
+    import os
+
+    from ray_app import front_door
+
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    front_door.main(["--cpus", "2"])
+    exports = dict(
+        line.removeprefix("export ").split("=", 1) for line in capsys.readouterr().out.splitlines()
+    )
+    socket_dir = os.path.dirname(exports["RAY_SERVE_HAPROXY_SOCKET_PATH"])
+    assert socket_dir == front_door.private_state_dir()
+    assert os.stat(socket_dir).st_mode & 0o077 == 0

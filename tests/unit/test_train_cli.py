@@ -154,3 +154,14 @@ def test_retention_flags_are_checked_before_training(tmp_path, capsys):
     assert "--keep-versions must be >= 1" in capsys.readouterr().err
     assert train.main(["--model_path", str(tmp_path), "--protect-from", "x.yaml"]) == train.EXIT_USAGE
     assert "--protect-from needs --keep-versions" in capsys.readouterr().err
+
+
+def test_a_signing_key_that_cannot_be_used_fails_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "run_training", lambda *a: pytest.fail("training started"))
+    missing = tmp_path / "absent.pem"
+    assert train.main(["--model_path", str(tmp_path), "--signing-key", str(missing)]) == train.EXIT_USAGE
+    assert "--signing-key" in capsys.readouterr().err
+    not_a_key = tmp_path / "key.pem"
+    not_a_key.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    monkeypatch.setenv("MNIST_SIGNING_KEY", str(not_a_key))
+    assert train.main(["--model_path", str(tmp_path)]) == train.EXIT_USAGE
