@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -40,6 +41,7 @@ if __name__ == "__main__" and not __package__:
 
 from training import model_store  # noqa: E402
 
+TOKEN_ENV = "MNIST_TOKEN"  # as the client: the bearer token for apps that check tokens
 EXIT_USAGE = 2
 EXIT_PROTECTION_UNKNOWN = 5
 FETCH_TIMEOUT_S = 5.0
@@ -257,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model-name", default=None, help="model name at the URLs (default: the store's dir name)"
     )
-    p.add_argument("--token-file", default=None, help="bearer token for the URLs, read from this file")
+    p.add_argument(
+        "--token-file", default=None, help=f"bearer token for the URLs, from this file (default: ${TOKEN_ENV})"
+    )
     p.add_argument("--staging-max-age-s", type=float, default=DEFAULT_STAGING_MAX_AGE_S)
     p.add_argument("--checkpoint-max-age-s", type=float, default=DEFAULT_CHECKPOINT_MAX_AGE_S)
     p.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
@@ -268,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         policy = Policy(args.keep, args.staging_max_age_s, args.checkpoint_max_age_s, args.dry_run)
-        token = Path(args.token_file).read_text().strip() if args.token_file else None
+        token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get(TOKEN_ENV)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

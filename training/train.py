@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="CONFIG_OR_URL",
         help="with --keep-versions: a Serve config file or the http(s) URL of a running app whose "
-        "labelled, canary and loaded versions are never removed (repeatable)",
+        "labelled, canary and loaded versions are never removed (repeatable; $MNIST_TOKEN is sent "
+        "to apps that check tokens)",
     )
     p.add_argument("--model-name", default=None, help="name in warmup records (default: store dir name)")
     p.add_argument(
@@ -581,6 +582,7 @@ def _apply_retention(args: argparse.Namespace) -> int:
             retention.Policy(keep_versions=args.keep_versions),
             args.protect_from,
             model_name=args.model_name,
+            token=os.environ.get(retention.TOKEN_ENV),  # apps that check tokens answer /api/models with one
         )
     except retention.RetentionError as exc:
         print(f"warning: retention skipped, nothing removed: {exc}", file=sys.stderr, flush=True)

@@ -27,7 +27,7 @@ import yaml
 
 from ray_app.config import AppConfig, LiveConfig
 from ray_app.front_door import front_door_env
-from training import train
+from training import retention, train
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "serve_configs" / "kuberay"
@@ -308,3 +308,27 @@ def test_gcs_fault_tolerance_and_ray_auth_use_objects_that_exist():
     auths = [cluster["authOptions"]] + [c["authOptions"] for c in _training_clusters()]
     assert all(auth["mode"] == "token" for auth in auths)
     assert len({auth["secretName"] for auth in auths}) == 1
+
+
+def test_the_data_path_tokens_reach_the_replicas_and_the_nightly_job():
+    """serveConfigV2's auth.token_file lies in a Secret volume mounted on every pod that runs
+    replicas (else every request would be refused), and the nightly job's driver, which asks the
+    app for its loaded versions, gets a token from the same Secret."""
+    serve_config = yaml.safe_load(_one("RayService")["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    token_file = Path(AppConfig.model_validate(app["args"]).auth.token_file.replace("~", "/root", 1))
+    service = _one("RayService")["spec"]["rayClusterConfig"]
+    secrets = set()
+    for group in service["workerGroupSpecs"]:
+        (container,) = group["template"]["spec"]["containers"]
+        (mount,) = [m for m in container["volumeMounts"] if token_file.is_relative_to(m["mountPath"])]
+        assert mount["readOnly"] and "subPath" not in mount  # a subPath mount would never see a rotation
+        (volume,) = [v for v in group["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+        items = {item["path"]: item["key"] for item in volume["secret"].get("items", [])}
+        assert str(token_file.relative_to(mount["mountPath"])) in items
+        secrets.add(volume["secret"]["secretName"])
+    (secret,) = secrets
+    for cluster in _training_clusters():
+        (head,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+        (token,) = [e for e in head["env"] if e["name"] == retention.TOKEN_ENV]
+        assert token["valueFrom"]["secretKeyRef"]["name"] == secret
