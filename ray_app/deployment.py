@@ -75,6 +75,13 @@ def _grpc_fail(exc: BaseException, grpc_context: Any) -> None:
 OIP_GRPC, OIP_REST = "oip_grpc", "oip_rest"  # the Open Inference Protocol's `protocol` metric tag
 
 
+def _tf_serving_spec(result: Any) -> tuple[int | None, str]:
+    """(version, signature) of a TF Serving answer, from its ``model_spec`` (None, "" without one)."""
+    spec = getattr(result, "model_spec", None)
+    version = spec.version.value if spec is not None and spec.HasField("version") else None
+    return version, spec.signature_name if spec is not None else ""
+
+
 def _oip_signature(predictor: Any, method: str, result: Any) -> str:
     """The signature an answered OIP infer ran (its model name says it; see ray_app.oip_api)."""
     from ray_app import oip_api
@@ -165,8 +172,19 @@ class MnistServer:
         latency_ms = (time.perf_counter() - started_s) * 1000
         self._metrics.request(protocol, method, code, latency_ms, version, signature)
 
-    async def _grpc(self, method: str, handler, raw: bytes, grpc_context: Any, empty):
-        """Every gRPC method goes through here: the token check, the handler, errors and metrics."""
+    async def _grpc(
+        self,
+        method: str,
+        handler,
+        raw: bytes,
+        grpc_context: Any,
+        empty,
+        protocol: str = "grpc",
+        describe=None,
+    ):
+        """Every gRPC method of every protocol goes through here: the token check, the handler,
+        errors and metrics. ``describe(result)`` gives the (version, signature) to record
+        (default: the answer's ``model_spec``, as in TF Serving's messages)."""
         started_s = time.perf_counter()
         if self._auth is not None:
             header = auth.grpc_authorization(grpc_context.invocation_metadata())
@@ -174,7 +192,7 @@ class MnistServer:
             if why is not None:
                 refused = UnauthenticatedError(auth.MESSAGES[why])
                 _grpc_fail(refused, grpc_context)
-                self._observe("grpc", method, started_s, refused)
+                self._observe(protocol, method, started_s, refused)
                 return empty()
         try:
             result = handler(self._predictor, raw)
@@ -182,11 +200,10 @@ class MnistServer:
                 result = await result
         except Exception as exc:
             _grpc_fail(exc, grpc_context)
-            self._observe("grpc", method, started_s, exc)
+            self._observe(protocol, method, started_s, exc)
             return empty()
-        spec = getattr(result, "model_spec", None)
-        version = spec.version.value if spec is not None and spec.HasField("version") else None
-        self._observe("grpc", method, started_s, result, version, spec.signature_name if spec else "")
+        version, signature = (describe or _tf_serving_spec)(result)
+        self._observe(protocol, method, started_s, result, version, signature)
         return result
 
     async def Predict(self, request: bytes, grpc_context: Any):  # noqa: N802
@@ -243,21 +260,21 @@ class MnistServer:
     async def _oip_grpc(self, method: str, raw: bytes, grpc_context: Any):
         from ray_app import oip_grpc
 
-        started_s = time.perf_counter()
         handler, _ = oip_grpc.METHODS[method]
-        try:
-            result = handler(self._predictor, raw)
-            if hasattr(result, "__await__"):
-                result = await result
-        except Exception as exc:
-            _grpc_fail(exc, grpc_context)
-            self._observe(OIP_GRPC, method, started_s, exc)
-            return oip_grpc.empty_response(method)
-        version = int(result.model_version) if method == "ModelInfer" else None
-        self._observe(
-            OIP_GRPC, method, started_s, result, version, _oip_signature(self._predictor, method, result)
+
+        def describe(result: Any) -> tuple[int | None, str]:
+            version = int(result.model_version) if method == "ModelInfer" else None
+            return version, _oip_signature(self._predictor, method, result)
+
+        return await self._grpc(
+            method,
+            handler,
+            raw,
+            grpc_context,
+            lambda: oip_grpc.empty_response(method),
+            protocol=OIP_GRPC,
+            describe=describe,
         )
-        return result
 
     async def ServerLive(self, request: bytes, grpc_context: Any):  # noqa: N802
         return await self._oip_grpc("ServerLive", request, grpc_context)

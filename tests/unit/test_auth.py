@@ -251,7 +251,8 @@ def test_every_grpc_method_of_the_deployment_goes_through_the_checked_wrapper(to
     methods = sorted({name for klass in ours for name in vars(klass) if name[:1].isupper()})
     assert {"Predict", "GetModelStatus", "HandleReloadConfigRequest"} <= set(methods)
     replica = SimpleNamespace(_auth=TokenAuth(token_file), _predictor=object(), _observe=lambda *a: None)
-    replica._grpc = lambda *args: server_class._grpc(replica, *args)
+    replica._grpc = lambda *args, **kwargs: server_class._grpc(replica, *args, **kwargs)
+    replica._oip_grpc = lambda *args: server_class._oip_grpc(replica, *args)  # the OIP methods' shared body
     for name in methods:
         context = _Context([])
         run_on_replica_loop(getattr(server_class, name)(replica, b"", context))
