@@ -102,6 +102,11 @@ class AppMetrics:
         self._rejected = Counter(
             "mnist_requests_rejected_total", "Requests refused by a limit", tag_keys=("model", "limit")
         )
+        self._expired = Counter(
+            "mnist_requests_expired_total",
+            "Requests dropped before the model ran: their deadline had passed",
+            tag_keys=("model",),
+        )
         self._routed = Counter(
             "mnist_routed_requests_total",
             "Requests without a pinned version, by where they were routed",
@@ -169,6 +174,9 @@ class AppMetrics:
 
     def rejected(self, limit: str) -> None:
         self._count(self._rejected, 1, model=self.model, limit=limit)
+
+    def expired(self, count: int) -> None:
+        self._count(self._expired, count, model=self.model)
 
     def routed(self, version: int, route: str) -> None:
         self._count(self._routed, 1, model=self.model, version=str(version), route=route)
