@@ -128,3 +128,40 @@ def test_requests_beyond_the_budget_are_refused_before_being_read_or_parsed() ->
     assert not refused_grpc.outputs
     assert answered.status_code == 200 and after.status_code == 200  # freed once answered
     assert server._predictor.inflight_bytes.in_use == 0
+
+
+@pytest.mark.parametrize(("budget_bodies", "max_peak_bodies"), [(4, 60), (16, None)])
+def test_memory_under_16_concurrent_largest_bodies_is_bounded_by_the_budget(budget_bodies, max_peak_bodies):
+    """16 bodies of max_request_bytes at once: only ``budget_bodies`` of them are parsed, the others
+    get 429 at once, so the peak is a few bodies' worth of parsing, not sixteen (measured: 42 and
+    131 bodies' worth of traced memory with a budget of 4 bodies and of 16)."""
+    import tracemalloc
+
+    cls = MnistServer.func_or_class
+    rows = [[0.5] * 784] * 333 + [[0.5] * 783 + [None]]  # ~1 MiB of floats, the last one null
+    body = json.dumps({"signature_name": "predict_images", "inputs": rows}).encode()
+    server = _server(max_inflight_bytes=len(body))
+    budget = budget_bodies * len(body)
+    server._predictor = Predictor(
+        AppConfig(limits={"max_request_bytes": len(body), "max_inflight_bytes": budget}),
+        StaticBackend(versions=(1,)),
+        rng=random.Random(0),
+    )
+    server._predictor.reconfigure(LiveConfig())
+
+    async def main():
+        requests = [cls.rest_v1(server, _rest(body, []), "models/mnist:predict") for _ in range(16)]
+        return await asyncio.gather(*requests)
+
+    tracemalloc.start()
+    try:
+        answers = run_on_replica_loop(main())
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    statuses = sorted(answer.status_code for answer in answers)
+    assert statuses == [400] * budget_bodies + [429] * (16 - budget_bodies)  # the null; the budget
+    if max_peak_bodies is not None:
+        assert peak_bytes < max_peak_bodies * len(body), peak_bytes / len(body)
+    else:  # without the budget's refusals the same bodies cost far more than the bound above
+        assert peak_bytes > 60 * len(body), peak_bytes / len(body)  # measured: 131 bodies' worth
