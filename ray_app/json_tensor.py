@@ -40,6 +40,7 @@ from ray_app.signatures import TensorSpec
 
 MAX_ECHOED_CHARS = 1000
 _MAX_DIMS = 64  # numpy's limit (TensorFlow's is 254)
+_MAX_ECHO_DEPTH = 100  # echoes stop descending here (a parsed document may nest ~1,000 deep)
 
 _RAPIDJSON_TEXT = {  # Python's json messages -> RapidJSON's (what TF Serving quotes)
     "Expecting value": "Invalid value.",
@@ -127,12 +128,15 @@ def echo(value: Any, budget: int = MAX_ECHOED_CHARS) -> str:
         left[0] -= len(text)
         return left[0] > 0
 
-    def walk(item: Any) -> bool:
+    def walk(item: Any, depth: int) -> bool:
+        if depth > _MAX_ECHO_DEPTH and isinstance(item, list | dict):
+            put("...")
+            return False
         if isinstance(item, list):
             if not put("["):
                 return False
             for index, element in enumerate(item):
-                if (index and not put(",")) or not walk(element):
+                if (index and not put(",")) or not walk(element, depth + 1):
                     return False
             return put("]")
         if isinstance(item, dict):
@@ -141,12 +145,12 @@ def echo(value: Any, budget: int = MAX_ECHOED_CHARS) -> str:
             for index, (key, element) in enumerate(item.items()):
                 if (index and not put(",")) or not put(json.dumps(key, ensure_ascii=False) + ":"):
                     return False
-                if not walk(element):
+                if not walk(element, depth + 1):
                     return False
             return put("}")
         return put(json.dumps(item, ensure_ascii=False))
 
-    walk(value)
+    walk(value, 0)
     text = "".join(parts)
     return text if len(text) <= budget else text[:budget] + "...(cut)"
 

@@ -146,3 +146,7 @@ def test_an_echo_costs_its_budget_not_the_value() -> None:
     value = [[0] * 1000] * 1000
     assert json_tensor.echo(value) == json.dumps(value, separators=(",", ":"))[:1000] + "...(cut)"
     assert json_tensor.echo({"a": [1, "x"]}) == '{"a":[1,"x"]}'
+    deep: list = []
+    for _ in range(990):  # as deep as the parsers allow: no recursion error
+        deep = [deep]
+    assert json_tensor.echo(deep).startswith("[" * 101 + "...")
