@@ -75,7 +75,10 @@ class _InstantModel:
         count = len(next(iter(inputs.values())))
         if signature == "predict_images":
             return {"scores": np.zeros((count, 10), np.float32)}
-        return {PROBABILITIES_OUTPUT: np.zeros((count, 10), np.float32), CLASSES_OUTPUT: np.zeros(count, np.int64)}
+        return {
+            PROBABILITIES_OUTPUT: np.zeros((count, 10), np.float32),
+            CLASSES_OUTPUT: np.zeros(count, np.int64),
+        }
 
     def health_problem(self) -> None:
         return None
@@ -165,7 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--attackers", type=int, default=4)
     args = parser.parse_args(argv)
-    print("| attack bodies | offload | normal 1-image gRPC p50 / p99 ms | normal requests | attack requests |")
+    print(
+        "| attack bodies | offload | normal 1-image gRPC p50 / p99 ms | normal requests | attack requests |"
+    )
     print("|---|---|---|---|---|")
     variants = [("none", None, 64 * 1024)]
     for name, body in ATTACK_BODIES.items():
