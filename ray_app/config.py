@@ -46,6 +46,23 @@ class Limits(_Strict):
     max_image_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     decode_threads: int = Field(default=1, ge=1)  # image decoding threads, not shared with inference
     max_pending_decodes: int = Field(default=16, ge=1)  # image-bytes requests decoding or queued for it
+    # Lists, objects and strings in one REST JSON body, counted on its bytes before parsing: each costs
+    # ~60-90 bytes of Python objects (a number ~8). 1024 MNIST images as nested lists need ~30,000.
+    max_json_composites: int = Field(default=65_536, gt=0)
+    # Request bytes (HTTP bodies by Content-Length, gRPC messages) one replica holds at once; beyond,
+    # RESOURCE_EXHAUSTED / 429 with Retry-After. At least max_request_bytes. docs/limits.md sizes it.
+    max_inflight_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    retry_after_s: int = Field(default=1, ge=0)  # the Retry-After of refusals by max_inflight_bytes
+    # Parsing, decoding and rendering of a request's content above this size run on offload_threads
+    # threads instead of the event loop Serve's servers share with us.
+    offload_min_bytes: int = Field(default=64 * 1024, ge=0)
+    offload_threads: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _budget_holds_one_request(self) -> Limits:
+        if self.max_inflight_bytes < self.max_request_bytes:
+            raise ValueError("max_inflight_bytes must be >= max_request_bytes (one largest request must fit)")
+        return self
 
 
 class IntegrityOptions(_Strict):
@@ -73,6 +90,9 @@ class AppConfig(_Strict):
     poll_interval_s: float = Field(default=2.0, gt=0)
     num_versions: int = Field(default=2, ge=1)  # latest N versions kept loaded
     backend_timeout_s: float = Field(default=10.0, gt=0)  # deadline of each backend RPC
+    # A request's time when its client states none (HTTP x-request-timeout-seconds, gRPC deadline):
+    # keep it equal to http_options/grpc_options.request_timeout_s. Expired requests never reach the model.
+    request_timeout_s: float = Field(default=30.0, gt=0)
     load_retry_initial_s: float = Field(default=2.0, gt=0)  # backoff after a failed version load
     load_retry_max_s: float = Field(default=300.0, gt=0)  # the backoff doubles up to this
     tfserving: TFServingOptions = Field(default_factory=TFServingOptions)

@@ -53,12 +53,20 @@ def _log_unexpected(exc: BaseException) -> None:
         logger.error("request failed", exc_info=exc)
 
 
+def _retry_after(exc: BaseException) -> str | None:
+    """The Retry-After of a refusal that waiting cures (a full in-flight budget), else None."""
+    seconds = getattr(exc, "retry_after_s", None) if isinstance(exc, ResourceExhaustedError) else None
+    return None if seconds is None else str(seconds)
+
+
 def _error_response(exc: BaseException) -> Response:
     from ray_app.rest_api import error_json
 
     _log_unexpected(exc)
     _, status, message = to_status(exc)
-    return Response(error_json(message), status_code=status, media_type=_JSON)
+    retry_after = _retry_after(exc)
+    headers = {"Retry-After": retry_after} if retry_after is not None else None
+    return Response(error_json(message), status_code=status, media_type=_JSON, headers=headers)
 
 
 def _grpc_fail(exc: BaseException, grpc_context: Any) -> None:
@@ -70,6 +78,10 @@ def _grpc_fail(exc: BaseException, grpc_context: Any) -> None:
         message = message[:GRPC_MESSAGE_LIMIT] + "...TRUNCATED"
     grpc_context.set_code(getattr(grpc.StatusCode, code.value))
     grpc_context.set_details(message)
+    retry_after = _retry_after(exc)
+    if retry_after is not None:  # keep what Serve set (its request_id), add ours
+        kept = list(getattr(grpc_context, "_trailing_metadata", None) or [])
+        grpc_context.set_trailing_metadata([*kept, ("retry-after", retry_after)])
 
 
 OIP_GRPC, OIP_REST = "oip_grpc", "oip_rest"  # the Open Inference Protocol's `protocol` metric tag
@@ -195,9 +207,10 @@ class MnistServer:
                 self._observe(protocol, method, started_s, refused)
                 return empty()
         try:
-            result = handler(self._predictor, raw)
-            if hasattr(result, "__await__"):
-                result = await result
+            with self._predictor.inflight_bytes.hold(len(raw)):  # before the message is parsed
+                result = handler(self._predictor, raw)
+                if hasattr(result, "__await__"):
+                    result = await result
         except Exception as exc:
             _grpc_fail(exc, grpc_context)
             self._observe(protocol, method, started_s, exc)
@@ -207,12 +220,14 @@ class MnistServer:
         return result
 
     async def Predict(self, request: bytes, grpc_context: Any):  # noqa: N802
-        from ray_app import grpc_api
+        import functools
+
+        from ray_app import deadlines, grpc_api
         from ray_app.protocol.protos import predict_pb2
 
-        return await self._grpc(
-            "Predict", grpc_api.predict, request, grpc_context, predict_pb2.PredictResponse
-        )
+        deadline_s = deadlines.grpc_deadline_s(grpc_context, self._predictor.config.request_timeout_s)
+        handler = functools.partial(grpc_api.predict, deadline_s=deadline_s)
+        return await self._grpc("Predict", handler, request, grpc_context, predict_pb2.PredictResponse)
 
     async def GetModelMetadata(self, request: bytes, grpc_context: Any):  # noqa: N802
         from ray_app import grpc_api
@@ -297,9 +312,10 @@ class MnistServer:
     # -- REST: TF Serving's HTTP API ---------------------------------------------------------------
     @http_app.api_route("/v1/{path:path}", methods=_METHODS)
     async def rest_v1(self, request: Request, path: str) -> Response:
-        from ray_app import request_body, rest_api, uploads
+        from ray_app import deadlines, request_body, rest_api, uploads
 
         started_s, method = time.perf_counter(), "unknown"
+        deadline_s = deadlines.http_deadline_s(request.headers, self._predictor.config.request_timeout_s)
         try:
             where = rest_api.route(request.method, _path_and_query(request))
             method = where.kind
@@ -311,28 +327,31 @@ class MnistServer:
                 answer = Response(rest_api.metadata(self._predictor, where), media_type=_JSON)
                 self._observe("rest", method, started_s, answer)
                 return answer
-            if where.kind == "predict" and uploads.is_multipart(request.headers.get("content-type")):
-                text, version, signature = await self._upload_predict(request, where)
-            else:
-                limit = self._predictor.config.limits.max_request_bytes
-                body = await request_body.read_body(request.headers, request.stream(), limit)
-                if where.kind != "predict":
-                    rest_api.examples_request(self._predictor, where, body)
-                text, version, signature = await rest_api.predict(self._predictor, where, body)
+            limit = self._predictor.config.limits.max_request_bytes
+            with self._predictor.inflight_bytes.hold(request_body.reserved_bytes(request.headers, limit)):
+                if where.kind == "predict" and uploads.is_multipart(request.headers.get("content-type")):
+                    text, version, signature = await self._upload_predict(request, where, deadline_s)
+                else:
+                    body = await request_body.read_body(request.headers, request.stream(), limit)
+                    if where.kind != "predict":
+                        rest_api.examples_request(self._predictor, where, body)
+                    text, version, signature = await rest_api.predict(
+                        self._predictor, where, body, deadline_s
+                    )
         except Exception as exc:
             self._observe("rest", method, started_s, exc)
             return _error_response(exc)
         self._observe("rest", method, started_s, text, version, signature)
         return Response(text, media_type=_JSON, headers={MODEL_VERSION_HEADER: str(version)})
 
-    async def _upload_predict(self, request: Request, where: Any) -> tuple[str, int, str]:
+    async def _upload_predict(self, request: Request, where: Any, deadline_s: float) -> tuple[str, int, str]:
         """Multipart image files -> ``predict_image_bytes`` (our addition; see ``ray_app.uploads``)."""
         from ray_app import rest_api, uploads
 
         self._predictor.check_model(where.model_name)  # before reading the body
         images = await uploads.read_images(request.headers, request.stream(), self._predictor.config.limits)
         result = await self._predictor.predict(
-            uploads.image_request(where.model_name, images, where.version, where.label)
+            uploads.image_request(where.model_name, images, where.version, where.label), deadline_s=deadline_s
         )
         return rest_api.to_json(result, rows=True), result.version, result.signature_name
 

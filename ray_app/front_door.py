@@ -39,12 +39,12 @@ HAPROXY_SWITCH = "RAY_SERVE_ENABLE_HA_PROXY"
 #   MAXCONN                 concurrent client connections: 1024 per CPU, 2048 to 16384 (~32 KiB each).
 #   TIMEOUT_CONNECT_S       replicas are on the cluster network: 2 s without a TCP connect means a dead
 #                           replica, and HAProxy retries the request on another one (retry-on conn-failure).
-#   RETRY_ON, RETRIES       Ray retries only connection failures (nothing reached a replica). Every request
-#                           this app answers is idempotent (inference, status, metadata), so a request
-#                           whose replica closed the connection without an answer (a killed or crashed
-#                           replica: `empty-response`) is also sent again, to another replica (Ray's
-#                           `option redispatch 1`). At most 2 retries, so a request that kills every
-#                           replica it reaches takes down at most 3 of them.
+#   RETRY_ON, RETRIES       connection failures only (nothing reached a replica), as Ray's default. Not
+#                           `empty-response`: a replica that closed the connection unanswered may have died
+#                           of the request itself (out of memory on a hostile body), and a replay would take
+#                           the next replica down the same way. So a request in flight on a crashed replica
+#                           fails (HTTP 502/503, gRPC UNAVAILABLE) and its client retries; idempotent as our
+#                           calls are, the client decides. At most 2 retries of an unreached replica.
 #   TIMEOUT_CLIENT_S        an idle client connection is closed after 10 min (gRPC channels reconnect).
 #   TIMEOUT_SERVER_S        60 s: above Serve's request_timeout_s (30 s in our configs), which answers a
 #                           slow request properly first; this only cuts a replica that stopped answering.
@@ -91,7 +91,7 @@ def front_door_env(
         "RAY_SERVE_HAPROXY_NBTHREAD": str(haproxy_threads(cpus)),
         "RAY_SERVE_HAPROXY_MAXCONN": str(haproxy_maxconn(cpus)),
         "RAY_SERVE_HAPROXY_TIMEOUT_CONNECT_S": "2",
-        "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+        "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure",
         "RAY_SERVE_HAPROXY_RETRIES": "2",
         "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "600",
         "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": "60",

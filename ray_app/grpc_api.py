@@ -105,17 +105,33 @@ def to_predict_response(result: InferenceResult, model_name: str) -> predict_pb2
     return response
 
 
-async def predict(predictor: Predictor, raw: bytes) -> predict_pb2.PredictResponse:
-    request = _parse(predictor, predict_pb2.PredictRequest, raw)
-    target = _resolve(predictor, request.model_spec)
-    target.spec.check_input_names(list(request.inputs))
-    predictor.check_declared(target, _declared(request), list(request.output_filter))
-    inputs = {
+def _decode_inputs(predictor: Predictor, target: Target, request: predict_pb2.PredictRequest):
+    """Each input as an array (CPU work on the request's content: may run off the event loop)."""
+    return {
         alias: to_ndarray(tensor, alias, max_elements=predictor.max_elements(target.spec.inputs[alias].dtype))
         for alias, tensor in request.inputs.items()
     }
-    result = await predictor.run(target, inputs, list(request.output_filter), declared_checked=True)
-    return to_predict_response(result, request.model_spec.name)
+
+
+def _output_bytes(result: InferenceResult) -> int:
+    return sum(value.nbytes for value in result.outputs.values())
+
+
+async def predict(
+    predictor: Predictor, raw: bytes, deadline_s: float | None = None
+) -> predict_pb2.PredictResponse:
+    """TF Serving's Predict. Parsing, decoding and encoding of large messages run off the event
+    loop (``Predictor.offload``); ``deadline_s``: see ``Predictor.run``."""
+    request = await predictor.offload(len(raw), _parse, predictor, predict_pb2.PredictRequest, raw)
+    target = _resolve(predictor, request.model_spec)
+    target.spec.check_input_names(list(request.inputs))
+    predictor.check_declared(target, _declared(request), list(request.output_filter))
+    inputs = await predictor.offload(len(raw), _decode_inputs, predictor, target, request)
+    output_filter = list(request.output_filter)
+    model_name = request.model_spec.name
+    del request  # the parsed message can be freed while the model runs
+    result = await predictor.run(target, inputs, output_filter, declared_checked=True, deadline_s=deadline_s)
+    return await predictor.offload(_output_bytes(result), to_predict_response, result, model_name)
 
 
 # -- GetModelMetadata --------------------------------------------------------------------------------

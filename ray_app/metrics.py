@@ -103,6 +103,11 @@ class AppMetrics:
         self._rejected = Counter(
             "mnist_requests_rejected_total", "Requests refused by a limit", tag_keys=("model", "limit")
         )
+        self._expired = Counter(
+            "mnist_requests_expired_total",
+            "Requests dropped before the model ran: their deadline had passed",
+            tag_keys=("model",),
+        )
         self._routed = Counter(
             "mnist_routed_requests_total",
             "Requests without a pinned version, by where they were routed",
@@ -178,6 +183,9 @@ class AppMetrics:
 
     def auth_refused(self, protocol: str, reason: str) -> None:
         self._count(self._auth_refusals, 1, model=self.model, protocol=protocol, reason=reason)
+
+    def expired(self, count: int) -> None:
+        self._count(self._expired, count, model=self.model)
 
     def routed(self, version: int, route: str) -> None:
         self._count(self._routed, 1, model=self.model, version=str(version), route=route)

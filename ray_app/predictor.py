@@ -23,11 +23,14 @@ from ray import serve
 
 from ray_app import preprocessing
 from ray_app.backends.base import Backend, VersionState
+from ray_app.budget import ByteBudget
 from ray_app.config import AppConfig, LiveConfig
 from ray_app.metrics import AppMetrics
+from ray_app.offload import Offloader
 from ray_app.preprocessing import MNIST_SIZE_PX
 from ray_app.protocol.names import IMAGE_BYTES_INPUT, IMAGE_BYTES_SIGNATURE, IMAGES_INPUT, SERVING_DEFAULT
 from ray_app.protocol.status import (
+    DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
@@ -77,6 +80,13 @@ class _Item:
     output_filter: tuple[str, ...]
     size: int = field(default=1)
     queued_s: float = field(default_factory=time.monotonic)
+    deadline_s: float | None = None  # time.monotonic() after which nobody waits for the answer
+
+    def group_key(self) -> tuple:
+        """Items that may share one backend call: same version, signature, output filter, and
+        inputs that concatenate (same names, dtypes and shapes past the batch dimension)."""
+        inputs = tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(self.inputs.items()))
+        return self.version, self.signature, inputs, self.output_filter
 
 
 def _batch_images(items: list[_Item]) -> int:
@@ -116,6 +126,9 @@ class Predictor:
         self._decoder = ThreadPoolExecutor(config.limits.decode_threads, thread_name_prefix="decode")
         self._pending_decodes = 0  # image-bytes requests decoding or waiting for a decoder thread
         self._in_flight = 0  # requests between here and their answer from the backend
+        limits = config.limits
+        self.inflight_bytes = ByteBudget(limits.max_inflight_bytes, limits.retry_after_s)
+        self._offloader = Offloader(limits.offload_threads, limits.offload_min_bytes)
 
     # -- configuration -------------------------------------------------------------------------
     def reconfigure(self, live: LiveConfig) -> None:
@@ -127,6 +140,12 @@ class Predictor:
 
     def close(self) -> None:
         self._decoder.shutdown(wait=False, cancel_futures=True)
+        self._offloader.close()
+
+    async def offload(self, size_bytes: int, fn, *args):
+        """``fn(*args)``: CPU work on ``size_bytes`` of request content, off the event loop unless
+        it is small (``ray_app.offload``)."""
+        return await self._offloader.run(size_bytes, fn, *args)
 
     # -- versions ------------------------------------------------------------------------------
     def check_model(self, name: str, version: int | None = None) -> None:
@@ -145,7 +164,7 @@ class Predictor:
             if label not in labels:
                 raise InvalidArgumentError(f"Unrecognized servable version label: {label}")
             version = labels[label]
-        if version:
+        if version is not None:  # 0 too: TF Serving serves a 0/ directory as version 0
             if version not in loaded:
                 raise NotFoundError(_servable_not_found(name, version))
             return version, True
@@ -246,12 +265,12 @@ class Predictor:
         return self.config.limits.max_request_bytes // np.dtype(dtype).itemsize
 
     # -- inference -----------------------------------------------------------------------------
-    async def predict(self, request: InferenceRequest) -> InferenceResult:
+    async def predict(self, request: InferenceRequest, deadline_s: float | None = None) -> InferenceResult:
         """Resolve and run a request whose inputs are already decoded (tests, in-process callers)."""
         target = self.resolve(
             request.model_name, request.version, request.version_label, request.signature_name
         )
-        return await self.run(target, request.inputs, request.output_filter)
+        return await self.run(target, request.inputs, request.output_filter, deadline_s=deadline_s)
 
     async def run(
         self,
@@ -260,11 +279,15 @@ class Predictor:
         output_filter: Sequence[str] = (),
         *,
         declared_checked: bool = False,
+        deadline_s: float | None = None,
     ) -> InferenceResult:
         """Check decoded inputs, batch them with other requests, and run them on the backend.
 
         ``declared_checked``: :meth:`check_declared` already passed for exactly these inputs (they
         were decoded to their declared dtypes and shapes), so the checks are not repeated.
+        ``deadline_s`` (``time.monotonic()``): when the caller stops waiting. A request still
+        queued then is dropped before the model runs (DEADLINE_EXCEEDED, counted in
+        ``mnist_requests_expired_total``); the backend call gets at most the time left.
         """
         if declared_checked:
             size = target.spec.batch_size(target.signature_name, {k: v.shape for k, v in inputs.items()})
@@ -277,7 +300,10 @@ class Predictor:
         if run_signature == IMAGE_BYTES_SIGNATURE:
             run_signature = SERVING_DEFAULT
             run_inputs = {IMAGES_INPUT: await self._decode_images(inputs[IMAGE_BYTES_INPUT])}
-        item = _Item(target.version, target.pinned, run_signature, run_inputs, tuple(output_filter), size)
+        item = _Item(
+            target.version, target.pinned, run_signature, run_inputs, tuple(output_filter), size,
+            deadline_s=deadline_s,
+        )  # fmt: skip
         # Waiting for a batch gains nothing when the request fills one by itself, or when nothing
         # else is in flight (the backend is idle: a lone request runs at once, no batch wait);
         # while requests are in flight, new ones gather into batches.
@@ -287,7 +313,7 @@ class Predictor:
             if size >= self.live.max_batch_size or size == 0 or alone:
                 result = (await self._run_group([item]))[0]
             else:
-                result = await self._run_batch(item)
+                result = await self._batched(item)
         finally:
             self._in_flight -= 1
         if isinstance(result, Exception):
@@ -338,13 +364,22 @@ class Predictor:
         finally:
             self._pending_decodes -= 1
 
+    async def _batched(self, item: _Item) -> dict[str, np.ndarray] | Exception:
+        """``_run_batch(item)``; alone when the batch size was lowered below the item's size while it
+        was queued (Serve then fails it with a RuntimeError, which would reach the client as INTERNAL)."""
+        try:
+            return await self._run_batch(item)
+        except RuntimeError as exc:
+            if item.size > self.live.max_batch_size and "greater than max_batch_size" in str(exc):
+                return (await self._run_group([item]))[0]
+            raise
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_batch_images)
     async def _run_batch(self, items: list[_Item]) -> list[dict[str, np.ndarray] | Exception]:
         self._follow_latest(items)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for index, item in enumerate(items):
-            key = (item.version, item.signature, tuple(sorted(item.inputs)), item.output_filter)
-            groups[key].append(index)
+            groups[item.group_key()].append(index)
         if len(groups) == 1:  # the usual case: no gather, no extra tasks
             return await self._run_group(items)
         results: list[dict[str, np.ndarray] | Exception] = [{} for _ in items]
@@ -361,6 +396,20 @@ class Predictor:
         for item in items:
             if item.version not in loaded and not item.pinned and loaded:
                 item.version = loaded[-1]
+
+    async def _without_expired(
+        self, items: list[_Item], expired: list[int]
+    ) -> list[dict[str, np.ndarray] | Exception]:
+        """DEADLINE_EXCEEDED for the expired items (counted); the others run without them."""
+        if self._metrics is not None:
+            self._metrics.expired(len(expired))
+        error = DeadlineExceededError("the request's deadline passed before the model ran")
+        results: list[dict[str, np.ndarray] | Exception] = [error for _ in items]
+        live = [i for i in range(len(items)) if i not in set(expired)]
+        if live:
+            for index, value in zip(live, await self._run_group([items[i] for i in live])):
+                results[index] = value
+        return results
 
     async def _run_group(self, items: list[_Item]) -> list[dict[str, np.ndarray] | Exception]:
         """One backend call for items sharing version, signature and inputs; split the outputs."""
@@ -382,16 +431,28 @@ class Predictor:
         if first.version not in self.backend.versions():
             error = NotFoundError(f"version {first.version} was unloaded before the request ran")
             return [error for _ in items]
-        inputs = {
-            name: np.concatenate([item.inputs[name] for item in items])
-            if len(items) > 1
-            else first.inputs[name]
-            for name in first.inputs
-        }
+        now_s = time.monotonic()
+        expired = [
+            i for i, item in enumerate(items) if item.deadline_s is not None and item.deadline_s <= now_s
+        ]
+        if expired:
+            return await self._without_expired(items, expired)
+        deadlines = [item.deadline_s for item in items]
+        timeout_s = self.config.backend_timeout_s
+        if None not in deadlines:  # the longest-waiting caller still gets its answer
+            timeout_s = min(timeout_s, max(deadlines) - now_s)  # type: ignore[type-var]
         total = sum(item.size for item in items)
         started_s = time.monotonic()
         try:
-            outputs = await self.backend.predict(first.version, first.signature, inputs, first.output_filter)
+            inputs = {
+                name: np.concatenate([item.inputs[name] for item in items])
+                if len(items) > 1
+                else first.inputs[name]
+                for name in first.inputs
+            }
+            outputs = await self.backend.predict(
+                first.version, first.signature, inputs, first.output_filter, timeout_s=timeout_s
+            )
         except Exception as exc:  # every caller of this group gets the same error
             return [exc for _ in items]
         if self._metrics is not None:

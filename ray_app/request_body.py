@@ -24,6 +24,14 @@ def check_declared_length(headers: Mapping[str, str], max_bytes: int) -> None:
         )
 
 
+def reserved_bytes(headers: Mapping[str, str], max_bytes: int) -> int:
+    """What a body may hold, for the in-flight budget before it is read: its declared
+    ``Content-Length`` (checked first), or ``max_bytes`` when it declares none (chunked)."""
+    check_declared_length(headers, max_bytes)
+    declared = headers.get("content-length")
+    return int(declared) if declared is not None else max_bytes
+
+
 async def limited(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
     """``stream``'s chunks, RESOURCE_EXHAUSTED as soon as they add up to more than ``max_bytes``."""
     received = 0

@@ -16,7 +16,6 @@ RapidJSON's texts for the common cases only; documents nested too deep for Pytho
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import math
 import re
@@ -27,14 +26,14 @@ from typing import Any, Literal
 import numpy as np
 from google.protobuf import json_format
 
-from ray_app import grpc_api
-from ray_app.predictor import InferenceResult, Predictor
-from ray_app.protocol.protos import model_pb2, types_pb2
-from ray_app.protocol.status import InvalidArgumentError, UnimplementedError
-from ray_app.protocol.tensors import STRING, tf_dtype_string
-from ray_app.signatures import SignatureNotFoundError, SignatureSpec, TensorSpec
-
-MAX_ECHOED_CHARS = 1000
+from ray_app import grpc_api, json_tensor
+from ray_app.config import Limits
+from ray_app.json_tensor import MAX_ECHOED_CHARS
+from ray_app.predictor import InferenceResult, Predictor, Target
+from ray_app.protocol.protos import model_pb2
+from ray_app.protocol.status import InvalidArgumentError, ResourceExhaustedError
+from ray_app.protocol.tensors import STRING
+from ray_app.signatures import SignatureNotFoundError, SignatureSpec
 
 _PREDICT_PATH = re.compile(
     r"/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)", re.I
@@ -87,58 +86,16 @@ def route(method: str, path_and_query: str) -> Route:
     return Route(kind, urllib.parse.unquote(name), version, urllib.parse.unquote(label) if label else None)
 
 
-# -- JSON in -----------------------------------------------------------------------------------------
-_RAPIDJSON_TEXT = {  # Python's json messages -> RapidJSON's (what TF Serving quotes)
-    "Expecting value": "Invalid value.",
-    "Expecting property name enclosed in double quotes": "Missing a name for object member.",
-    "Expecting ':' delimiter": "Missing a colon after a name of object member.",
-    "Extra data": "The document root must not be followed by other values.",
-    "Unterminated string starting at": "Missing a closing quotation mark in string.",
-    "Invalid \\escape": "Invalid escape character in string.",
-    "Invalid \\uXXXX escape": "Incorrect hex digit after \\u escape in string.",
-    "Invalid control character at": "Invalid encoding in string.",
-}
+# -- JSON in (the bounded parsing and conversion live in ray_app.json_tensor) -----------------------
+_echo = json_tensor.echo
+to_tensor = json_tensor.to_tensor
 
 
-def parse_json(body: bytes) -> Any:
-    """The request document; TF Serving's "JSON Parse error: ..." (400) when it is not JSON."""
-    if not body:
-        raise InvalidArgumentError("JSON Parse error: The document is empty")
-    text = body.decode("utf-8", "surrogateescape")  # RapidJSON does not validate UTF-8 either
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        message = _RAPIDJSON_TEXT.get(exc.msg, exc.msg)
-        if exc.msg == "Expecting ',' delimiter":
-            message = _comma_text(text, exc.pos)
-        raise InvalidArgumentError(f"JSON Parse error: {message} at offset: {exc.pos}") from None
-    except RecursionError:
-        raise InvalidArgumentError("JSON Parse error: the document nests too deep") from None
-    return document
-
-
-def _comma_text(text: str, position: int) -> str:
-    """RapidJSON names the container a missing comma belongs to; find the innermost open one."""
-    stack, in_string, escaped = [], False, False
-    for char in text[:position]:
-        if in_string:
-            escaped = not escaped and char == "\\"
-            in_string = escaped or char != '"'
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            stack.append(char)
-        elif char in "]}" and stack:
-            stack.pop()
-    if stack and stack[-1] == "[":
-        return "Missing a comma or ']' after an array element."
-    return "Missing a comma or '}' after an object member."
-
-
-def _echo(value: Any) -> str:
-    """One JSON value (an element, a leaf) as compact JSON, cut to ``MAX_ECHOED_CHARS``."""
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    return text if len(text) <= MAX_ECHOED_CHARS else text[:MAX_ECHOED_CHARS] + "...(cut)"
+def parse_json(body: bytes, max_composites: int | None = None) -> Any:
+    """The request document (``json_tensor.parse``), its lists, objects and strings counted first."""
+    if max_composites is not None:
+        json_tensor.check_composites(body, max_composites)
+    return json_tensor.parse(body)
 
 
 def _format_error(body: bytes, *parts: str) -> InvalidArgumentError:
@@ -149,21 +106,6 @@ def _format_error(body: bytes, *parts: str) -> InvalidArgumentError:
     return InvalidArgumentError(f"JSON Value: {text} {''.join(parts)}")
 
 
-def _json_type(value: Any) -> str:
-    """RapidJSON's type name of a parsed value (what TF Serving's type errors say)."""
-    if value is None:
-        return "Null"
-    if value is True:
-        return "True"
-    if value is False:
-        return "False"
-    if isinstance(value, dict):
-        return "Object"
-    if isinstance(value, list):
-        return "Array"
-    return "String" if isinstance(value, str) else "Number"
-
-
 def _is_b64(value: Any) -> bool:
     return isinstance(value, dict) and len(value) == 1 and "b64" in value
 
@@ -172,171 +114,46 @@ def _is_object(value: Any) -> bool:
     return isinstance(value, dict) and not _is_b64(value)
 
 
-# -- JSON -> tensors ---------------------------------------------------------------------------------
-def _type_error(value: Any, spec: TensorSpec) -> InvalidArgumentError:
-    return InvalidArgumentError(
-        f"JSON Value: {_echo(value)} Type: {_json_type(value)} is not of expected type: "
-        f"{tf_dtype_string(spec.tf_dtype)}"
-    )
-
-
-def _leaves(value: Any):
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, list):
-            pending.extend(reversed(item))
-        else:
-            yield item
-
-
-# JSON integer ranges by dtype (RapidJSON's IsInt / IsInt64 / IsUint / IsUint64), and the largest
-# integer a float type holds exactly (TF Serving refuses integers beyond it).
-_INT_RANGES = {
-    types_pb2.DT_INT32: (-(2**31), 2**31 - 1),
-    types_pb2.DT_INT16: (-(2**31), 2**31 - 1),
-    types_pb2.DT_INT8: (-(2**31), 2**31 - 1),
-    types_pb2.DT_UINT8: (-(2**31), 2**31 - 1),
-    types_pb2.DT_UINT16: (-(2**31), 2**31 - 1),
-    types_pb2.DT_INT64: (-(2**63), 2**63 - 1),
-    types_pb2.DT_UINT32: (0, 2**32 - 1),
-    types_pb2.DT_UINT64: (0, 2**64 - 1),
-}
-_EXACT_INT = {types_pb2.DT_FLOAT: (2**24 - 1, "float"), types_pb2.DT_DOUBLE: (2**53 - 1, "double")}
-
-
-def _check_leaf(value: Any, spec: TensorSpec) -> None:
-    """TF Serving's ``AddValueToTensor`` checks on one JSON value."""
-    dtype = spec.tf_dtype
-    if dtype in _EXACT_INT:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _type_error(value, spec)
-        limit, kind = _EXACT_INT[dtype]
-        if isinstance(value, int) and abs(value) > limit:
-            raise InvalidArgumentError(
-                f"Cannot convert JSON value: {value} to {kind} without loss of precision."
-            )
-    elif dtype in _INT_RANGES:
-        low, high = _INT_RANGES[dtype]
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise _type_error(value, spec)
-    elif dtype == types_pb2.DT_BOOL:
-        if not isinstance(value, bool):
-            raise _type_error(value, spec)
-
-
-def _string_leaf(value: Any, spec: TensorSpec) -> bytes:
-    if isinstance(value, str):
-        return value.encode("utf-8", "surrogateescape")
-    if isinstance(value, dict) and "b64" in value:
-        if len(value) != 1 or not isinstance(value["b64"], str):
-            raise InvalidArgumentError(f"JSON Value: {_echo(value)} not formatted correctly for base64 data")
-        try:
-            return base64.b64decode(value["b64"], validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidArgumentError("Unable to base64 decode") from None
-    raise _type_error(value, spec)
-
-
-def to_tensor(alias: str, value: Any, spec: TensorSpec) -> np.ndarray:
-    """One input's JSON value -> an array of the signature's dtype (TF Serving's conversions)."""
-    if spec.dtype is None or spec.tf_dtype == types_pb2.DT_HALF:
-        raise UnimplementedError(
-            f"Conversion of JSON Value: {_echo(value)} to type: {tf_dtype_string(spec.tf_dtype)}"
+def _check_rows(count: int, limits: Limits) -> None:
+    """The leading dimension before any walk over the rows."""
+    if count > limits.max_images_per_request:
+        raise ResourceExhaustedError(
+            f"{count} images in one request; the limit is {limits.max_images_per_request}",
+            "max_images_per_request",
         )
-    if spec.dtype == STRING:
-        array = _rectangular(alias, value, object)
-        flat = array.reshape(-1)
-        for index, leaf in enumerate(flat):
-            flat[index] = _string_leaf(leaf, spec)
-        return array
-    array = _rectangular(alias, value, None)
-    if array.size == 0:
-        return np.zeros(array.shape, dtype=spec.dtype)
-    kind = array.dtype.kind
-    fits = (
-        (spec.tf_dtype in _EXACT_INT and kind in "f")
-        or (spec.tf_dtype in _EXACT_INT and kind in "iu" and _within(array, _EXACT_INT[spec.tf_dtype][0]))
-        or (spec.tf_dtype in _INT_RANGES and kind in "iu" and _in_range(array, *_INT_RANGES[spec.tf_dtype]))
-        or (spec.tf_dtype == types_pb2.DT_BOOL and kind == "b")
-    )
-    if not fits:  # find the value TF Serving would name (only on the error path)
-        for leaf in _leaves(value):
-            _check_leaf(leaf, spec)
-        raise _type_error(value, spec)
-    return array.astype(spec.dtype)  # narrow integer types wrap, like TF Serving's C++ casts
 
 
-def _within(array: np.ndarray, limit: int) -> bool:
-    return not array.size or int(np.abs(array).max()) <= limit
-
-
-def _in_range(array: np.ndarray, low: int, high: int) -> bool:
-    return not array.size or (int(array.min()) >= low and int(array.max()) <= high)
-
-
-def _outline(value: Any) -> tuple[int, ...]:
-    """The shape nested lists suggest, following first elements only (cheap: no full walk)."""
-    dims = []
-    while isinstance(value, list):
-        dims.append(len(value))
-        value = value[0] if value else None
-    return tuple(dims)
-
-
-def _rectangular(alias: str, value: Any, dtype: type | None) -> np.ndarray:
-    """``value`` as an n-d array; TF Serving's error when the nesting is ragged."""
-    try:
-        array = np.array(value, dtype=dtype)
-    except (ValueError, OverflowError):  # ragged nesting, or integers beyond 64 bits
-        array = None
-    if array is not None and (dtype is not None or array.dtype != object):
-        return array
-    if isinstance(value, list) and value:
-        first = _outline(value[0])
-        for index, element in enumerate(value):
-            if _outline(element) != first:
-                raise InvalidArgumentError(
-                    f"Failed to process element: {index} of 'instances' list. Error: INVALID_ARGUMENT: Expecting "
-                    f"shape [{','.join(map(str, first))}] but got: [{','.join(map(str, _outline(element)))}]"
-                )
-    if array is None:
-        raise InvalidArgumentError(f"input {alias!r}: the JSON lists are not a rectangular tensor")
-    return array
-
-
-def _instances(body: bytes, payload: Any, spec: SignatureSpec) -> dict[str, np.ndarray]:
+def _instances(body: bytes, payload: Any, spec: SignatureSpec, limits: Limits) -> dict[str, Any]:
+    """The JSON value of each input in a row-format body (not converted yet)."""
     if not isinstance(payload, list):
         raise _format_error(body, "Excepting 'instances' to be an list/array")
     if not payload:
         raise _format_error(body, "No values in 'instances' array")
+    _check_rows(len(payload), limits)
     names = sorted(spec.inputs)
     if _is_object(payload[0]):
         for index, element in enumerate(payload):
             if not _is_object(element):
                 raise InvalidArgumentError(f"Expecting object but got list at item {index} of input list")
-            if set(element) != set(names):
+            if len(element) != len(names) or set(element) != set(names):
                 raise InvalidArgumentError(
                     f"Failed to process element: {index} of 'instances' list. JSON object: {_echo(element)} "
                     f"keys must be equal to: {','.join(names)}"
                 )
-        columns = {name: [element[name] for element in payload] for name in names}
-    else:
-        if len(names) != 1:
-            raise InvalidArgumentError(
-                "instances is a plain list, but expecting list of objects as multiple input tensors "
-                "required as per tensorinfo_map"
-            )
-        for index, element in enumerate(payload):
-            if _is_object(element):
-                raise InvalidArgumentError(
-                    f"Expecting value/list but got object at item {index} of input list"
-                )
-        columns = {names[0]: payload}
-    return {name: to_tensor(name, values, spec.inputs[name]) for name, values in columns.items()}
+        return {name: [element[name] for element in payload] for name in names}
+    if len(names) != 1:
+        raise InvalidArgumentError(
+            "instances is a plain list, but expecting list of objects as multiple input tensors "
+            "required as per tensorinfo_map"
+        )
+    for index, element in enumerate(payload):
+        if _is_object(element):
+            raise InvalidArgumentError(f"Expecting value/list but got object at item {index} of input list")
+    return {names[0]: payload}
 
 
-def _columns(payload: Any, spec: SignatureSpec) -> dict[str, np.ndarray]:
+def _columns(payload: Any, spec: SignatureSpec) -> dict[str, Any]:
+    """The JSON value of each input in a columnar body (not converted yet; extra keys ignored)."""
     names = sorted(spec.inputs)
     if not _is_object(payload):
         if len(names) != 1:
@@ -344,11 +161,20 @@ def _columns(payload: Any, spec: SignatureSpec) -> dict[str, np.ndarray]:
                 "inputs is a plain value/list, but expecting an object as multiple input tensors "
                 "required as per tensorinfo_map"
             )
-        return {names[0]: to_tensor(names[0], payload, spec.inputs[names[0]])}
+        return {names[0]: payload}
     for name in names:
         if name not in payload:
             raise InvalidArgumentError(f"Missing named input: {name} in 'inputs' object.")
-    return {name: to_tensor(name, payload[name], spec.inputs[name]) for name in names}  # extra keys ignored
+    return {name: payload[name] for name in names}
+
+
+def _convert(predictor: Predictor, target: Target, values: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Each input's JSON value as the signature's dtype (CPU work: may run off the event loop)."""
+    spec = target.spec
+    return {
+        alias: to_tensor(alias, value, spec.inputs[alias], predictor.max_elements(spec.inputs[alias].dtype))
+        for alias, value in values.items()
+    }
 
 
 # -- tensors -> JSON ---------------------------------------------------------------------------------
@@ -432,9 +258,9 @@ def error_json(message: str) -> str:
 
 
 # -- the handlers ------------------------------------------------------------------------------------
-def _object_and_signature(body: bytes) -> tuple[dict[str, Any], str]:
+def _object_and_signature(body: bytes, max_composites: int | None = None) -> tuple[dict[str, Any], str]:
     """The request's JSON object and its ``signature_name`` ("" when absent), TF Serving's checks."""
-    document = parse_json(body)
+    document = parse_json(body, max_composites)
     if not isinstance(document, dict):
         raise _format_error(body, "Is not object")
     signature = document.get("signature_name", "")
@@ -443,9 +269,23 @@ def _object_and_signature(body: bytes) -> tuple[dict[str, Any], str]:
     return document, signature
 
 
-async def predict(predictor: Predictor, where: Route, body: bytes) -> tuple[str, int, str]:
-    """``:predict``: the JSON answer, the version that ran and the signature."""
-    document, signature = _object_and_signature(body)
+def _output_bytes(result: InferenceResult) -> int:
+    return sum(value.nbytes for value in result.outputs.values())
+
+
+async def predict(
+    predictor: Predictor, where: Route, body: bytes, deadline_s: float | None = None
+) -> tuple[str, int, str]:
+    """``:predict``: the JSON answer, the version that ran and the signature.
+
+    The body's outline (composites, rows, each input's shape) is checked against the limits and
+    the signature before any conversion; parsing, conversion and rendering of large bodies run
+    off the event loop (``Predictor.offload``). ``deadline_s``: see ``Predictor.run``.
+    """
+    limits = predictor.config.limits
+    document, signature = await predictor.offload(
+        len(body), _object_and_signature, body, limits.max_json_composites
+    )
     try:
         target = predictor.resolve(where.model_name, where.version, where.label, signature)
     except SignatureNotFoundError as exc:
@@ -460,18 +300,26 @@ async def predict(predictor: Predictor, where: Route, body: bytes) -> tuple[str,
             body, "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist "
         )
     if has_rows:
-        inputs = _instances(body, document["instances"], target.spec)
+        values = _instances(body, document["instances"], target.spec, limits)
     elif has_columns:
-        inputs = _columns(document["inputs"], target.spec)
+        values = _columns(document["inputs"], target.spec)
     else:
         raise InvalidArgumentError("Missing 'inputs' or 'instances' key")
-    result = await predictor.run(target, inputs)
-    return to_json(result, rows=has_rows), result.version, result.signature_name
+    declared = {
+        alias: (target.spec.inputs[alias].tf_dtype, json_tensor.outline(value))
+        for alias, value in values.items()
+    }
+    predictor.check_declared(target, declared, ())
+    inputs = await predictor.offload(len(body), _convert, predictor, target, values)
+    del document, values  # the parsed document can be freed while the model runs
+    result = await predictor.run(target, inputs, declared_checked=True, deadline_s=deadline_s)
+    text = await predictor.offload(_output_bytes(result), to_json, result, has_rows)
+    return text, result.version, result.signature_name
 
 
 def examples_request(predictor: Predictor, where: Route, body: bytes) -> None:
     """``:classify`` / ``:regress``: TF Serving's body checks, then its signature checks (always refused)."""
-    document, signature = _object_and_signature(body)
+    document, signature = _object_and_signature(body, predictor.config.limits.max_json_composites)
     if "examples" not in document:
         raise _format_error(body, "When method is classify, key 'examples' is expected and was not found")
     if not isinstance(document["examples"], list):

@@ -260,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-name", default=None, help="model name at the URLs (default: the store's dir name)"
     )
     p.add_argument(
-        "--token-file", default=None, help=f"bearer token for the URLs, from this file (default: ${TOKEN_ENV})"
+        "--token-file",
+        default=None,
+        help=f"bearer token for the URLs, from this file (default: ${TOKEN_ENV})",
     )
     p.add_argument("--staging-max-age-s", type=float, default=DEFAULT_STAGING_MAX_AGE_S)
     p.add_argument("--checkpoint-max-age-s", type=float, default=DEFAULT_CHECKPOINT_MAX_AGE_S)

@@ -56,9 +56,16 @@ class Backend(Protocol):
         """Versions that must stay loaded besides the latest ones (labelled versions)."""
 
     async def predict(
-        self, version: int, signature: str, inputs: Mapping[str, np.ndarray], output_filter: Iterable[str]
+        self,
+        version: int,
+        signature: str,
+        inputs: Mapping[str, np.ndarray],
+        output_filter: Iterable[str],
+        *,
+        timeout_s: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run one (already validated, possibly batched) request."""
+        """Run one (already validated, possibly batched) request; DEADLINE_EXCEEDED after
+        ``timeout_s`` (default ``backend_timeout_s``), the time its callers have left."""
 
     def health_problem(self) -> str | None:
         """Why the backend cannot serve, or None when it can (or is waiting for a first version)."""

@@ -26,7 +26,7 @@ from ray_app.backends.base import AVAILABLE, LoadObserver, VersionState, desired
 from ray_app.config import AppConfig
 from ray_app.integrity import REFUSED_CODE, VersionVerifier
 from ray_app.protocol.protos import error_codes_pb2, saved_model_pb2
-from ray_app.protocol.status import FailedPreconditionError, error_for_code
+from ray_app.protocol.status import DeadlineExceededError, FailedPreconditionError, error_for_code
 from ray_app.signatures import SignatureSpec
 from training import model_store
 from training.integrity import IntegrityError
@@ -156,12 +156,24 @@ class EmbeddedBackend:
         self._pinned = set(versions)
 
     async def predict(
-        self, version: int, signature: str, inputs: Mapping[str, np.ndarray], output_filter: Iterable[str]
+        self,
+        version: int,
+        signature: str,
+        inputs: Mapping[str, np.ndarray],
+        output_filter: Iterable[str],
+        *,
+        timeout_s: float | None = None,
     ) -> dict[str, np.ndarray]:
         loaded = self._loaded[version]
         if signature not in loaded.functions:  # e.g. __saved_model_init_op: described, not callable
             raise FailedPreconditionError(f"signature {signature!r} of version {version} cannot be run")
-        return await asyncio.to_thread(run_signature, loaded, signature, inputs, tuple(output_filter))
+        timeout_s = self._config.backend_timeout_s if timeout_s is None else timeout_s
+        call = asyncio.to_thread(run_signature, loaded, signature, inputs, tuple(output_filter))
+        try:
+            # TF cannot be interrupted: the thread finishes, but the callers get their answer in time
+            return await asyncio.wait_for(call, timeout_s)
+        except TimeoutError:
+            raise DeadlineExceededError(f"the model did not answer within {timeout_s:.3f} s") from None
 
     def health_problem(self) -> str | None:
         """Unhealthy only when nothing can be served because loads failed (waiting is healthy)."""
@@ -211,7 +223,8 @@ class EmbeddedBackend:
                 logger.info("unloaded %s version %d", self._config.model_name, version)
             self._loaded = loaded  # one swap: requests see either the old or the new set
             if dropped:
-                gc.collect()  # dropped SavedModels sit in reference cycles
+                # dropped SavedModels sit in reference cycles; collecting them takes tens of ms
+                await asyncio.to_thread(gc.collect)
 
     def _servable(self, available: list[int]) -> set[int]:
         """The policy over the versions not known to be broken."""

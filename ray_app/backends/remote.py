@@ -184,7 +184,13 @@ class RemoteBackend:
 
     # -- inference -----------------------------------------------------------------------------
     async def predict(
-        self, version: int, signature: str, inputs: Mapping[str, np.ndarray], output_filter: Iterable[str]
+        self,
+        version: int,
+        signature: str,
+        inputs: Mapping[str, np.ndarray],
+        output_filter: Iterable[str],
+        *,
+        timeout_s: float | None = None,
     ) -> dict[str, np.ndarray]:
         if version in self._refused:  # the predictor routes only to versions(); this holds regardless
             raise NotFoundError(f"version {version} is refused: {self._refused[version]}")
@@ -197,7 +203,9 @@ class RemoteBackend:
         for name, array in inputs.items():
             request.inputs[name].CopyFrom(from_ndarray(array, tensor_content=True))
         try:
-            response = await self._predict(request, timeout=self._config.backend_timeout_s)
+            # TF Serving turns the RPC deadline into the session run's timeout_in_ms
+            rpc_timeout_s = min(self._config.backend_timeout_s, timeout_s or self._config.backend_timeout_s)
+            response = await self._predict(request, timeout=rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                 raise UnavailableError(f"TF Serving backend unavailable: {exc.details()}") from exc

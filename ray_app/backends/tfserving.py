@@ -120,7 +120,8 @@ class TFServingBackend(RemoteBackend):
         self._config_file.write_text(str(model_server_config(self._config, self._specific)))
         command = build_command(self._config, binary, socket_path, self._config_file)
         logger.info("starting %s", " ".join(command))
-        self._process = subprocess.Popen(command, preexec_fn=_die_with_parent_hook())
+        hook = _die_with_parent_hook()  # fork+exec of a large replica process: off the event loop
+        self._process = await asyncio.to_thread(subprocess.Popen, command, preexec_fn=hook)
         if self._channel is not None:
             await self._channel.close()
         self._connect(f"unix:{socket_path}")

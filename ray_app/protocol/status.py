@@ -78,9 +78,10 @@ class NotFoundError(ServingError):
 class ResourceExhaustedError(ServingError):
     code = StatusCode.RESOURCE_EXHAUSTED
 
-    def __init__(self, message: str, limit: str = "") -> None:
+    def __init__(self, message: str, limit: str = "", retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.limit = limit  # which limit refused it (metrics count refusals by it)
+        self.retry_after_s = retry_after_s  # set when waiting helps (a full budget): Retry-After
 
 
 class UnavailableError(ServingError):

@@ -2,9 +2,9 @@
 
 Two replicas of serve_configs/local.yaml's deployment behind HAProxy, four gRPC clients asking all
 along. One replica is SIGKILLed: only requests in flight on it may fail; none that start after it
-is gone, and Serve starts a replacement. HAProxy resends a request whose replica closed the
-connection unanswered, or could not be reached, to the other replica (ray_app/front_door.py:
-retry-on conn-failure empty-response), so in practice none fails at all.
+is gone, and Serve starts a replacement. HAProxy resends a request that could not reach a replica
+to the other one, but not one whose replica died with it unanswered (ray_app/front_door.py:
+retry-on conn-failure only, so a request that kills a replica is never replayed onto the next).
 """
 
 from __future__ import annotations

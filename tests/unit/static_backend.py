@@ -65,7 +65,13 @@ class StaticBackend:
     def set_pinned_versions(self, versions: Iterable[int]) -> None: ...
 
     async def predict(
-        self, version: int, signature: str, inputs: Mapping[str, np.ndarray], output_filter: Iterable[str]
+        self,
+        version: int,
+        signature: str,
+        inputs: Mapping[str, np.ndarray],
+        output_filter: Iterable[str],
+        *,
+        timeout_s: float | None = None,
     ) -> dict[str, np.ndarray]:
         images = inputs[IMAGES_INPUT]
         self.calls.append((version, signature, len(images)))

@@ -58,9 +58,9 @@ def _record_calls(backend, record) -> None:
     """Wrap the real backend's predict so a test sees each backend call (one per batch group)."""
     original = backend.predict
 
-    async def recording(version, signature, inputs, output_filter):
+    async def recording(version, signature, inputs, output_filter, **options):
         record(signature, inputs)
-        return await original(version, signature, inputs, output_filter)
+        return await original(version, signature, inputs, output_filter, **options)
 
     backend.predict = recording
 
@@ -193,12 +193,12 @@ def test_requests_that_fill_a_batch_skip_the_queue_and_run_concurrently(store):
     async def body(predictor, backend):
         original = backend.predict
 
-        async def slow(version, signature, inputs, output_filter):
+        async def slow(version, signature, inputs, output_filter, **options):
             in_flight[0] += 1
             peak[0] = max(peak[0], in_flight[0])
             try:
                 await asyncio.sleep(0.2)
-                return await original(version, signature, inputs, output_filter)
+                return await original(version, signature, inputs, output_filter, **options)
             finally:
                 in_flight[0] -= 1
 

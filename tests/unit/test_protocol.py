@@ -218,3 +218,22 @@ def test_status_table_is_tf_servings_both_ways() -> None:
     assert GRPC_TO_HTTP[StatusCode.DEADLINE_EXCEEDED] == 504
     for status, code in HTTP_TO_GRPC.items():
         assert GRPC_TO_HTTP[code] == status or (status, code) == (413, StatusCode.RESOURCE_EXHAUSTED)
+
+
+def test_typed_values_decode_without_a_python_list_of_them() -> None:
+    """A uint8 input sent as int_val (a varint per pixel): the decoded tensor plus an int32
+    intermediate, not a Python list of ints (8-36 bytes each) first (issue 15)."""
+    count = 1024 * 28 * 28
+    values = (np.arange(count) % 300).astype(np.int32)  # most above the small-int cache
+    proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_UINT8)
+    for size in (1024, 28, 28):
+        proto.tensor_shape.dim.add(size=size)
+    proto.int_val.extend(values.tolist())
+    tracemalloc.start()
+    try:
+        array = to_ndarray(proto, "images", max_elements=count)
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(array.reshape(-1), values.astype(np.uint8))  # wrapped like C++ casts
+    assert peak_bytes < 6 * count, peak_bytes

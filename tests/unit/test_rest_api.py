@@ -213,19 +213,24 @@ def test_status_and_metadata_json_as_tf_serving_writes_them() -> None:
 
 # -- hostile bodies ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("depth", "message"),
+    ("depth", "composites", "code", "message"),
     [
-        (100, "the JSON lists are not a rectangular tensor"),
-        (100_000, "JSON Parse error: the document nests too deep"),
+        (100, 65_536, StatusCode.INVALID_ARGUMENT, "has shape [1, 1, 1,"),  # outline vs signature first
+        (100_000, 65_536, StatusCode.RESOURCE_EXHAUSTED, "max_json_composites"),  # counted before parsing
+        (100_000, 10**6, StatusCode.INVALID_ARGUMENT, "JSON Parse error: the document nests too deep"),
     ],
 )
-def test_deeply_nested_json_is_a_quick_400_not_a_crash(depth: int, message: str) -> None:
+def test_deeply_nested_json_is_a_quick_clean_answer_not_a_crash(depth, composites, code, message) -> None:
+    predictor = _predictor(max_json_composites=composites)
     nested = b"[" * depth + b"]" * depth
     for body in (b'{"instances": ' + nested + b"}", b'{"x": ' + nested + b', "instances": [1]}', nested):
         started = time.perf_counter()
-        error = _error(body)
-        assert error.code is StatusCode.INVALID_ARGUMENT and time.perf_counter() - started < 1.0
-    assert message in _error(b'{"instances": ' + nested + b"}").message
+        with pytest.raises(ServingError) as info:
+            _predict(body, predictor=predictor)
+        assert info.value.code is code and time.perf_counter() - started < 1.0
+    with pytest.raises(ServingError) as info:
+        _predict(b'{"instances": ' + nested + b"}", predictor=predictor)
+    assert message in info.value.message
 
 
 def _request(headers: dict[str, str], chunks: list[bytes]) -> tuple[Request, list[int]]:

@@ -120,9 +120,9 @@ def test_an_unpinned_request_follows_the_latest_when_its_version_goes_while_it_w
     predictor.reconfigure(LiveConfig(max_batch_size=8, batch_wait_timeout_s=0.05))
     original_run = predictor.run
 
-    async def run_after_a_rollout(target, inputs, output_filter=()):
+    async def run_after_a_rollout(target, inputs, output_filter=(), **options):
         backend._versions = [2]  # version 1 is unloaded between resolving and running
-        return await original_run(target, inputs, output_filter)
+        return await original_run(target, inputs, output_filter, **options)
 
     predictor.run = run_after_a_rollout
 

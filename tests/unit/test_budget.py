@@ -1,0 +1,167 @@
+"""The in-flight byte budget of a replica (issue 15 item 3): HTTP bodies and gRPC messages together,
+checked from Content-Length / the message size before anything is read or parsed, refused with
+429 / RESOURCE_EXHAUSTED and Retry-After while full. Through the real deployment class, no Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import numpy as np
+import pytest
+from starlette.requests import Request
+
+from ray_app.budget import ByteBudget
+from ray_app.config import AppConfig, LiveConfig
+from ray_app.deployment import MnistServer
+from ray_app.metrics import AppMetrics
+from ray_app.predictor import Predictor
+from ray_app.protocol.protos import predict_pb2
+from ray_app.protocol.status import ResourceExhaustedError
+from ray_app.protocol.tensors import from_ndarray
+from tests.unit.conftest import run_on_replica_loop
+from tests.unit.static_backend import StaticBackend
+
+pytestmark = pytest.mark.usefixtures("replica_context")
+
+IMAGE = np.zeros((1, 28, 28), np.uint8)
+
+
+def test_a_budget_refuses_what_does_not_fit_and_frees_what_was_answered() -> None:
+    budget = ByteBudget(1000, retry_after_s=2)
+    with budget.hold(600):
+        with pytest.raises(ResourceExhaustedError) as info:
+            with budget.hold(401):
+                pass
+        assert (info.value.limit, info.value.retry_after_s) == ("max_inflight_bytes", 2)
+        with budget.hold(400):
+            assert budget.in_use == 1000
+    assert budget.in_use == 0
+    with pytest.raises(ValueError, match="max_inflight_bytes"):
+        AppConfig(limits={"max_request_bytes": 2000, "max_inflight_bytes": 1000})
+
+
+class _Context:
+    """What the deployment uses of Serve's gRPC context."""
+
+    def __init__(self) -> None:
+        self.code, self.details, self.trailing = None, "", [("request_id", "r1")]
+
+    def set_code(self, code) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+    def set_trailing_metadata(self, metadata) -> None:
+        self.trailing = list(metadata)
+
+    @property
+    def _trailing_metadata(self):
+        return self.trailing
+
+    def invocation_metadata(self):
+        return []
+
+
+def _server(max_inflight_bytes: int) -> object:
+    config = AppConfig(
+        limits={"max_request_bytes": max_inflight_bytes, "max_inflight_bytes": max_inflight_bytes}
+    )
+    server = MnistServer.func_or_class.__new__(MnistServer.func_or_class)
+    server._metrics = AppMetrics("mnist")
+    server._predictor = Predictor(config, StaticBackend(versions=(1,)), rng=random.Random(0))
+    server._predictor.reconfigure(LiveConfig())
+    return server
+
+
+def _rest(body: bytes, received: list[int], release: asyncio.Event | None = None) -> Request:
+    async def receive():
+        received.append(1)
+        if release is not None:
+            await release.wait()
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/models/mnist:predict",
+        "raw_path": b"/v1/models/mnist:predict",
+        "query_string": b"",
+        "headers": [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")],
+    }
+    return Request(scope, receive)
+
+
+def test_requests_beyond_the_budget_are_refused_before_being_read_or_parsed() -> None:
+    cls = MnistServer.func_or_class
+    body = json.dumps({"instances": IMAGE.tolist()}).encode()  # ~2.4 kB
+    raw = predict_pb2.PredictRequest(model_spec={"name": "mnist"}, inputs={"images": from_ndarray(IMAGE)})
+    server = _server(max_inflight_bytes=3000)
+    assert len(body) <= 3000 < len(body) + raw.ByteSize()
+
+    async def main():
+        release, slow_received = asyncio.Event(), []
+        slow = asyncio.ensure_future(
+            cls.rest_v1(server, _rest(body, slow_received, release), "models/mnist:predict")
+        )
+        while not slow_received:  # the first request holds its share while its body arrives
+            await asyncio.sleep(0)
+        refused_received: list[int] = []
+        refused = await cls.rest_v1(server, _rest(body, refused_received), "models/mnist:predict")
+        context = _Context()
+        refused_grpc = await cls.Predict(server, raw.SerializeToString(), context)
+        release.set()
+        answered = await slow
+        after = await cls.rest_v1(server, _rest(body, []), "models/mnist:predict")
+        return refused, refused_received, context, refused_grpc, answered, after
+
+    refused, refused_received, context, refused_grpc, answered, after = run_on_replica_loop(main())
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert "max_inflight_bytes" in json.loads(refused.body)["error"]
+    assert refused_received == []  # refused from its Content-Length: not a byte read
+    import grpc
+
+    assert context.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "max_inflight_bytes" in context.details
+    assert context.trailing == [("request_id", "r1"), ("retry-after", "1")]
+    assert not refused_grpc.outputs
+    assert answered.status_code == 200 and after.status_code == 200  # freed once answered
+    assert server._predictor.inflight_bytes.in_use == 0
+
+
+@pytest.mark.parametrize(("budget_bodies", "max_peak_bodies"), [(4, 60), (16, None)])
+def test_memory_under_16_concurrent_largest_bodies_is_bounded_by_the_budget(budget_bodies, max_peak_bodies):
+    """16 bodies of max_request_bytes at once: only ``budget_bodies`` of them are parsed, the others
+    get 429 at once, so the peak is a few bodies' worth of parsing, not sixteen (measured: 42 and
+    131 bodies' worth of traced memory with a budget of 4 bodies and of 16)."""
+    import tracemalloc
+
+    cls = MnistServer.func_or_class
+    rows = [[0.5] * 784] * 333 + [[0.5] * 783 + [None]]  # ~1 MiB of floats, the last one null
+    body = json.dumps({"signature_name": "predict_images", "inputs": rows}).encode()
+    server = _server(max_inflight_bytes=len(body))
+    budget = budget_bodies * len(body)
+    server._predictor = Predictor(
+        AppConfig(limits={"max_request_bytes": len(body), "max_inflight_bytes": budget}),
+        StaticBackend(versions=(1,)),
+        rng=random.Random(0),
+    )
+    server._predictor.reconfigure(LiveConfig())
+
+    async def main():
+        requests = [cls.rest_v1(server, _rest(body, []), "models/mnist:predict") for _ in range(16)]
+        return await asyncio.gather(*requests)
+
+    tracemalloc.start()
+    try:
+        answers = run_on_replica_loop(main())
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    statuses = sorted(answer.status_code for answer in answers)
+    assert statuses == [400] * budget_bodies + [429] * (16 - budget_bodies)  # the null; the budget
+    if max_peak_bodies is not None:
+        assert peak_bytes < max_peak_bodies * len(body), peak_bytes / len(body)
+    else:  # without the budget's refusals the same bodies cost far more than the bound above
+        assert peak_bytes > 60 * len(body), peak_bytes / len(body)  # measured: 131 bodies' worth
