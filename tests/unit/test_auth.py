@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from types import SimpleNamespace
 
 import grpc
@@ -12,9 +13,12 @@ from fastapi.responses import PlainTextResponse
 
 from ray_app import auth
 from ray_app.auth import MALFORMED, MISSING, WRONG, BearerTokenMiddleware, TokenAuth
+from ray_app.config import AppConfig, LiveConfig
 from ray_app.deployment import MnistServer
+from ray_app.predictor import Predictor
 from ray_app.protocol.protos import get_model_status_pb2
 from tests.unit.conftest import run_on_replica_loop
+from tests.unit.static_backend import StaticBackend
 
 
 class _Clock:
@@ -197,12 +201,19 @@ class _Context:
         self.details = details
 
 
+def _predictor() -> Predictor:
+    """A real predictor over a stand-in backend: what a method may touch before its token check."""
+    predictor = Predictor(AppConfig(), StaticBackend(versions=(1,)), rng=random.Random(0))
+    predictor.reconfigure(LiveConfig())
+    return predictor
+
+
 def _grpc_call(checker: TokenAuth | None, metadata) -> tuple[_Context, list, list]:
     server_class = MnistServer.func_or_class
     handled, observed = [], []
     replica = SimpleNamespace(
         _auth=checker,
-        _predictor=object(),
+        _predictor=_predictor(),
         _observe=lambda protocol, method, started_s, outcome, *rest: observed.append(outcome),
     )
 
@@ -250,7 +261,7 @@ def test_every_grpc_method_of_the_deployment_goes_through_the_checked_wrapper(to
     ours = [klass for klass in server_class.__mro__ if klass.__module__ == "ray_app.deployment"]
     methods = sorted({name for klass in ours for name in vars(klass) if name[:1].isupper()})
     assert {"Predict", "GetModelStatus", "HandleReloadConfigRequest"} <= set(methods)
-    replica = SimpleNamespace(_auth=TokenAuth(token_file), _predictor=object(), _observe=lambda *a: None)
+    replica = SimpleNamespace(_auth=TokenAuth(token_file), _predictor=_predictor(), _observe=lambda *a: None)
     replica._grpc = lambda *args, **kwargs: server_class._grpc(replica, *args, **kwargs)
     replica._oip_grpc = lambda *args: server_class._oip_grpc(replica, *args)  # the OIP methods' shared body
     for name in methods:

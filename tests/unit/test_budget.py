@@ -71,6 +71,7 @@ def _server(max_inflight_bytes: int) -> object:
     )
     server = MnistServer.func_or_class.__new__(MnistServer.func_or_class)
     server._metrics = AppMetrics("mnist")
+    server._auth = None  # tokens off, as in local.yaml
     server._predictor = Predictor(config, StaticBackend(versions=(1,)), rng=random.Random(0))
     server._predictor.reconfigure(LiveConfig())
     return server
