@@ -91,6 +91,9 @@ class EdgeConfig(_Strict):
     threads: int | None = Field(
         default=None, ge=1, le=64, description="HAProxy threads (default: one per 4 CPUs of the node, 1 to 4)"
     )
+    certificate_check_interval_s: float = Field(
+        default=10.0, gt=0, description="how often the TLS files are checked; changed files are reloaded"
+    )
     drain_timeout_s: float = Field(
         default=60.0, gt=0, description="on reload or stop, how long old connections may finish"
     )

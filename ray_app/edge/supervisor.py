@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import os
 import shutil
 import signal
@@ -112,6 +113,24 @@ class EdgeProcess:
     def pid(self) -> int | None:
         return self._master.pid if self._master else None
 
+    @property
+    def returncode(self) -> int | None:
+        return self._master.returncode if self._master else None
+
+    def tls_digest(self) -> str | None:
+        """SHA-256 over the TLS files' contents (None without TLS, or when one cannot be read)."""
+        tls = self.config.tls
+        if tls is None:
+            return None
+        digest = hashlib.sha256()
+        for path in (tls.server_cert, tls.server_key, tls.custom_ca):
+            if path is not None:
+                try:
+                    digest.update(path.read_bytes())
+                except OSError:
+                    return None
+        return digest.hexdigest()
+
     def alive(self) -> bool:
         return self._master is not None and self._master.poll() is None
 
@@ -210,10 +229,12 @@ def _tail(path: Path, max_chars: int = 2000) -> str:
 
 
 def supervise(edge: EdgeProcess, *, max_backoff_s: float = 30.0, log=print) -> int:
-    """Keep ``edge`` running until SIGTERM or SIGINT: SIGHUP reloads it (a refused configuration is
-    logged and the running one kept); a HAProxy that exits on its own is started again, waiting
+    """Keep ``edge`` running until SIGTERM or SIGINT: SIGHUP reloads it, and so does a change of its
+    certificate files (checked every ``certificate_check_interval_s``); a refused configuration is
+    logged and the running one kept; a HAProxy that exits on its own is started again, waiting
     1, 2, 4 ... ``max_backoff_s`` seconds between tries. Returns 0 once stopped and gone, else 1."""
     wanted = {"stop": False, "reload": False}
+    check_every_s = edge.config.certificate_check_interval_s
 
     def on_stop(signum, frame) -> None:
         wanted["stop"] = True
@@ -226,10 +247,17 @@ def supervise(edge: EdgeProcess, *, max_backoff_s: float = 30.0, log=print) -> i
     backoff_s = 1.0
     try:
         edge.start()
+        loaded, next_check = edge.tls_digest(), time.monotonic() + check_every_s
         log(f"edge: HAProxy {edge.pid} serving gRPC :{edge.config.grpc_port}, HTTP :{edge.config.http_port}"
             f" ({'TLS' if edge.config.tls else 'plaintext'}) -> {edge.config.upstream.host}")  # fmt: skip
         while not wanted["stop"]:
             time.sleep(0.2)
+            if edge.config.tls is not None and time.monotonic() > next_check:
+                next_check = time.monotonic() + check_every_s
+                digest = edge.tls_digest()
+                if digest != loaded:  # replaced certificate files: load them (once per change)
+                    loaded, wanted["reload"] = digest, True
+                    log("edge: certificate files changed")
             if wanted["reload"]:
                 wanted["reload"] = False
                 try:
@@ -238,8 +266,12 @@ def supervise(edge: EdgeProcess, *, max_backoff_s: float = 30.0, log=print) -> i
                 except EdgeError as exc:
                     log(f"edge: reload refused, still serving the previous configuration: {exc}")
             if not edge.alive() and not wanted["stop"]:
-                log(f"edge: HAProxy exited ({edge._master.returncode}); starting it again in {backoff_s:g} s")
-                time.sleep(backoff_s)
+                log(f"edge: HAProxy exited ({edge.returncode}); starting it again in {backoff_s:g} s")
+                resume_at = time.monotonic() + backoff_s
+                while time.monotonic() < resume_at and not wanted["stop"]:
+                    time.sleep(0.2)
+                if wanted["stop"]:
+                    break
                 backoff_s = min(max_backoff_s, backoff_s * 2)
                 edge.stop(grace_s=0)
                 try:

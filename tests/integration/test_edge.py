@@ -320,15 +320,21 @@ def _served_certificate_issuer(port: int, cafile: Path) -> str:
     return issuer["commonName"]
 
 
-def test_certificate_rotation_by_reload_fails_no_request(app, pki, tmp_path) -> None:
-    """Replace the certificate and key files, reload (SIGHUP to the supervisor): requests on open
-    connections and new ones all succeed; new connections get the new certificate."""
+@pytest.mark.parametrize("how", ["reload-command", "file-watch"])
+def test_certificate_rotation_fails_no_request(app, pki, tmp_path, how) -> None:
+    """Replace the certificate and key files, then reload (``python -m ray_app.edge reload``, or the
+    supervisor noticing the files changed): requests on open connections and new ones all succeed;
+    new connections get the new certificate."""
     cert_dir = tmp_path / "live"
     cert_dir.mkdir()
     live_cert, live_key = cert_dir / "server.crt", cert_dir / "server.key"
     live_cert.write_bytes(pki["server"].cert.read_bytes())
     live_key.write_bytes(pki["server"].key.read_bytes())
-    config = _config(app, tls={"server_cert": str(live_cert), "server_key": str(live_key)})
+    config = _config(
+        app,
+        tls={"server_cert": str(live_cert), "server_key": str(live_key)},
+        certificate_check_interval_s=0.5 if how == "file-watch" else 3600,
+    )
     both = tmp_path / "both-cas.pem"
     both.write_bytes(pki["ca"].cert.read_bytes() + pki["other"].cert.read_bytes())
     replacement = pki["other"].issue("server-2", server=True)
@@ -358,12 +364,13 @@ def test_certificate_rotation_by_reload_fails_no_request(app, pki, tmp_path) -> 
         time.sleep(1.5)
         live_cert.write_bytes(replacement.cert.read_bytes())
         live_key.write_bytes(replacement.key.read_bytes())
-        reload = subprocess.run(
-            [sys.executable, "-m", "ray_app.edge", "reload", "--pid-file", str(pid_file)],
-            cwd=REPO,
-            timeout=60,
-        )
-        assert reload.returncode == 0
+        if how == "reload-command":
+            reload = subprocess.run(
+                [sys.executable, "-m", "ray_app.edge", "reload", "--pid-file", str(pid_file)],
+                cwd=REPO,
+                timeout=60,
+            )
+            assert reload.returncode == 0
         _wait_for(
             lambda: _served_certificate_issuer(config.http_port, both) == "test other-ca", 15, "new cert"
         )
