@@ -383,7 +383,11 @@ def serve_app(variant: Variant, args: argparse.Namespace, workdir: Path) -> Iter
     cmd = [str(Path(sys.executable).parent / "serve"), "run", "-a", "local", str(config_path)]
     proc = _start_server(cmd, log, env)
     started = time.monotonic()
-    notes: dict[str, Any] = {"ray_tmpdir": str(ray_tmp), "front_door": variant.front_door, "http_port": http_port}
+    notes: dict[str, Any] = {
+        "ray_tmpdir": str(ray_tmp),
+        "front_door": variant.front_door,
+        "http_port": http_port,
+    }
     try:
         request = build_requests(args.model_name, 1, count=1)[0][0]
         target = _wait_ready(proc, [f"127.0.0.1:{grpc_port}"], request, args.ready_timeout_s, log)

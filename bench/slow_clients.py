@@ -7,7 +7,9 @@ connection). A connection the server closes is opened again at once, so ``count`
 for as long as the attack lasts. Beside it, a normal client sends 1-image gRPC Predicts in a
 closed loop with a deadline; its p50/p99 and failures are what we compare.
 
-    python -m bench.slow_clients --grpc-target 127.0.0.1:9000 --http-port 8000 [--tls --ca-cert ca.crt]
+    python -m bench.slow_clients --grpc-port 9000 --http-port 8000 [--ca-cert ca.crt]   # a running app
+    python -m bench.slow_clients --app MODEL_BASE_PATH --out bench/results/slow-clients.json
+        # starts serve_configs/local.yaml's app: Ray's HAProxy alone, then a plaintext edge in front
 """
 
 from __future__ import annotations
@@ -337,9 +339,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration-s", type=float, default=10.0)
     parser.add_argument("--model", default="mnist")
     parser.add_argument("--ca-cert", default=None, help="TLS: the CA of the server's certificate")
+    parser.add_argument("--out", default=None, help="also write the results (JSON) here")
     args = parser.parse_args(argv)
     if args.app:
-        print(json.dumps(_with_app(args), indent=2))
+        results = _with_app(args)
+        print(json.dumps(results, indent=2))
+        if args.out:
+            with open(args.out, "w") as out:
+                json.dump(
+                    {"date": time.strftime("%Y-%m-%d"), "count": args.count, "results": results},
+                    out,
+                    indent=2,
+                )
         return
     if args.grpc_port is None or args.http_port is None:
         parser.error("--grpc-port and --http-port (or --app)")

@@ -262,6 +262,8 @@ def test_stock_clients_and_ours_over_tls_and_plaintext_refused(app, pki, tmp_pat
         https = f"https://localhost:{config.http_port}"
         answer = requests.post(https + REST_PREDICT, data=REST_BODY, verify=ca, timeout=30)
         assert answer.status_code == 200 and len(answer.json()["predictions"]) == 1
+        page = requests.get(https + "/", verify=ca, timeout=30)  # the web page (its fetches are relative)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         curl = subprocess.run(
             ["curl", "-sS", "--fail", "--cacert", ca, https + "/v1/models/mnist"],
             capture_output=True, text=True, timeout=60,
