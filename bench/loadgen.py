@@ -71,13 +71,22 @@ async def run_load(
     timeout_s: float = 5.0,
     channels: int = 1,
     verbose: bool = False,
+    root_certificates: bytes | None = None,
 ) -> dict[str, Any]:
-    """Drive ``target`` at fixed concurrency; return throughput, latency percentiles and errors."""
+    """Drive ``target`` at fixed concurrency; return throughput, latency percentiles and errors.
+
+    ``root_certificates``: speak TLS, trusting these PEM CA certificates (None: plaintext)."""
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
     requests, labels = build_requests(model, images_per_request)
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-    opened = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, channels))]
+    if root_certificates is None:
+        opened = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, channels))]
+    else:
+        credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+        opened = [
+            grpc.aio.secure_channel(target, credentials, options=options) for _ in range(max(1, channels))
+        ]
     stubs = [prediction_service_pb2_grpc.PredictionServiceStub(ch) for ch in opened]
 
     latencies_s: list[float] = []
