@@ -463,3 +463,43 @@ def test_killing_a_replica_behind_the_tls_edge_fails_no_later_request(app, pki, 
     print(f"replica kill through the TLS edge: {len(outcomes)} requests, failed {failed}")
     assert later == [] and len(failed) <= 4
     assert len(after) > 50
+
+
+# -- supervision -----------------------------------------------------------------------------------
+def _edge_haproxy(state_dir: Path) -> list:
+    return leftovers.haproxy_processes(str(state_dir))
+
+
+def test_supervisor_restarts_haproxy_and_never_leaves_it_orphaned(tmp_path) -> None:
+    """HAProxy killed: the supervisor starts it again. The supervisor killed (SIGKILL, no clean-up
+    of its own): HAProxy goes too and the ports close, rather than staying up unwatched."""
+    config = EdgeConfig(
+        bind_host="127.0.0.1",
+        grpc_port=free_port(),
+        http_port=free_port(),
+        upstream={"grpc_port": free_port(), "http_port": free_port()},  # nothing behind: not needed here
+    )
+    config_path, state_dir = tmp_path / "edge.yaml", tmp_path / "state"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "ray_app.edge", "run", "--config", str(config_path), "--state-dir", str(state_dir)],
+        cwd=REPO,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: port_in_use(config.http_port) and len(_edge_haproxy(state_dir)) >= 2, 30, "edge up")
+        first = {p.pid for p in _edge_haproxy(state_dir)}
+        for process in _edge_haproxy(state_dir):
+            process.kill()
+        _wait_for(
+            lambda: port_in_use(config.http_port) and {p.pid for p in _edge_haproxy(state_dir)} - first,
+            30,
+            "HAProxy started again by its supervisor",
+        )
+        supervisor.kill()
+        supervisor.wait(timeout=10)
+        _assert_gone(state_dir, config)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+        leftovers.stop(_edge_haproxy(state_dir))
