@@ -87,19 +87,28 @@ class EdgeProcess:
 
     # -- files -----------------------------------------------------------------------------
     def write_files(self) -> None:
-        """The configuration (and the combined server PEM with TLS), validated by HAProxy itself."""
+        """The configuration (and the combined server PEM with TLS), checked by HAProxy itself in
+        a directory of their own first: what HAProxy refuses never replaces the files in use."""
         self.files.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        pem = None
         tls = self.config.tls
         if tls is not None:
             try:
                 pem = combined_pem(tls.server_cert.read_bytes(), tls.server_key.read_bytes())
             except OSError as exc:
                 raise EdgeError(f"cannot read the server certificate or key: {exc}") from None
+        pending = EdgeFiles(self.files.state_dir / "pending")
+        pending.state_dir.mkdir(mode=0o700, exist_ok=True)
+        try:
+            if pem is not None:
+                _write_private(pending.server_pem, pem)
+            _write_private(pending.config, render(self.config, pending).encode())
+            self._check(pending.config)
+        finally:
+            shutil.rmtree(pending.state_dir, ignore_errors=True)
+        if pem is not None:
             _write_private(self.files.server_pem, pem)
-        text = render(self.config, self.files).encode()
-        _write_private(self.files.config.with_name("haproxy.cfg.check"), text)
-        self._check(self.files.config.with_name("haproxy.cfg.check"))
-        os.replace(self.files.config.with_name("haproxy.cfg.check"), self.files.config)
+        _write_private(self.files.config, render(self.config, self.files).encode())
 
     def _check(self, path: Path) -> None:
         result = subprocess.run(

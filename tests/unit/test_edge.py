@@ -90,6 +90,20 @@ def test_a_config_haproxy_refuses_is_never_written(pki, tmp_path) -> None:
     assert not (tmp_path / "state" / "haproxy.cfg").exists()
 
 
+def test_a_key_that_does_not_match_leaves_the_files_in_use_alone(pki, tmp_path) -> None:
+    ca, server = pki
+    other = ca.issue("other", server=True)
+    config = EdgeConfig(upstream=UPSTREAM, tls={"server_cert": server.cert, "server_key": server.key})
+    EdgeProcess(config, tmp_path / "state").write_files()
+    in_use = (tmp_path / "state" / "server.pem").read_bytes()
+    mismatched = config.model_copy(
+        update={"tls": config.tls.model_copy(update={"server_key": other.key})}
+    )  # e.g. a rotation caught half-way: new key, old certificate
+    with pytest.raises(EdgeError, match="HAProxy refuses"):
+        EdgeProcess(mismatched, tmp_path / "state").write_files()
+    assert (tmp_path / "state" / "server.pem").read_bytes() == in_use
+
+
 def test_missing_certificate_files_are_an_edge_error(tmp_path) -> None:
     config = EdgeConfig(
         upstream=UPSTREAM, tls={"server_cert": tmp_path / "none.crt", "server_key": tmp_path / "k"}
