@@ -107,12 +107,20 @@ async def run_load(
     channels: int = 1,
     verbose: bool = False,
     protocol: str = "tf_serving",
+    root_certificates: bytes | None = None,
 ) -> dict[str, Any]:
     """Drive ``target`` at fixed concurrency; return throughput, latency percentiles and errors.
 
-    ``protocol``: ``tf_serving`` (``Predict``) or ``oip`` (``ModelInfer``, raw tensors)."""
+    ``protocol``: ``tf_serving`` (``Predict``) or ``oip`` (``ModelInfer``, raw tensors).
+    ``root_certificates``: speak TLS, trusting these PEM CA certificates (None: plaintext)."""
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-    opened = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, channels))]
+    if root_certificates is None:
+        opened = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, channels))]
+    else:
+        credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+        opened = [
+            grpc.aio.secure_channel(target, credentials, options=options) for _ in range(max(1, channels))
+        ]
     if protocol == "oip":
         from tritonclient.grpc import service_pb2
 

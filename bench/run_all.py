@@ -63,6 +63,7 @@ class Variant:
     batch_wait_timeout_s: float | None = None  # serve: None keeps the config's
     num_replicas: int | None = None  # serve: None keeps the config's
     grpc_request_timeout: bool = True  # serve: False drops grpc_options.request_timeout_s
+    edge: str | None = None  # serve: "plaintext" | "tls": the load goes through ray_app.edge in front
     concurrencies: tuple[int, ...] = CONCURRENCIES
     images_per_request: tuple[int, ...] = IMAGES_PER_REQUEST
     protocol: str = "tf_serving"  # the clients': tf_serving (Predict) | oip (ModelInfer, docs/oip.md)
@@ -121,6 +122,18 @@ VARIANTS = {
             grpc_request_timeout=False,
         ),
         Variant(
+            "ray-haproxy-edge",
+            "serve",
+            "ray-haproxy behind the edge (ray_app/edge: a second HAProxy on the client ports), plaintext",
+            edge="plaintext",
+        ),
+        Variant(
+            "ray-haproxy-edge-tls",
+            "serve",
+            "ray-haproxy behind the edge with TLS (gRPC over TLS 1.3, P-256 certificate)",
+            edge="tls",
+        ),
+        Variant(
             "ray-haproxy-unbatched",
             "serve",
             "ray-haproxy with max_batch_size 1 (no batching)",
@@ -147,6 +160,8 @@ class Running:
     notes: dict[str, Any] = field(default_factory=dict)
     sid: int | None = None  # the server's session, for CPU accounting
     batch_metrics: Callable[[], dict[str, float] | None] | None = None  # images and backend calls so far
+    root_certificates: bytes | None = None  # TLS: the CA to trust (None: plaintext)
+    edge_pids: Callable[[], set[int]] | None = None  # the edge's HAProxy processes, for CPU accounting
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -244,12 +259,15 @@ def _component(pid: int) -> str:
     return comm
 
 
-def _cpu_snapshot(sid: int | None) -> dict[str, float]:
-    """CPU seconds so far by component: the server's session plus this process (the client)."""
+def _cpu_snapshot(sid: int | None, edge_pids: set[int] = frozenset()) -> dict[str, float]:
+    """CPU seconds so far by component: the server's session, the edge's HAProxy (``edge_pids``)
+    and this process (the client)."""
     totals: dict[str, float] = {"client (loadgen)": _cpu_s(os.getpid())}
     for pid in _session_pids(sid) if sid else []:
         name = _component(pid)
         totals[name] = totals.get(name, 0.0) + _cpu_s(pid)
+    for pid in edge_pids:
+        totals["edge haproxy"] = totals.get("edge haproxy", 0.0) + _cpu_s(pid)
     return totals
 
 
@@ -391,12 +409,23 @@ def serve_app(variant: Variant, args: argparse.Namespace, workdir: Path) -> Iter
     cmd = [str(Path(sys.executable).parent / "serve"), "run", "-a", "local", str(config_path)]
     proc = _start_server(cmd, log, env)
     started = time.monotonic()
-    notes: dict[str, Any] = {"ray_tmpdir": str(ray_tmp), "front_door": variant.front_door}
+    notes: dict[str, Any] = {
+        "ray_tmpdir": str(ray_tmp),
+        "front_door": variant.front_door,
+        "http_port": http_port,
+    }
     try:
         request = build_requests(args.model_name, 1, count=1)[0][0]
         target = _wait_ready(proc, [f"127.0.0.1:{grpc_port}"], request, args.ready_timeout_s, log)
         notes["ready_s"] = round(time.monotonic() - started, 1)
-        yield Running(target, notes, proc.pid, lambda: _app_batch_counts(ray_tmp))
+        running = Running(target, notes, proc.pid, lambda: _app_batch_counts(ray_tmp))
+        if variant.edge is None:
+            yield running
+        else:
+            with _edge_in_front(variant.edge, grpc_port, http_port, workdir / f"{variant.name}-edge") as edge:
+                running.target, running.root_certificates, running.edge_pids = edge
+                notes["edge"] = variant.edge
+                yield running
     finally:
         notes["stopped_by"] = _stop_session(proc, grace_s=60)
         notes["exit_code"] = proc.returncode
@@ -410,6 +439,50 @@ def serve_app(variant: Variant, args: argparse.Namespace, workdir: Path) -> Iter
             shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A throwaway P-256 certificate for localhost (openssl), its own root."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "server.crt", directory / "server.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+@contextlib.contextmanager
+def _edge_in_front(
+    mode: str, grpc_port: int, http_port: int, workdir: Path
+) -> Iterator[tuple[str, bytes | None]]:
+    """ray_app.edge on free ports in front of Ray's HAProxy; yields its gRPC target and CA (TLS)."""
+    from ray_app.edge.config import EdgeConfig
+    from ray_app.edge.supervisor import EdgeProcess
+
+    tls = None
+    if mode == "tls":
+        cert, key = _self_signed(workdir / "tls")
+        tls = {"server_cert": cert, "server_key": key}
+    config = EdgeConfig(
+        bind_host="127.0.0.1",
+        grpc_port=free_port(),
+        http_port=free_port(),
+        upstream={"grpc_port": grpc_port, "http_port": http_port},
+        tls=tls,
+    )
+    edge = EdgeProcess(config, workdir / "state")
+    edge.start()
+    try:
+        host = "localhost" if tls else "127.0.0.1"  # the certificate's name
+        ca = tls["server_cert"].read_bytes() if tls else None
+        yield f"{host}:{config.grpc_port}", ca, lambda: {edge.pid, *edge.workers()}
+    finally:
+        left = edge.stop(grace_s=5)
+        if left:
+            print(f"  edge processes left after stop: {[p.pid for p in left]}", flush=True)
+
+
 # -- measuring -------------------------------------------------------------------------------------
 def _measure(
     target: str, args: argparse.Namespace, c: int, k: int, running: Running, protocol: str = "tf_serving"
@@ -417,9 +490,10 @@ def _measure(
     """``args.repeat`` runs of one point; the one with the median img/s (its own latencies)."""
     runs = []
     sid, batch_metrics = running.sid, running.batch_metrics
+    edge_pids = running.edge_pids or set
     for _ in range(args.repeat):
         batches_before = batch_metrics() if batch_metrics else None
-        cpu_before, wall_before = _cpu_snapshot(sid), time.monotonic()
+        cpu_before, wall_before = _cpu_snapshot(sid, edge_pids()), time.monotonic()
         result = asyncio.run(
             run_load(
                 target,
@@ -430,10 +504,11 @@ def _measure(
                 warmup_s=args.warmup_s,
                 timeout_s=args.timeout_s,
                 protocol=protocol,
+                root_certificates=running.root_certificates,
             )
         )
         wall_s = time.monotonic() - wall_before
-        cpu_after = _cpu_snapshot(sid)
+        cpu_after = _cpu_snapshot(sid, edge_pids())
         # CPU cores each component used over the run (warm-up included), busiest first
         cores = {name: (cpu_after[name] - cpu_before.get(name, 0.0)) / wall_s for name in cpu_after}
         result["cpu_cores"] = {

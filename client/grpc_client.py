@@ -65,6 +65,8 @@ class ClientConfig:
     tls: bool = False
     ca_cert: Path | None = None
     token: str | None = field(default=None, repr=False)  # bearer token (never printed)
+    client_cert: Path | None = None  # with client_key: mutual TLS
+    client_key: Path | None = None
     labels: Path | None = None
     json_output: bool = False
 
@@ -138,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     token = parser.add_mutually_exclusive_group()
     token.add_argument("--token", default=None, help=f"bearer token (default: ${TOKEN_ENV})")
     token.add_argument("--token-file", type=Path, default=None, help="read the bearer token from this file")
+    parser.add_argument(
+        "--client-cert",
+        type=Path,
+        default=None,
+        help="PEM client certificate for servers with mutual TLS (with --client-key; implies --tls)",
+    )
+    parser.add_argument("--client-key", type=Path, default=None, help="PEM key of --client-cert")
     return parser
 
 
@@ -166,6 +175,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ClientConfig:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.port is not None and not 0 < args.port < 65536:
         parser.error(f"--port must be in 1-65535, got {args.port}")
+    if (args.client_cert is None) != (args.client_key is None):
+        parser.error("--client-cert and --client-key go together")
     try:
         target = ModelTarget(args.model, version=args.version, version_label=args.version_label)
     except ValueError as exc:
@@ -179,9 +190,11 @@ def parse_args(argv: Sequence[str] | None = None) -> ClientConfig:
         mode=InputMode.BYTES if args.send_bytes else InputMode.TENSOR,
         timeout_s=args.timeout_s,
         batch_size=args.batch_size,
-        tls=args.tls or args.ca_cert is not None,
+        tls=args.tls or args.ca_cert is not None or args.client_cert is not None,
         ca_cert=args.ca_cert,
         token=_token(args, parser),
+        client_cert=args.client_cert,
+        client_key=args.client_key,
         labels=args.labels,
         json_output=args.json_output,
     )
@@ -247,7 +260,7 @@ def classify(config: ClientConfig) -> Outcome:
     model) are raised as ClientError; an image the server refuses by index is dropped from
     its batch, reported, and the rest of the batch is sent again.
     """
-    from client.transport import GrpcTransport, RestTransport
+    from client.transport import ClientCertificate, GrpcTransport, RestTransport
 
     paths, missing = find_image_paths(config.images)
     failures = [ImageFailure(None, str(exc), exc.exit_code) for exc in missing]
@@ -267,6 +280,7 @@ def classify(config: ClientConfig) -> Outcome:
         tls=config.tls,
         ca_cert=config.ca_cert,
         token=config.token,
+        client_cert=ClientCertificate(config.client_cert, config.client_key) if config.client_cert else None,
     ) as transport:
         for start in range(0, len(ready), config.batch_size):
             chunk = ready[start : start + config.batch_size]

@@ -14,7 +14,7 @@ import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import grpc
 
@@ -46,15 +46,22 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
-def _read_ca(ca_cert: Path | None) -> bytes | None:
-    if ca_cert is None:
+def _read_pem(path: Path | None, what: str = "CA certificate") -> bytes | None:
+    if path is None:
         return None
     try:
-        return Path(ca_cert).read_bytes()
+        return Path(path).read_bytes()
     except OSError as exc:
         raise ClientError(
-            f"cannot read CA certificate {ca_cert}: {exc.strerror or exc}", exit_code=ExitCode.USAGE
+            f"cannot read {what} {path}: {exc.strerror or exc}", exit_code=ExitCode.USAGE
         ) from None
+
+
+class ClientCertificate(NamedTuple):
+    """A PEM certificate (chain) and its key, for servers that ask for one (mutual TLS)."""
+
+    cert: Path
+    key: Path
 
 
 class GrpcTransport:
@@ -69,6 +76,7 @@ class GrpcTransport:
         tls: bool = False,
         ca_cert: Path | None = None,
         token: str | None = None,
+        client_cert: ClientCertificate | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
@@ -79,8 +87,12 @@ class GrpcTransport:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        if tls or ca_cert is not None:
-            credentials = grpc.ssl_channel_credentials(root_certificates=_read_ca(ca_cert))
+        if tls or ca_cert is not None or client_cert is not None:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read_pem(ca_cert),
+                private_key=_read_pem(client_cert.key, "client key") if client_cert else None,
+                certificate_chain=_read_pem(client_cert.cert, "client certificate") if client_cert else None,
+            )
             self._channel = grpc.secure_channel(self.address, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(self.address, options=options)
@@ -135,13 +147,14 @@ class RestTransport:
         tls: bool = False,
         ca_cert: Path | None = None,
         token: str | None = None,
+        client_cert: ClientCertificate | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self._headers = {"Content-Type": "application/json"}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
-        scheme = "https" if tls or ca_cert is not None else "http"
+        scheme = "https" if tls or ca_cert is not None or client_cert is not None else "http"
         self.base_url = f"{scheme}://{host}:{port}"
         self.timeout_s = timeout_s
         self._context = None
@@ -153,6 +166,15 @@ class RestTransport:
                     f"cannot use CA certificate {ca_cert}: {getattr(exc, 'strerror', None) or exc}",
                     exit_code=ExitCode.USAGE,
                 ) from None
+            if client_cert is not None:
+                try:
+                    self._context.load_cert_chain(str(client_cert.cert), str(client_cert.key))
+                except (ssl.SSLError, OSError) as exc:
+                    raise ClientError(
+                        f"cannot use client certificate {client_cert.cert} / key {client_cert.key}: "
+                        f"{getattr(exc, 'strerror', None) or exc}",
+                        exit_code=ExitCode.USAGE,
+                    ) from None
 
     def predict(self, target: ModelTarget, batch: Batch) -> Predictions:
         url = self.base_url + rest_path(target)

@@ -646,6 +646,38 @@ def test_tls_with_ca_cert(tls_files, capsys) -> None:
         server.stop(grace=None)
 
 
+def test_client_certificate_for_mutual_tls(capsys, tmp_path) -> None:
+    from tests.certs import CertificateAuthority
+
+    ca = CertificateAuthority(tmp_path)
+    server, client = ca.issue("server", server=True), ca.issue("client", server=False)
+    credentials = grpc.ssl_server_credentials(
+        [(server.key.read_bytes(), server.cert.read_bytes())],
+        root_certificates=ca.cert.read_bytes(),
+        require_client_auth=True,
+    )
+    grpc_server, port = _start_grpc(Behaviour(), credentials)
+    image = str(DATA / "0.png")
+    try:
+        base = ("--image", image, "--port", str(port), "--ca-cert", str(ca.cert), "--timeout-s", "5")
+        code, out, err = _run(
+            capsys, *base, "--client-cert", str(client.cert), "--client-key", str(client.key)
+        )
+        assert (code, err) == (0, "") and out.startswith("Predicted Digit:  7")
+        code, _, err = _run(capsys, *base)  # the server asks for a certificate: none, no answer
+        assert code == ExitCode.UNREACHABLE
+    finally:
+        grpc_server.stop(grace=None)
+
+
+def test_client_cert_without_key_is_a_usage_error(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _run(capsys, "--image", str(DATA / "0.png"), "--client-cert", "c.pem")
+    assert (
+        exit_info.value.code == 2 and "--client-cert and --client-key go together" in capsys.readouterr().err
+    )
+
+
 def test_bad_ca_cert_for_https_is_a_usage_error(capsys, tmp_path) -> None:
     bad = tmp_path / "ca.pem"
     bad.write_bytes(b"\x30\x82 not a certificate")

@@ -19,6 +19,7 @@ from training import train
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = ROOT / "cluster.yaml"
 GPU_YAML = ROOT / "serve_configs" / "gpu.yaml"
+EDGE_YAML = ROOT / "serve_configs" / "edge" / "cluster.yaml"
 DOCKERFILE = ROOT / ".ci" / "docker" / "Dockerfile"
 README = ROOT / "README.md"
 README_SECTION = "## On a GPU cluster (AWS): ray up → ray job submit → serve deploy → client"
@@ -371,9 +372,11 @@ def test_readme_commands_use_this_repository(cluster):
     assert any(
         c.startswith("serve deploy serve_configs/gpu.yaml --address http://127.0.0.1:8265") for c in flat
     )
-    grpc_port = yaml.safe_load(GPU_YAML.read_text())["grpc_options"]["port"]
+    edge = yaml.safe_load(EDGE_YAML.read_text())  # clients reach the app through the edge, over TLS
+    grpc_port = edge["grpc_port"]
     client = next(words for words in commands if "client/grpc_client.py" in words)
     assert _flag(client, "--port") == str(grpc_port)
+    assert _flag(client, "--ca-cert") is not None
     attach = next(words for words in commands if words[:2] == ["ray", "attach"])
     assert str(grpc_port) in attach
 

@@ -1,0 +1,513 @@
+"""The edge (ray_app/edge) in front of the app's front door, for real: slow clients, TLS, mutual TLS,
+certificate rotation, a version rollout and a replica kill through it.
+
+One local Ray serves serve_configs/local.yaml's deployment (2 replicas) for the module; each test
+starts the edges it needs (HAProxy, ~0.1 s) on free ports and checks they are gone afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import requests
+import yaml
+from tensorflow_serving.apis import (
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from bench.slow_clients import SlowAttack, Target, normal_client
+from ray_app import leftovers
+from ray_app.edge.config import EdgeConfig
+from ray_app.edge.supervisor import EdgeProcess
+from ray_app.ports import free_port, port_in_use
+from ray_app.protocol.tensors import from_ndarray
+from tests.certs import CertificateAuthority
+from tests.conftest import publish_copy
+from tests.integration.cluster import local_serve, run_local_app
+from tests.integration.test_faults import _replica_pids, _wait_for
+from training.data import load_mnist
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+TEST = load_mnist().test
+REST_PREDICT = "/v1/models/mnist:predict"
+REST_BODY = json.dumps({"instances": TEST.images[:1].tolist()})
+
+
+def _predict_request() -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "mnist"
+    request.inputs["images"].CopyFrom(from_ndarray(TEST.images[:1], tensor_content=True))
+    return request
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, trained_export):
+    store = tmp_path_factory.mktemp("store") / "mnist"
+    publish_copy(trained_export, store, 1)
+    with local_serve() as ports:
+        run_local_app(store, args={"poll_interval_s": 0.5})
+        yield {"ports": ports, "store": store, "export": trained_export}
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("pki")
+    ca = CertificateAuthority(directory, "ca")
+    other = CertificateAuthority(directory, "other-ca")
+    return {
+        "ca": ca,
+        "server": ca.issue("server", server=True),
+        "client": ca.issue("client", server=False),
+        "stranger": other.issue("stranger", server=False),  # a client certificate from another CA
+        "other": other,
+    }
+
+
+def _config(app, **overrides) -> EdgeConfig:
+    ports = app["ports"]
+    return EdgeConfig.model_validate(
+        {
+            "bind_host": "127.0.0.1",
+            "grpc_port": free_port(),
+            "http_port": free_port(),
+            "upstream": {"grpc_port": ports.grpc_port, "http_port": ports.http_port},
+            **overrides,
+        }
+    )
+
+
+def _tls(pki, mutual: bool = False) -> dict:
+    tls = {"server_cert": str(pki["server"].cert), "server_key": str(pki["server"].key)}
+    if mutual:
+        tls |= {"custom_ca": str(pki["ca"].cert), "client_verify": True}
+    return tls
+
+
+def _assert_gone(state_dir: Path, config: EdgeConfig) -> None:
+    left = leftovers.wait_gone(lambda: leftovers.haproxy_processes(str(state_dir)), 10)
+    leftovers.stop(left)
+    assert not left, f"edge HAProxy still running: {leftovers.describe(left)}"
+    assert not [p for p in (config.grpc_port, config.http_port) if port_in_use(p)]
+
+
+@contextlib.contextmanager
+def running_edge(config: EdgeConfig, state_dir: Path) -> Iterator[EdgeProcess]:
+    edge = EdgeProcess(config, state_dir)
+    edge.start()
+    try:
+        yield edge
+    finally:
+        assert edge.stop(grace_s=5) == []
+        _assert_gone(state_dir, config)
+
+
+# -- slow clients (issue 15, item 1) ----------------------------------------------------------------
+def test_half_sent_requests_on_both_ports_leave_normal_clients_alone(app, tmp_path) -> None:
+    """300 HTTP requests with 1 byte of their 1,000-byte body and 300 gRPC Predict streams with 1 byte
+    of their message, kept open (reopened when cut): normal gRPC and REST clients beside them get
+    every answer within their 5 s deadline. Without the edge, the HTTP crowd alone holds every
+    replica slot (2 replicas x max_ongoing_requests 64) and normal requests time out."""
+    config = _config(app, limits={"request_timeout_s": 2})
+    with running_edge(config, tmp_path / "edge"):
+        http_attack = SlowAttack(Target("127.0.0.1", config.http_port), 300, "http")
+        grpc_attack = SlowAttack(Target("127.0.0.1", config.grpc_port), 300, "grpc")
+        rest: dict[str, object] = {"ok": 0, "failed": []}
+        stop = threading.Event()
+
+        def rest_client() -> None:
+            with requests.Session() as session:
+                while not stop.is_set():
+                    try:
+                        answer = session.post(
+                            f"http://127.0.0.1:{config.http_port}{REST_PREDICT}", data=REST_BODY, timeout=5
+                        )
+                        answer.raise_for_status()
+                        rest["ok"] += 1
+                    except requests.RequestException as exc:
+                        rest["failed"].append(repr(exc))
+
+        with grpc.insecure_channel(f"127.0.0.1:{config.grpc_port}") as channel:
+            normal_client(channel, _predict_request(), 1.0)  # connected before the crowd arrives
+            with http_attack.running(), grpc_attack.running():
+                time.sleep(1.0)
+                thread = threading.Thread(target=rest_client, daemon=True)
+                thread.start()
+                grpc_result = normal_client(channel, _predict_request(), 8.0, timeout_s=5.0)
+                stop.set()
+                thread.join(timeout=10)
+    print(f"beside the crowd: gRPC {grpc_result}, REST ok {rest['ok']}; attacks {vars(http_attack)}")
+    assert grpc_result["failed"] == {} and grpc_result["ok"] > 50
+    assert rest["failed"] == [] and rest["ok"] > 20
+    assert http_attack.opened >= 300 and grpc_attack.opened >= 30  # the crowd really was there
+    assert http_attack.closed_by_server > 0  # and the edge cut its requests (408 after 2 s)
+
+
+def _half_sent(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(b"POST /v1/models/mnist:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+    return sock
+
+
+def _closed_at_once(sock: socket.socket) -> bool:
+    sock.settimeout(2.0)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def _refused(port: int) -> bool:
+    """A new half-sent request is refused: reset while connecting or sending, or closed at once."""
+    try:
+        sock = _half_sent(port)
+    except (ConnectionResetError, ConnectionRefusedError, BrokenPipeError):
+        return True
+    with sock:
+        return _closed_at_once(sock)
+
+
+def test_connections_beyond_the_per_source_bound_are_refused(app, tmp_path) -> None:
+    config = _config(app, limits={"max_connections_per_source": 8, "request_timeout_s": 30})
+    with running_edge(config, tmp_path / "edge"):
+        held = [_half_sent(config.http_port) for _ in range(8)]
+        try:
+            assert not _closed_at_once(held[-1])  # the 8th, within the bound: kept, waiting for its body
+            assert _refused(config.http_port), "the 9th connection from one address was served"
+            held.pop().close()
+            time.sleep(0.5)
+            answer = requests.get(f"http://127.0.0.1:{config.http_port}/v1/models/mnist", timeout=5)
+            assert answer.status_code == 200  # a place freed: served again
+        finally:
+            for sock in held:
+                sock.close()
+
+
+# -- TLS and mutual TLS (issue 16, item 1) ---------------------------------------------------------
+@contextlib.contextmanager
+def edge_command(config: EdgeConfig, tmp_path: Path) -> Iterator[Path]:
+    """The edge as a cluster node runs it: ``python -m ray_app.edge run`` with a YAML file; stopped
+    with ``python -m ray_app.edge stop``. Yields the pid file."""
+    config_path, pid_file, state_dir = tmp_path / "edge.yaml", tmp_path / "edge.pid", tmp_path / "state"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    edge_cmd = [sys.executable, "-m", "ray_app.edge"]
+    process = subprocess.Popen(
+        [*edge_cmd, "run", "--config", str(config_path), "--pid-file", str(pid_file), "--state-dir", str(state_dir)],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        _wait_for(
+            lambda: port_in_use(config.grpc_port) and port_in_use(config.http_port), 30, "edge ports open"
+        )
+        yield pid_file
+    finally:
+        stopped = subprocess.run(
+            [*edge_cmd, "stop", "--pid-file", str(pid_file), "--timeout-s", "30"], cwd=REPO, timeout=60
+        )
+        process.wait(timeout=30)
+        log = process.stderr.read()
+        assert stopped.returncode == 0 and process.returncode == 0, log
+        assert "edge: stopped" in log
+        _assert_gone(state_dir, config)
+
+
+def _grpc_tls(port: int, pki, client: str | None = None) -> grpc.Channel:
+    issued = pki[client] if client else None
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=pki["ca"].cert.read_bytes(),
+        private_key=issued.key.read_bytes() if issued else None,
+        certificate_chain=issued.cert.read_bytes() if issued else None,
+    )
+    return grpc.secure_channel(f"localhost:{port}", credentials)
+
+
+def _stock_predict(channel: grpc.Channel) -> int:
+    response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+        _predict_request(), timeout=30
+    )
+    return response.model_spec.version.value
+
+
+def _our_client(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "client/grpc_client.py", "--image", "data/0.png", "--host", "localhost",
+         "--timeout-s", "30", "--json", *argv],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_stock_clients_and_ours_over_tls_and_plaintext_refused(app, pki, tmp_path) -> None:
+    config = _config(app, tls=_tls(pki))
+    ca = str(pki["ca"].cert)
+    with edge_command(config, tmp_path):
+        with _grpc_tls(config.grpc_port, pki) as channel:
+            assert _stock_predict(channel) in (1, 2)  # 2 once the rollout test has published it
+            status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
+                get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "mnist"}), timeout=30
+            )
+            assert status.model_version_status[0].state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        https = f"https://localhost:{config.http_port}"
+        answer = requests.post(https + REST_PREDICT, data=REST_BODY, verify=ca, timeout=30)
+        assert answer.status_code == 200 and len(answer.json()["predictions"]) == 1
+        page = requests.get(https + "/", verify=ca, timeout=30)  # the web page (its fetches are relative)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        if shutil.which("curl"):  # in the cluster image and on CI machines; not a Python dependency
+            curl = subprocess.run(
+                ["curl", "-sS", "--fail", "--cacert", ca, https + "/v1/models/mnist"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert curl.returncode == 0, curl.stderr
+            assert json.loads(curl.stdout)["model_version_status"][0]["state"] == "AVAILABLE"
+        for argv in (["--port", str(config.grpc_port)], ["--rest", "--port", str(config.http_port)]):
+            ours = _our_client("--ca-cert", ca, *argv)
+            assert ours.returncode == 0, ours.stderr
+            assert json.loads(ours.stdout)["predictions"][0]["digit"] == 0  # data/0.png
+        # Refused: plaintext to a TLS port, and a server certificate the client does not trust.
+        with grpc.insecure_channel(f"127.0.0.1:{config.grpc_port}") as plain:
+            with pytest.raises(grpc.RpcError) as refused:
+                _stock_predict(plain)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(requests.ConnectionError):
+            requests.post(f"http://127.0.0.1:{config.http_port}{REST_PREDICT}", data=REST_BODY, timeout=10)
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(https + "/v1/models/mnist", verify=str(pki["other"].cert), timeout=10)
+        untrusted = _our_client("--tls", "--port", str(config.grpc_port))  # system CAs only
+        assert untrusted.returncode != 0 and "cannot reach" in untrusted.stderr
+
+
+def test_mutual_tls_accepts_our_clients_only(app, pki, tmp_path) -> None:
+    config = _config(app, tls=_tls(pki, mutual=True))
+    ca = str(pki["ca"].cert)
+    https = f"https://localhost:{config.http_port}{REST_PREDICT}"
+    client = (str(pki["client"].cert), str(pki["client"].key))
+    with edge_command(config, tmp_path):
+        with _grpc_tls(config.grpc_port, pki, "client") as channel:
+            assert _stock_predict(channel) in (1, 2)
+        assert requests.post(https, data=REST_BODY, verify=ca, cert=client, timeout=30).status_code == 200
+        for argv in (["--port", str(config.grpc_port)], ["--rest", "--port", str(config.http_port)]):
+            ours = _our_client("--ca-cert", ca, "--client-cert", client[0], "--client-key", client[1], *argv)
+            assert ours.returncode == 0, ours.stderr
+        # Refused: no client certificate, and one signed by another CA, on both ports.
+        for who in (None, "stranger"):
+            with _grpc_tls(config.grpc_port, pki, who) as channel:
+                with pytest.raises(grpc.RpcError) as refused:
+                    _stock_predict(channel)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, who
+            cert = (str(pki[who].cert), str(pki[who].key)) if who else None
+            with pytest.raises((requests.exceptions.SSLError, requests.ConnectionError)):
+                requests.post(https, data=REST_BODY, verify=ca, cert=cert, timeout=10)
+        ours = _our_client("--ca-cert", ca, "--port", str(config.grpc_port))
+        assert ours.returncode != 0
+
+
+def _served_certificate_issuer(port: int, cafile: Path) -> str:
+    context = ssl.create_default_context(cafile=str(cafile))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            issuer = dict(item[0] for item in tls.getpeercert()["issuer"])
+    return issuer["commonName"]
+
+
+@pytest.mark.parametrize("how", ["reload-command", "file-watch"])
+def test_certificate_rotation_fails_no_request(app, pki, tmp_path, how) -> None:
+    """Replace the certificate and key files, then reload (``python -m ray_app.edge reload``, or the
+    supervisor noticing the files changed): requests on open connections and new ones all succeed;
+    new connections get the new certificate."""
+    cert_dir = tmp_path / "live"
+    cert_dir.mkdir()
+    live_cert, live_key = cert_dir / "server.crt", cert_dir / "server.key"
+    live_cert.write_bytes(pki["server"].cert.read_bytes())
+    live_key.write_bytes(pki["server"].key.read_bytes())
+    config = _config(
+        app,
+        tls={"server_cert": str(live_cert), "server_key": str(live_key)},
+        certificate_check_interval_s=0.5 if how == "file-watch" else 3600,
+    )
+    both = tmp_path / "both-cas.pem"
+    both.write_bytes(pki["ca"].cert.read_bytes() + pki["other"].cert.read_bytes())
+    replacement = pki["other"].issue("server-2", server=True)
+    failures: list[str] = []
+    answered = [0]
+    stop = threading.Event()
+
+    def clients() -> None:
+        credentials = grpc.ssl_channel_credentials(root_certificates=both.read_bytes())
+        with (
+            grpc.secure_channel(f"localhost:{config.grpc_port}", credentials) as channel,
+            requests.Session() as s,
+        ):
+            while not stop.is_set():
+                try:
+                    _stock_predict(channel)
+                    s.post(f"https://localhost:{config.http_port}{REST_PREDICT}", data=REST_BODY,
+                           verify=str(both), timeout=30).raise_for_status()  # fmt: skip
+                    answered[0] += 1
+                except (grpc.RpcError, requests.RequestException) as exc:
+                    failures.append(repr(exc))
+
+    with edge_command(config, tmp_path) as pid_file:
+        assert _served_certificate_issuer(config.grpc_port, both) == "test ca"
+        worker = threading.Thread(target=clients, daemon=True)
+        worker.start()
+        time.sleep(1.5)
+        live_cert.write_bytes(replacement.cert.read_bytes())
+        live_key.write_bytes(replacement.key.read_bytes())
+        if how == "reload-command":
+            reload = subprocess.run(
+                [sys.executable, "-m", "ray_app.edge", "reload", "--pid-file", str(pid_file)],
+                cwd=REPO,
+                timeout=60,
+            )
+            assert reload.returncode == 0
+        _wait_for(
+            lambda: _served_certificate_issuer(config.http_port, both) == "test other-ca", 15, "new cert"
+        )
+        time.sleep(1.5)
+        stop.set()
+        worker.join(timeout=60)
+    assert failures == [] and answered[0] > 10
+
+
+# -- the front door's guarantees through the TLS edge ---------------------------------------------
+def test_new_version_rolls_out_through_the_tls_edge_without_failures(app, pki, tmp_path) -> None:
+    config = _config(app, tls=_tls(pki))
+    seen: list[int] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def grpc_client() -> None:
+        with _grpc_tls(config.grpc_port, pki) as channel:
+            while not stop.is_set():
+                try:
+                    seen.append(_stock_predict(channel))
+                except grpc.RpcError as exc:
+                    failures.append(f"gRPC {exc.code()}: {exc.details()}")
+
+    def rest_client() -> None:
+        with requests.Session() as session:
+            while not stop.is_set():
+                try:
+                    answer = session.post(f"https://localhost:{config.http_port}{REST_PREDICT}", data=REST_BODY,
+                                          verify=str(pki["ca"].cert), timeout=30)  # fmt: skip
+                    answer.raise_for_status()
+                    seen.append(int(answer.headers["X-Model-Version"]))
+                except requests.RequestException as exc:
+                    failures.append(f"REST {exc}")
+
+    with running_edge(config, tmp_path / "edge"):
+        threads = [threading.Thread(target=f, daemon=True) for f in (grpc_client, grpc_client, rest_client)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        publish_copy(app["export"], app["store"], 2)
+        published = time.monotonic()
+        while 2 not in seen[-20:] and time.monotonic() - published < 30:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert failures == [], failures[:3]
+    assert 1 in seen and seen[-1] == 2
+
+
+def test_killing_a_replica_behind_the_tls_edge_fails_no_later_request(app, pki, tmp_path) -> None:
+    """tests/integration/test_faults.py's scenario, the clients going through the TLS edge."""
+    _wait_for(lambda: len(_replica_pids()) == 2, 120, "two replicas running")
+    config = _config(app, tls=_tls(pki))
+    outcomes: list[tuple[float, float, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with _grpc_tls(config.grpc_port, pki) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    stub.Predict(_predict_request(), timeout=30)
+                    code = "OK"
+                except grpc.RpcError as exc:
+                    code = exc.code().name
+                outcomes.append((started, time.monotonic(), code))
+
+    with running_edge(config, tmp_path / "edge"):
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(3)
+        victim = min(_replica_pids())
+        killed = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        _wait_for(lambda: len(_replica_pids()) == 2 and victim not in _replica_pids(), 120, "a replacement")
+        time.sleep(3)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    failed = [o for o in outcomes if o[2] != "OK"]
+    later = [o for o in failed if o[0] > killed or o[1] < killed]
+    after = [o for o in outcomes if o[0] > killed]
+    print(f"replica kill through the TLS edge: {len(outcomes)} requests, failed {failed}")
+    assert later == [] and len(failed) <= 4
+    assert len(after) > 50
+
+
+# -- supervision -----------------------------------------------------------------------------------
+def _edge_haproxy(state_dir: Path) -> list:
+    return leftovers.haproxy_processes(str(state_dir))
+
+
+def test_supervisor_restarts_haproxy_and_never_leaves_it_orphaned(tmp_path) -> None:
+    """HAProxy killed: the supervisor starts it again. The supervisor killed (SIGKILL, no clean-up
+    of its own): HAProxy goes too and the ports close, rather than staying up unwatched."""
+    config = EdgeConfig(
+        bind_host="127.0.0.1",
+        grpc_port=free_port(),
+        http_port=free_port(),
+        upstream={"grpc_port": free_port(), "http_port": free_port()},  # nothing behind: not needed here
+    )
+    config_path, state_dir = tmp_path / "edge.yaml", tmp_path / "state"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "ray_app.edge", "run", "--config", str(config_path), "--state-dir", str(state_dir)],
+        cwd=REPO,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: port_in_use(config.http_port) and len(_edge_haproxy(state_dir)) >= 2, 30, "edge up")
+        first = {p.pid for p in _edge_haproxy(state_dir)}
+        for process in _edge_haproxy(state_dir):
+            process.kill()
+        _wait_for(
+            lambda: port_in_use(config.http_port) and {p.pid for p in _edge_haproxy(state_dir)} - first,
+            30,
+            "HAProxy started again by its supervisor",
+        )
+        supervisor.kill()
+        supervisor.wait(timeout=10)
+        _assert_gone(state_dir, config)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+        leftovers.stop(_edge_haproxy(state_dir))
