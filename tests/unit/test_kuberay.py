@@ -196,17 +196,20 @@ def test_serve_config_v2_passes_serves_schema_and_our_config_models():
             LiveConfig.model_validate(deployment["user_config"])
 
 
+def _ray_container(template: dict[str, Any]) -> dict[str, Any]:
+    """The container KubeRay starts Ray in: the first one (others are sidecars)."""
+    return template["spec"]["containers"][0]
+
+
 def _cpus(template: dict[str, Any]) -> float:
-    (container,) = template["spec"]["containers"]
-    return float(container["resources"]["limits"]["cpu"])
+    return float(_ray_container(template)["resources"]["limits"]["cpu"])
 
 
 def test_serving_pods_get_the_front_doors_environment_for_their_size():
     service = _one("RayService")["spec"]["rayClusterConfig"]
     templates = [service["headGroupSpec"]["template"]] + [g["template"] for g in service["workerGroupSpecs"]]
     for template in templates:
-        (container,) = template["spec"]["containers"]
-        assert {"configMapRef": {"name": "mnist-front-door"}} in container["envFrom"]
+        assert {"configMapRef": {"name": "mnist-front-door"}} in _ray_container(template)["envFrom"]
     smallest = min(_cpus(template) for template in templates)
     config_map = _one("ConfigMap")
     assert config_map["metadata"]["name"] == "mnist-front-door"
@@ -216,7 +219,7 @@ def test_serving_pods_get_the_front_doors_environment_for_their_size():
 
 
 def _store_mounts(template: dict[str, Any]) -> list[dict[str, Any]]:
-    (container,) = template["spec"]["containers"]
+    container = _ray_container(template)
     return [mount for mount in container.get("volumeMounts", []) if mount["mountPath"] == STORE_MOUNT]
 
 
@@ -332,3 +335,34 @@ def test_the_data_path_tokens_reach_the_replicas_and_the_nightly_job():
         (head,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
         (token,) = [e for e in head["env"] if e["name"] == retention.TOKEN_ENV]
         assert token["valueFrom"]["secretKeyRef"]["name"] == secret
+
+
+def test_the_edge_sidecar_owns_the_service_ports_and_forwards_to_rays_haproxy():
+    """The client Service's ports are the edge's; the edge forwards to the ports serveConfigV2
+    gives Ray's HAProxy; its TLS files lie in the Secret volume mounted into the edge container."""
+    from ray_app.edge import config as edge_config
+
+    service = _one("RayService")["spec"]
+    head = service["rayClusterConfig"]["headGroupSpec"]["template"]
+    (edge,) = [
+        c for c in head["spec"]["containers"] if c.get("command", [])[:3] == ["python", "-m", "ray_app.edge"]
+    ]
+    path = edge["command"][edge["command"].index("--config") + 1]
+    edge_yaml = REPO / Path(path).relative_to("/opt/mnist-ray")
+    settings = edge_config.load(edge_yaml)
+    targets = {p["name"]: p["targetPort"] for p in service["serveService"]["spec"]["ports"]}
+    assert targets == {"grpc": settings.grpc_port, "http": settings.http_port}
+    assert {p["containerPort"] for p in edge["ports"]} == set(targets.values())
+    serve_config = yaml.safe_load(service["serveConfigV2"])
+    assert settings.upstream.host == "127.0.0.1"  # the same pod's network
+    assert (settings.upstream.grpc_port, settings.upstream.http_port) == (
+        serve_config["grpc_options"]["port"],
+        serve_config["http_options"]["port"],
+    )
+    (mount,) = edge["volumeMounts"]
+    assert mount["readOnly"] and "subPath" not in mount
+    (volume,) = [v for v in head["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert "secret" in volume
+    for name in ("server_cert", "server_key", "custom_ca"):
+        file = Path(str(getattr(settings.tls, name)).replace("~", "/root", 1))
+        assert file.is_relative_to(mount["mountPath"]), (name, file)
