@@ -23,7 +23,9 @@ class TrainConfig:
     seed: int = field(
         default=0, metadata={"description": "seeds shuffling, augmentation and initial weights"}
     )
-    dropout: float = field(default=0.25, metadata={"description": "rate of the network's dropout layers, in [0, 1)"})
+    dropout: float = field(
+        default=0.25, metadata={"description": "rate of the network's dropout layers, in [0, 1)"}
+    )
     max_train_examples: int | None = field(
         default=None, metadata={"description": "train on this prefix only (at least one global batch): tests"}
     )
