@@ -153,7 +153,7 @@ def _cluster_env(cluster: dict[str, Any]) -> dict[str, str]:
     return envs[0]
 
 
-def _readme_bash() -> list[str]:
+def _guide_bash() -> list[str]:
     """The AWS guide's walkthrough bash block as logical commands (continuations joined)."""
     text = GUIDE.read_text()
     assert text.count(GUIDE_SECTION) == 1, "the AWS guide's walkthrough section missing or duplicated"
@@ -166,7 +166,7 @@ def _readme_bash() -> list[str]:
 def _train_invocations() -> list[Any]:
     """argparse namespaces of every ``training/train.py`` run in the AWS guide's walkthrough."""
     runs = []
-    for line in _readme_bash():
+    for line in _guide_bash():
         words = _tokens(line)
         if "training/train.py" in words:
             runs.append(train.build_parser().parse_args(words[words.index("training/train.py") + 1 :]))
@@ -345,7 +345,7 @@ def test_replicas_fit_the_gpu_workers(cluster, gpu_deployment):
 # ---------------------------------------------------------------- (d) the AWS guide's walkthrough
 
 
-def test_readme_training_uses_the_served_store_and_shared_checkpoints(cluster, gpu_app):
+def test_aws_guide_training_uses_the_served_store_and_shared_checkpoints(cluster, gpu_app):
     runs = _train_invocations()
     assert len(runs) >= 2, "first training run and the continuous-training run"
     store = gpu_app["args"]["model_base_path"]
@@ -359,8 +359,8 @@ def test_readme_training_uses_the_served_store_and_shared_checkpoints(cluster, g
     assert any(run.init_from == "latest" for run in runs), "the continuous-training step"
 
 
-def test_readme_commands_use_this_repository(cluster):
-    commands = [_tokens(line) for line in _readme_bash()]
+def test_aws_guide_commands_use_this_repository(cluster):
+    commands = [_tokens(line) for line in _guide_bash()]
     flat = [" ".join(words) for words in commands]
     image = next(w.split("=", 1)[1] for words in commands for w in words if w.startswith("IMAGE="))
     assert image == cluster["docker"]["image"]
