@@ -6,7 +6,8 @@ Two jobs, both at build time so nothing generated is committed (nothing can go s
   default, constraints, description), read from the pydantic model's ``Field(description=...)``
   or a dataclass field's ``metadata["description"]``; a field without a description fails the
   build. ``<!-- reference: cli MODULE -->`` becomes ``python -m MODULE --help`` as argparse prints
-  it (usage, options, the epilog with the exit codes).
+  it (usage, options, the epilog with the exit codes); ``<!-- reference: run MODULE ARGS -->``
+  becomes what ``python -m MODULE ARGS`` prints.
 - A relative link that leaves docs/ (``../bench/README.md``, ``../../cluster.yaml``) must name a
   file of the repository: such files are copied into the site under ``_repo/`` (Markdown ones
   rendered as pages, their own links treated the same way) and the link is pointed at the copy,
@@ -23,6 +24,7 @@ import importlib
 import os
 import posixpath
 import re
+import shlex
 import subprocess
 import sys
 import types
@@ -37,7 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 DOCS = "docs"
 MIRROR = "_repo"  # where copies of repository files outside docs/ go in the site
 
-_MARKER = re.compile(r"<!-- reference: (config|cli) ([\w.]+(?::\w+)?) -->")
+_MARKER = re.compile(r"<!-- reference: (config|cli|run) ([\w.:]+(?: [^<>]*?)?) -->")
 _FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.M | re.S)
 _LINK = re.compile(r"(!?\[[^\]\n]*\]\()([^)\s]+)(\))")
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
@@ -135,13 +137,18 @@ def config_table(target: str) -> str:
 
 def cli_help(module: str) -> str:
     """``python -m module --help`` as a text block (argparse's own rendering, 100 columns)."""
+    return run_module(module, "--help")
+
+
+def run_module(module: str, *args: str) -> str:
+    """What ``python -m module args...`` prints (this checkout's code), as a text block."""
     env = {
         **os.environ,
         "COLUMNS": "100",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     result = subprocess.run(
-        [sys.executable, "-m", module, "--help"],
+        [sys.executable, "-m", module, *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -149,14 +156,21 @@ def cli_help(module: str) -> str:
         timeout=120,
     )
     if result.returncode != 0:
-        raise PluginError(f"python -m {module} --help failed ({result.returncode}): {result.stderr[-2000:]}")
+        raise PluginError(
+            f"python -m {module} {' '.join(args)} failed ({result.returncode}): {result.stderr[-2000:]}"
+        )
     return "```text\n" + result.stdout.rstrip() + "\n```"
 
 
 def expand_markers(markdown: str) -> str:
     def replace(match: re.Match[str]) -> str:
         kind, target = match.groups()
-        return config_table(target) if kind == "config" else cli_help(target)
+        if kind == "config":
+            return config_table(target)
+        if kind == "cli":
+            return cli_help(target)
+        module, *args = shlex.split(target)
+        return run_module(module, *args)
 
     return _MARKER.sub(replace, markdown)
 

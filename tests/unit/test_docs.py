@@ -59,6 +59,8 @@ def test_the_site_builds_strictly_with_the_generated_reference(tmp_path):
         "usage: mnist-pipeline",
     ):
         assert usage in cli, usage
+    front_door = (site / "reference" / "front-door" / "index.html").read_text()
+    assert "<!-- reference:" not in front_door and "export RAY_SERVE_ENABLE_HA_PROXY=" in front_door
     # bench/README.md, linked from the pages, is copied into the site as a page of its own
     assert "Figures moved from the README" in (site / "_repo" / "bench" / "index.html").read_text()
 
