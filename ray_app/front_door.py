@@ -28,7 +28,7 @@ from collections.abc import Mapping
 
 HAPROXY_SWITCH = "RAY_SERVE_ENABLE_HA_PROXY"
 
-# Each value below, and why (README, "The front door"):
+# Each value below, and why (docs/reference/front-door.md):
 #   THROUGHPUT_OPTIMIZED    replica runs user code and the direct-ingress servers on one event loop,
 #                           buffers its logs, no per-request stderr line: less CPU per request. Our
 #                           replica keeps slow work off its loop (model calls, image decoding and

@@ -1,7 +1,7 @@
 """The app's own metrics, exported through Ray's Prometheus endpoint on every node.
 
 Made with ``ray.serve.metrics`` (Serve adds ``deployment``, ``replica`` and ``application`` tags;
-Ray prefixes every name with ``ray_`` on export). README, "Metrics", documents each one with its
+Ray prefixes every name with ``ray_`` on export). docs/reference/metrics.md documents each one with its
 TF Serving counterpart; ``serve_configs/grafana/mnist-serving.json`` is a dashboard over them.
 
 | metric | type | tags | what |

@@ -1,8 +1,11 @@
-"""Typed configuration of one training run (validated once, from the CLI)."""
+"""Typed configuration of one training run (validated once, from the CLI).
+
+Each field's ``metadata["description"]`` is what the configuration reference (docs/) prints.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -10,18 +13,32 @@ from typing import Any
 class TrainConfig:
     """Everything a worker needs to train; passed to Ray Train as a plain dict."""
 
-    data_dir: str
-    epochs: int = 12
-    batch_size: int = 128  # per worker
-    learning_rate: float = 1e-3  # for one worker; scaled linearly with the worker count
-    num_workers: int = 1
-    seed: int = 0
-    dropout: float = 0.25
-    max_train_examples: int | None = None  # smoke tests train on a prefix
-    max_test_examples: int | None = None
-    augment: bool = True
-    use_gpu: bool = False
-    init_from: str | None = None  # a published SavedModel directory to fine-tune from
+    data_dir: str = field(metadata={"description": "directory (or pyarrow URI) with the 4 IDX gz files"})
+    epochs: int = field(default=12, metadata={"description": "passes over the training images"})
+    batch_size: int = field(default=128, metadata={"description": "examples per worker per step"})
+    learning_rate: float = field(
+        default=1e-3, metadata={"description": "Adam, for one worker; scaled linearly with the worker count"}
+    )
+    num_workers: int = field(default=1, metadata={"description": "Ray Train workers"})
+    seed: int = field(
+        default=0, metadata={"description": "seeds shuffling, augmentation and initial weights"}
+    )
+    dropout: float = field(
+        default=0.25, metadata={"description": "rate of the network's dropout layers, in [0, 1)"}
+    )
+    max_train_examples: int | None = field(
+        default=None, metadata={"description": "train on this prefix only (at least one global batch): tests"}
+    )
+    max_test_examples: int | None = field(
+        default=None, metadata={"description": "score on this prefix only: tests"}
+    )
+    augment: bool = field(
+        default=True, metadata={"description": "on-the-fly augmentation (training/augment.py)"}
+    )
+    use_gpu: bool = field(default=False, metadata={"description": "one GPU per worker"})
+    init_from: str | None = field(
+        default=None, metadata={"description": "a published SavedModel directory to fine-tune from"}
+    )
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

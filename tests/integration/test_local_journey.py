@@ -1,9 +1,9 @@
 """End to end: the README's main command (client/pipeline.py) on a real local Ray, with real tools.
 
 The pipeline runs ``ray start``, two ``ray job submit`` trainings (smaller: --smoke-test),
-``serve deploy``, the client, and is asked to leave the app running so the README's own serving
-commands can be run against it verbatim; the module then stops everything with the README's
-clean-up commands and checks nothing of Ray is left.
+``serve deploy``, the client, and is asked to leave the app running so the documentation's own
+serving commands (the tutorial, docs/tutorial/local-journey.md) can be run against it verbatim; the
+module then stops everything with the tutorial's clean-up commands and checks nothing of Ray is left.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import pytest
 from client.pipeline import DASHBOARD_PORT, default_ports, running_ray_processes
 from ray_app import leftovers
 from ray_app.ports import free_port, port_in_use
+from tests import doc_blocks
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.serial]  # its clean-up is `ray stop`
 
@@ -40,9 +41,8 @@ def _env() -> dict[str, str]:
 
 
 def _blocks(marker: str) -> list[tuple[str, str]]:
-    """(language, code) of every README code block right after ``<!-- readme-check: marker -->``."""
-    pattern = rf"<!-- readme-check: {re.escape(marker)} -->\n```(\w+)\n(.*?)```"
-    return re.findall(pattern, README, flags=re.S)
+    """(language, code) of every checked block (README.md or docs/) after ``<!-- readme-check: marker -->``."""
+    return doc_blocks.blocks(marker)
 
 
 def _cleanup_commands(dashboard: str) -> list[str]:

@@ -26,6 +26,7 @@ from ray import serve
 from urllib3.filepost import encode_multipart_formdata
 
 from ray_app.ports import free_port
+from tests import doc_blocks
 from tests.integration.cluster import run_local_app
 from training import model_store
 
@@ -142,10 +143,10 @@ def test_multipart_upload_answers_like_the_json_api(app):
 
 @pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
 def test_the_readmes_curl_upload(app):
-    """The README's multipart example, with curl's own encoder, on this app's port."""
+    """The tutorial's multipart example, with curl's own encoder, on this app's port."""
     (line,) = [
         line.split("#")[0].strip()
-        for line in (REPO / "README.md").read_text().splitlines()
+        for line in doc_blocks.doc_text().splitlines()
         if line.startswith("curl -s -F image=@")
     ]
     command = shlex.split(line.replace("localhost:8000", app["url"]))

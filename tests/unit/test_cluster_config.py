@@ -1,5 +1,5 @@
-"""cluster.yaml (the AWS cluster), its image, serve_configs/gpu.yaml and the README's cluster
-walkthrough agree with each other and with Ray's own schema (offline: no Ray, no AWS calls)."""
+"""cluster.yaml (the AWS cluster), its image, serve_configs/gpu.yaml and the AWS guide's
+walkthrough (docs/how-to/aws.md) agree with each other and with Ray's own schema (offline: no Ray, no AWS calls)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ CLUSTER_YAML = ROOT / "cluster.yaml"
 GPU_YAML = ROOT / "serve_configs" / "gpu.yaml"
 EDGE_YAML = ROOT / "serve_configs" / "edge" / "cluster.yaml"
 DOCKERFILE = ROOT / ".ci" / "docker" / "Dockerfile"
-README = ROOT / "README.md"
-README_SECTION = "## On a GPU cluster (AWS): ray up → ray job submit → serve deploy → client"
+GUIDE = ROOT / "docs" / "how-to" / "aws.md"  # the AWS guide (the README's cluster section until issue 19)
+GUIDE_SECTION = "## ray up → ray job submit → serve deploy → client"
 STORE = "/mnt/models"
 
 
@@ -154,20 +154,20 @@ def _cluster_env(cluster: dict[str, Any]) -> dict[str, str]:
     return envs[0]
 
 
-def _readme_bash() -> list[str]:
-    """The README cluster section's bash block as logical commands (continuations joined)."""
-    text = README.read_text()
-    assert text.count(README_SECTION) == 1, "README cluster section missing or duplicated"
-    section = text.split(README_SECTION, 1)[1].split("\n## ", 1)[0]
+def _guide_bash() -> list[str]:
+    """The AWS guide's walkthrough bash block as logical commands (continuations joined)."""
+    text = GUIDE.read_text()
+    assert text.count(GUIDE_SECTION) == 1, "the AWS guide's walkthrough section missing or duplicated"
+    section = text.split(GUIDE_SECTION, 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
     assert len(blocks) == 1, "the cluster section has exactly one bash block"
     return [line for line in blocks[0].replace("\\\n", " ").splitlines() if line.strip()]
 
 
 def _train_invocations() -> list[Any]:
-    """argparse namespaces of every ``training/train.py`` run in the README's cluster block."""
+    """argparse namespaces of every ``training/train.py`` run in the AWS guide's walkthrough."""
     runs = []
-    for line in _readme_bash():
+    for line in _guide_bash():
         words = _tokens(line)
         if "training/train.py" in words:
             runs.append(train.build_parser().parse_args(words[words.index("training/train.py") + 1 :]))
@@ -338,15 +338,15 @@ def test_replicas_fit_the_gpu_workers(cluster, gpu_deployment):
     ), "one replica fits on a GPU worker"
     total_gpus = sum(t["max_workers"] * t["resources"]["GPU"] for t in gpu_types.values())
     assert autoscaling["max_replicas"] * options["num_gpus"] <= total_gpus
-    # ... with room for the README's training job running alongside at full scale.
+    # ... with room for the AWS guide's training job running alongside at full scale.
     training_gpus = max(run.num_workers for run in _train_invocations())
     assert autoscaling["max_replicas"] * options["num_gpus"] + training_gpus <= total_gpus
 
 
-# ---------------------------------------------------------------- (d) the README walkthrough
+# ---------------------------------------------------------------- (d) the AWS guide's walkthrough
 
 
-def test_readme_training_uses_the_served_store_and_shared_checkpoints(cluster, gpu_app):
+def test_aws_guide_training_uses_the_served_store_and_shared_checkpoints(cluster, gpu_app):
     runs = _train_invocations()
     assert len(runs) >= 2, "first training run and the continuous-training run"
     store = gpu_app["args"]["model_base_path"]
@@ -360,8 +360,8 @@ def test_readme_training_uses_the_served_store_and_shared_checkpoints(cluster, g
     assert any(run.init_from == "latest" for run in runs), "the continuous-training step"
 
 
-def test_readme_commands_use_this_repository(cluster):
-    commands = [_tokens(line) for line in _readme_bash()]
+def test_aws_guide_commands_use_this_repository(cluster):
+    commands = [_tokens(line) for line in _guide_bash()]
     flat = [" ".join(words) for words in commands]
     image = next(w.split("=", 1)[1] for words in commands for w in words if w.startswith("IMAGE="))
     assert image == cluster["docker"]["image"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shlex
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from ray_app.front_door import (
     private_state_dir,
     with_free_side_ports,
 )
+from tests import doc_blocks
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -89,8 +89,7 @@ def test_every_place_that_starts_ray_uses_it() -> None:
     for role in ("head", "worker"):
         (start,) = [c for c in cluster[f"{role}_start_ray_commands"] if "ray start" in c]
         assert start.index('eval "$(python -m ray_app.front_door --cluster)";') < start.index("ray start")
-    readme = (REPO / "README.md").read_text()
-    block = re.search(r"<!-- readme-check: pipeline-steps -->\n```bash\n(.*?)```", readme, re.S).group(1)
+    ((_, block),) = doc_blocks.blocks("pipeline-steps")  # the tutorial's step-by-step block
     assert 'eval "$(python -m ray_app.front_door)"' in block.split("ray start")[0]
     pipeline = (REPO / "client" / "pipeline.py").read_text()
     assert "front_door_env(node_cpus(), state_dir=" in pipeline
