@@ -8,11 +8,21 @@ from collections.abc import Callable
 import pytest
 
 
-def wait_for(condition: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.2) -> float:
-    """Poll ``condition`` until it is true; the seconds that took. Fails the test after ``timeout_s``."""
+def wait_for(
+    condition: Callable[[], object],
+    timeout_s: float,
+    what: str,
+    interval_s: float = 0.2,
+    ignore: tuple[type[BaseException], ...] = (),
+) -> float:
+    """Poll ``condition`` until it is true; the seconds that took. Fails the test after ``timeout_s``.
+    ``ignore``: exceptions that count as "not yet" (a server still starting)."""
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
-        if condition():
-            return time.monotonic() - started
+        try:
+            if condition():
+                return time.monotonic() - started
+        except ignore:
+            pass
         time.sleep(interval_s)
     pytest.fail(f"timed out after {timeout_s} s waiting for {what}")

@@ -41,7 +41,8 @@ from ray_app.protocol.tensors import from_ndarray
 from tests.certs import CertificateAuthority
 from tests.conftest import publish_copy
 from tests.integration.cluster import local_serve, run_local_app
-from tests.integration.test_faults import _replica_pids, _wait_for
+from tests.integration.test_faults import _replica_pids
+from tests.polling import wait_for
 from training.data import load_mnist
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -218,7 +219,7 @@ def edge_command(config: EdgeConfig, tmp_path: Path) -> Iterator[Path]:
         text=True,
     )  # fmt: skip
     try:
-        _wait_for(
+        wait_for(
             lambda: port_in_use(config.grpc_port) and port_in_use(config.http_port), 30, "edge ports open"
         )
         yield pid_file
@@ -381,7 +382,7 @@ def test_certificate_rotation_fails_no_request(app, pki, tmp_path, how) -> None:
                 timeout=60,
             )
             assert reload.returncode == 0
-        _wait_for(
+        wait_for(
             lambda: _served_certificate_issuer(config.http_port, both) == "test other-ca", 15, "new cert"
         )
         time.sleep(1.5)
@@ -435,7 +436,7 @@ def test_new_version_rolls_out_through_the_tls_edge_without_failures(app, pki, t
 
 def test_killing_a_replica_behind_the_tls_edge_fails_no_later_request(app, pki, tmp_path) -> None:
     """tests/integration/test_faults.py's scenario, the clients going through the TLS edge."""
-    _wait_for(lambda: len(_replica_pids()) == 2, 120, "two replicas running")
+    wait_for(lambda: len(_replica_pids()) == 2, 120, "two replicas running")
     config = _config(app, tls=_tls(pki))
     outcomes: list[tuple[float, float, str]] = []
     stop = threading.Event()
@@ -460,7 +461,7 @@ def test_killing_a_replica_behind_the_tls_edge_fails_no_later_request(app, pki, 
         victim = min(_replica_pids())
         killed = time.monotonic()
         os.kill(victim, signal.SIGKILL)
-        _wait_for(lambda: len(_replica_pids()) == 2 and victim not in _replica_pids(), 120, "a replacement")
+        wait_for(lambda: len(_replica_pids()) == 2 and victim not in _replica_pids(), 120, "a replacement")
         time.sleep(3)
         stop.set()
         for thread in threads:
@@ -495,11 +496,11 @@ def test_supervisor_restarts_haproxy_and_never_leaves_it_orphaned(tmp_path) -> N
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        _wait_for(lambda: port_in_use(config.http_port) and len(_edge_haproxy(state_dir)) >= 2, 30, "edge up")
+        wait_for(lambda: port_in_use(config.http_port) and len(_edge_haproxy(state_dir)) >= 2, 30, "edge up")
         first = {p.pid for p in _edge_haproxy(state_dir)}
         for process in _edge_haproxy(state_dir):
             process.kill()
-        _wait_for(
+        wait_for(
             lambda: port_in_use(config.http_port) and {p.pid for p in _edge_haproxy(state_dir)} - first,
             30,
             "HAProxy started again by its supervisor",

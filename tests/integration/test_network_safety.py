@@ -14,7 +14,6 @@ import ipaddress
 import json
 import os
 import stat
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,6 +26,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from ray_app.protocol.tensors import from_ndarray
 from tests.conftest import HAPROXY_STATE_DIR_VARIABLE, publish_copy, tamper_with_weights
 from tests.integration.cluster import cluster_processes, local_serve, run_local_app
+from tests.polling import wait_for
 from training.data import load_mnist
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -90,18 +90,13 @@ def _http(url: str, token: str | None, body: bytes | None = None) -> tuple[int, 
 PREDICT_BODY = json.dumps({"instances": load_mnist().test.images[:1].tolist()}).encode()
 
 
-def _wait_for(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if condition():
-                return
-        time.sleep(0.5)
-    raise AssertionError(f"{what} within {timeout_s} s")
-
-
 def _ready(app) -> None:
-    _wait_for(lambda: _grpc_predict(app["ports"].grpc_address, TOKEN)[0] == "OK", 120, "the app answering")
+    wait_for(
+        lambda: _grpc_predict(app["ports"].grpc_address, TOKEN)[0] == "OK",
+        120,
+        "the app answering",
+        ignore=(Exception,),
+    )
 
 
 def _replica_listeners(node_id: str) -> list[int]:
@@ -161,11 +156,23 @@ def test_a_rotated_token_file_takes_effect_without_a_redeploy(app) -> None:
     _ready(app)
     address = app["ports"].grpc_address
     app["tokens"].write_text(f"{TOKEN}\nsecond-token-9876543210\n")  # add the new one...
-    _wait_for(lambda: _grpc_predict(address, "second-token-9876543210")[0] == "OK", 30, "the new token valid")
+    wait_for(
+        lambda: _grpc_predict(address, "second-token-9876543210")[0] == "OK",
+        30,
+        "the new token valid",
+        ignore=(Exception,),
+    )
     app["tokens"].write_text("second-token-9876543210\n")  # ...then retire the old one
-    _wait_for(lambda: _grpc_predict(address, TOKEN)[0] == "UNAUTHENTICATED", 30, "the old token refused")
+    wait_for(
+        lambda: _grpc_predict(address, TOKEN)[0] == "UNAUTHENTICATED",
+        30,
+        "the old token refused",
+        ignore=(Exception,),
+    )
     app["tokens"].write_text(f"{TOKEN}\n")
-    _wait_for(lambda: _grpc_predict(address, TOKEN)[0] == "OK", 30, "the first token back")
+    wait_for(
+        lambda: _grpc_predict(address, TOKEN)[0] == "OK", 30, "the first token back", ignore=(Exception,)
+    )
 
 
 # -- A: a tampered version is refused, the last good one keeps serving ------------------------------------
@@ -182,7 +189,7 @@ def test_a_version_altered_after_publishing_is_never_served(app) -> None:
         statuses = {s["version"]: s for s in _http(url, TOKEN)[1]["model_version_status"]}
         return statuses.get("2", {}).get("state") == "END"
 
-    _wait_for(refused, 60, "version 2 refused")
+    wait_for(refused, 60, "version 2 refused", ignore=(Exception,))
     statuses = {s["version"]: s for s in _http(url, TOKEN)[1]["model_version_status"]}
     assert statuses["2"]["status"]["error_code"] == "DATA_LOSS"
     assert "IntegrityError" in statuses["2"]["status"]["error_message"]

@@ -363,6 +363,8 @@ def test_the_edge_sidecar_owns_the_service_ports_and_forwards_to_rays_haproxy():
     assert mount["readOnly"] and "subPath" not in mount
     (volume,) = [v for v in head["spec"]["volumes"] if v["name"] == mount["name"]]
     assert "secret" in volume
+    raw_tls = yaml.safe_load(edge_yaml.read_text())["tls"]  # as written: ~ is the pod's HOME, /root
     for name in ("server_cert", "server_key", "custom_ca"):
-        file = Path(str(getattr(settings.tls, name)).replace("~", "/root", 1))
+        assert getattr(settings.tls, name) is not None, name
+        file = Path(raw_tls[name].replace("~", "/root", 1))
         assert file.is_relative_to(mount["mountPath"]), (name, file)
