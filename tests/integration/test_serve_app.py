@@ -60,7 +60,14 @@ def test_configs_pass_serve_schema_and_ours(name):
     AppConfig.model_validate(app.args)
     deployment = app.deployments[0]
     assert deployment.max_ongoing_requests >= deployment.user_config["max_batch_size"]
-    assert config.grpc_options.port == 9000 and config.http_options.port == 8000
+    # Clients reach TF Serving's ports, gRPC 9000 and HTTP 8000: Serve's own locally; on a cluster
+    # the edge's (serve_configs/edge/cluster.yaml), which forwards to the ports gpu.yaml gives Serve.
+    public = (config.grpc_options.port, config.http_options.port)
+    if name == "gpu.yaml":
+        edge = yaml.safe_load((REPO / "serve_configs" / "edge" / "cluster.yaml").read_text())
+        assert (edge["upstream"]["grpc_port"], edge["upstream"]["http_port"]) == public
+        public = (edge["grpc_port"], edge["http_port"])
+    assert public == (9000, 8000)
 
 
 @pytest.fixture(scope="module")
