@@ -221,6 +221,19 @@ def _drivers_of(run_name: str) -> list[psutil.Process]:
     return found
 
 
+def _submit(client, entrypoint: str, timeout_s: float = 120) -> str:
+    """``submit_job``, again while the node's job agent is not up yet (Ray answers 500 "No available
+    agent to submit job, please try again later" for a while after ``ray.init`` starts the dashboard)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 def _wait_job(client, job_id: str, timeout_s: float = 600):
     from ray.job_submission import JobStatus
 
@@ -248,7 +261,7 @@ def test_a_job_whose_driver_is_killed_resumes_when_submitted_again_and_publishes
         f"--max-train-examples 8192 --epochs 2 --seed 5 --robustness-per-category 5 --run-name {run_name}"
     )
     client = JobSubmissionClient(ray_cluster)
-    first = client.submit_job(entrypoint=entrypoint)
+    first = _submit(client, entrypoint)
     deadline = time.monotonic() + 300
     while not first_checkpoint_registered(store):
         assert client.get_job_status(first) in {JobStatus.PENDING, JobStatus.RUNNING}, client.get_job_logs(
@@ -263,7 +276,7 @@ def test_a_job_whose_driver_is_killed_resumes_when_submitted_again_and_publishes
     assert _wait_job(client, first) == JobStatus.FAILED
     assert model_store.list_versions(store) == []
 
-    second = client.submit_job(entrypoint=entrypoint)
+    second = _submit(client, entrypoint)
     assert _wait_job(client, second) == JobStatus.SUCCEEDED, client.get_job_logs(second)
     logs = client.get_job_logs(second)
     assert "(resuming this run from its latest checkpoint)" in logs
@@ -273,7 +286,7 @@ def test_a_job_whose_driver_is_killed_resumes_when_submitted_again_and_publishes
     assert metrics["resumed_after_epochs"] == [1]  # epoch 2 only was trained again, not epoch 1
     assert len(metrics["epoch_s"]) == 2
 
-    third = client.submit_job(entrypoint=entrypoint)
+    third = _submit(client, entrypoint)
     assert _wait_job(client, third) == JobStatus.SUCCEEDED
     assert f"Run {resolved} already published version 1; nothing to do" in client.get_job_logs(third)
     assert model_store.list_versions(store) == [1]
