@@ -164,7 +164,15 @@ def with_free_side_ports(env: dict[str, str]) -> dict[str, str]:
     if env.get(HAPROXY_SWITCH) == "1":
         from ray_app.ports import free_port
 
-        env.update({variable: str(free_port()) for variable in SIDE_PORT_VARIABLES})
+        def outside_direct_ingress() -> int:
+            # Serve hands out direct-ingress ports (HTTP 30000-31000, gRPC 40000-41000) without
+            # checking them; a side port from the ephemeral range may fall in there and be taken.
+            while True:
+                port = free_port()
+                if not (30000 <= port <= 31000 or 40000 <= port <= 41000):
+                    return port
+
+        env.update({variable: str(outside_direct_ingress()) for variable in SIDE_PORT_VARIABLES})
     return env
 
 

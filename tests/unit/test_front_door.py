@@ -128,3 +128,13 @@ def test_the_printed_front_door_puts_haproxys_sockets_in_the_private_directory(c
     socket_dir = os.path.dirname(exports["RAY_SERVE_HAPROXY_SOCKET_PATH"])
     assert socket_dir == front_door.private_state_dir()
     assert os.stat(socket_dir).st_mode & 0o077 == 0
+
+
+def test_free_side_ports_stay_out_of_serves_direct_ingress_ranges(monkeypatch):
+    import ray_app.ports
+    from ray_app import front_door
+
+    ports = iter([30500, 40259, 41000, 52000, 30000, 53000, 54000, 55000])
+    monkeypatch.setattr(ray_app.ports, "free_port", lambda: next(ports))
+    env = front_door.with_free_side_ports({front_door.HAPROXY_SWITCH: "1"})
+    assert sorted(int(env[v]) for v in front_door.SIDE_PORT_VARIABLES) == [52000, 53000, 54000, 55000]
