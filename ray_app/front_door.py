@@ -162,17 +162,9 @@ def with_free_side_ports(env: dict[str, str]) -> dict[str, str]:
     """``env`` with free ports for HAProxy mode's side ports, so that several clusters (tests,
     benchmarks) can run on one machine; unchanged in Python-proxy mode."""
     if env.get(HAPROXY_SWITCH) == "1":
-        from ray_app.ports import free_port
+        from ray_app.ports import free_port  # outside Serve's direct-ingress ranges
 
-        def outside_direct_ingress() -> int:
-            # Serve hands out direct-ingress ports (HTTP 30000-31000, gRPC 40000-41000) without
-            # checking them; a side port from the ephemeral range may fall in there and be taken.
-            while True:
-                port = free_port()
-                if not (30000 <= port <= 31000 or 40000 <= port <= 41000):
-                    return port
-
-        env.update({variable: str(outside_direct_ingress()) for variable in SIDE_PORT_VARIABLES})
+        env.update({variable: str(free_port()) for variable in SIDE_PORT_VARIABLES})
     return env
 
 

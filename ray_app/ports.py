@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import socket
 
+# Serve hands out its direct-ingress ports (replicas' own HTTP and gRPC servers in HAProxy mode)
+# from these ranges without checking that they are free; a port picked from the ephemeral range
+# may fall in there and be handed to a replica of another cluster on this machine a moment later.
+SERVE_DIRECT_INGRESS_RANGES = ((30000, 31000), (40000, 41000))
+
 
 def free_port() -> int:
-    """A TCP port free right now on loopback (whoever needs it binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port free right now on loopback and outside Serve's direct-ingress ranges (whoever
+    needs it binds it a moment later)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if not any(low <= port <= high for low, high in SERVE_DIRECT_INGRESS_RANGES):
+            return port
 
 
 def port_in_use(port: int) -> bool:

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,44 +76,95 @@ def assert_nothing_left(ours: list[psutil.Process], ports: list[int], timeout_s:
 
 
 @contextlib.contextmanager
-def local_ray(num_cpus: int = 2, **init_kwargs) -> Iterator[str]:
-    """``ray.init`` a local cluster (no dashboard unless ``include_dashboard=True``); yields its
-    node id. Shut down and checked gone on exit."""
+def local_ray(num_cpus: int = 2, free_after: tuple[int, ...] = (), **init_kwargs) -> Iterator[str]:
+    """``ray.init`` a new local cluster (no dashboard); yields its node id. Shut down on exit (also
+    when starting it failed half-way), and checked gone, with ``free_after``'s ports unbound."""
     import ray
 
-    ray.init(num_cpus=num_cpus, **{"include_dashboard": False, **init_kwargs})
-    node_id = ray.get_runtime_context().get_node_id()
+    try:
+        ray.init(address="local", num_cpus=num_cpus, **{"include_dashboard": False, **init_kwargs})
+        node_id = ray.get_runtime_context().get_node_id()
+    except BaseException:
+        ray.shutdown()
+        raise
     try:
         yield node_id
     finally:
         ours = cluster_processes(node_id)
         ray.shutdown()
-        assert_nothing_left(ours, [])
+        assert_nothing_left(ours, list(free_after))
+
+
+@dataclass(frozen=True)
+class JobCluster:
+    dashboard: str  # the job API's address
+    gcs_address: str
+
+
+@contextlib.contextmanager
+def local_job_cluster(num_cpus: int = 2) -> Iterator[JobCluster]:
+    """``ray start --head`` a cluster with its dashboard (the job API) on free loopback ports, and
+    connect this process to it. ``ray start`` rather than ``ray.init``: only it can move the dashboard
+    agent off its fixed default port (52365), which another cluster of this test run may hold (an
+    agent that cannot bind it cannot take jobs: "No available agent to submit job"). Its own temp
+    directory keeps other ``ray.init`` calls on this machine from finding it. Every process of it is
+    stopped (not ``ray stop``, which would end the other clusters too) and checked gone on exit."""
+    import ray
+
+    gcs_port, dashboard_port, agent_port = free_port(), free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="/tmp/rayjc-")  # short: Ray's unix sockets live under it
+    ray_cli = Path(sys.executable).parent / "ray"
+    start = [
+        str(ray_cli), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+        "--num-cpus", str(num_cpus), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+        "--dashboard-port", str(dashboard_port), "--dashboard-agent-listen-port", str(agent_port),
+        "--ray-client-server-port", str(free_port()), "--temp-dir", temp_dir, "--disable-usage-stats",
+    ]  # fmt: skip
+    gcs_address = f"127.0.0.1:{gcs_port}"
+
+    def started_processes() -> list[psutil.Process]:
+        found = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if any(temp_dir in a or gcs_address in a for a in p.info["cmdline"] or [])
+        ]
+        for process in list(found):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                found += process.children(recursive=True)
+        return found
+
+    try:
+        subprocess.run(start, check=True, capture_output=True, text=True, timeout=120)
+        ray.init(address=gcs_address, log_to_driver=False)
+        yield JobCluster(dashboard=f"http://127.0.0.1:{dashboard_port}", gcs_address=gcs_address)
+    finally:
+        ray.shutdown()
+        ours = started_processes()
+        leftovers.stop(ours, grace_s=15)
+        try:
+            assert_nothing_left(ours, [gcs_port, dashboard_port, agent_port])
+        finally:
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def local_serve(num_cpus: int = 2) -> Iterator[LocalServe]:
     """A local Ray with Serve on free gRPC/HTTP ports, TF Serving's services registered as in our
     configs, behind the front door the suite's environment selects (HAProxy by default)."""
-    import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
 
     ports = LocalServe(grpc_port=free_port(), http_port=free_port())
-    ray.init(num_cpus=num_cpus, include_dashboard=False)
-    node_id = ray.get_runtime_context().get_node_id()
-    try:
-        serve.start(
-            http_options={"host": "127.0.0.1", "port": ports.http_port},
-            grpc_options=gRPCOptions(port=ports.grpc_port, grpc_servicer_functions=SERVICERS),
-        )
-        yield ports
-    finally:
-        ours = cluster_processes(node_id)
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
-        assert_nothing_left(ours, [ports.grpc_port, ports.http_port])
+    with local_ray(num_cpus, free_after=(ports.grpc_port, ports.http_port)):
+        try:
+            serve.start(
+                http_options={"host": "127.0.0.1", "port": ports.http_port},
+                grpc_options=gRPCOptions(port=ports.grpc_port, grpc_servicer_functions=SERVICERS),
+            )
+            yield ports
+        finally:
+            with contextlib.suppress(Exception):
+                serve.shutdown()
 
 
 def run_local_app(

@@ -17,8 +17,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
-from ray_app.ports import free_port
-from tests.integration.cluster import local_ray
+from tests.integration.cluster import local_job_cluster
 from tests.integration.training_runs import first_checkpoint_registered
 from training import model_store, robustness, train
 from training.data import load_mnist
@@ -36,17 +35,10 @@ SMOKE_ACCURACY = 0.95
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """The module's Ray, with its dashboard (the job API) on a free loopback port; yields its address."""
-    port = free_port()
-    # Checks that no Ray process is left after.
-    with local_ray(
-        num_cpus=2,
-        log_to_driver=False,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-    ):
-        yield f"http://127.0.0.1:{port}"
+    """The module's Ray, with its dashboard (the job API) on a free loopback port; yields its address.
+    Checks that no Ray process is left after."""
+    with local_job_cluster(num_cpus=2) as cluster:
+        yield cluster.dashboard
 
 
 @pytest.fixture(scope="module")
@@ -209,9 +201,10 @@ def test_worker_killed_after_first_epoch_resumes_and_publishes_once(ray_cluster,
 
 
 def _drivers_of(run_name: str) -> list[psutil.Process]:
-    """The job driver processes (``python training/train.py ... --run-name <run_name>``) of this test."""
+    """The job driver processes (``python training/train.py ... --run-name <run_name>``) of this test
+    (children of the cluster's job agent, not of this process: ``ray start`` detaches the cluster)."""
     found = []
-    for process in psutil.Process().children(recursive=True):
+    for process in psutil.process_iter():
         try:
             argv = process.cmdline()
         except psutil.Error:

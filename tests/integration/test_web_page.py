@@ -21,13 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
-from ray import serve
 from urllib3.filepost import encode_multipart_formdata
 
-from ray_app.ports import free_port
 from tests import doc_blocks
-from tests.integration.cluster import run_local_app
+from tests.integration.cluster import local_serve, run_local_app
 from training import model_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -81,21 +78,17 @@ def app(tmp_path_factory, trained_export):
     """local.yaml's deployment on a free HTTP port: version 1, labels stable=1 and canary=2 (25 %)."""
     store = tmp_path_factory.mktemp("web-store") / "mnist"
     _publish(trained_export, store, 1)
-    http_port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    run_local_app(
-        store,
-        user_config={
-            "batch_wait_timeout_s": 0.005,
-            "version_labels": LABELS,
-            "canary_traffic_percent": CANARY_PERCENT,
-        },
-        args={"poll_interval_s": 0.5, "limits": LIMITS},
-    )
-    yield {"url": f"http://127.0.0.1:{http_port}", "store": store, "export": trained_export}
-    serve.shutdown()
-    ray.shutdown()
+    with local_serve() as ports:  # stopped and checked gone, also when the app fails to start
+        run_local_app(
+            store,
+            user_config={
+                "batch_wait_timeout_s": 0.005,
+                "version_labels": LABELS,
+                "canary_traffic_percent": CANARY_PERCENT,
+            },
+            args={"poll_interval_s": 0.5, "limits": LIMITS},
+        )
+        yield {"url": ports.http, "store": store, "export": trained_export}
 
 
 def _http(app, path: str, data: bytes | None = None, headers: dict | None = None):
