@@ -108,11 +108,14 @@ async def run_load(
     verbose: bool = False,
     protocol: str = "tf_serving",
     root_certificates: bytes | None = None,
+    token: str | None = None,
 ) -> dict[str, Any]:
     """Drive ``target`` at fixed concurrency; return throughput, latency percentiles and errors.
 
     ``protocol``: ``tf_serving`` (``Predict``) or ``oip`` (``ModelInfer``, raw tensors).
-    ``root_certificates``: speak TLS, trusting these PEM CA certificates (None: plaintext)."""
+    ``root_certificates``: speak TLS, trusting these PEM CA certificates (None: plaintext).
+    ``token``: send it as a bearer token (``authorization`` metadata) on every call."""
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
     if root_certificates is None:
         opened = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, channels))]
@@ -160,7 +163,7 @@ async def run_load(
             n += concurrency
             code = None
             try:
-                response = await stub(requests[which], timeout=timeout_s)
+                response = await stub(requests[which], timeout=timeout_s, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code().name
             done = time.perf_counter()

@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import secrets
 import shutil
 import signal
 import statistics
@@ -64,6 +65,7 @@ class Variant:
     num_replicas: int | None = None  # serve: None keeps the config's
     grpc_request_timeout: bool = True  # serve: False drops grpc_options.request_timeout_s
     edge: str | None = None  # serve: "plaintext" | "tls": the load goes through ray_app.edge in front
+    tokens: bool = False  # serve: bearer tokens on the data path (args.auth), sent by every client call
     concurrencies: tuple[int, ...] = CONCURRENCIES
     images_per_request: tuple[int, ...] = IMAGES_PER_REQUEST
     protocol: str = "tf_serving"  # the clients': tf_serving (Predict) | oip (ModelInfer, docs/oip.md)
@@ -134,6 +136,19 @@ VARIANTS = {
             edge="tls",
         ),
         Variant(
+            "ray-haproxy-tokens",
+            "serve",
+            "ray-haproxy with bearer tokens on the data path (every call checked by the replica)",
+            tokens=True,
+        ),
+        Variant(
+            "ray-haproxy-edge-tls-tokens",
+            "serve",
+            "ray-haproxy behind the edge with TLS, and bearer tokens on the data path",
+            edge="tls",
+            tokens=True,
+        ),
+        Variant(
             "ray-haproxy-unbatched",
             "serve",
             "ray-haproxy with max_batch_size 1 (no batching)",
@@ -161,6 +176,7 @@ class Running:
     sid: int | None = None  # the server's session, for CPU accounting
     batch_metrics: Callable[[], dict[str, float] | None] | None = None  # images and backend calls so far
     root_certificates: bytes | None = None  # TLS: the CA to trust (None: plaintext)
+    token: str | None = None  # bearer token the app wants (None: tokens off)
     edge_pids: Callable[[], set[int]] | None = None  # the edge's HAProxy processes, for CPU accounting
 
 
@@ -317,20 +333,26 @@ def _log_tail(path: Path, lines: int = 40) -> str:
         return "(no log)"
 
 
-def _predict_ok(target: str, request: Any, timeout_s: float) -> bool:
+def _predict_ok(target: str, request: Any, timeout_s: float, token: str | None = None) -> bool:
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
     with grpc.insecure_channel(target) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         try:
-            response = stub.Predict(request, timeout=timeout_s)
+            response = stub.Predict(request, timeout=timeout_s, metadata=metadata)
         except grpc.RpcError:
             return False
         return "classes" in response.outputs
 
 
 def _wait_ready(
-    proc: subprocess.Popen[bytes], candidates: list[str], request: Any, deadline_s: float, log: Path
+    proc: subprocess.Popen[bytes],
+    candidates: list[str],
+    request: Any,
+    deadline_s: float,
+    log: Path,
+    token: str | None = None,
 ) -> str:
     """The first of ``candidates`` that answers a Predict, probing until ``deadline_s``."""
     deadline = time.monotonic() + deadline_s
@@ -338,7 +360,7 @@ def _wait_ready(
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before it was ready:\n{_log_tail(log)}")
         for target in candidates:
-            if _predict_ok(target, request, timeout_s=2.0):
+            if _predict_ok(target, request, timeout_s=2.0, token=token):
                 return target
         time.sleep(1.0)
     raise TimeoutError(f"no Predict succeeded on {candidates} within {deadline_s:.0f}s:\n{_log_tail(log)}")
@@ -367,7 +389,9 @@ def baseline_server(variant: Variant, args: argparse.Namespace, workdir: Path) -
         print(f"  baseline log tail: {_log_tail(log, 1)}", flush=True)
 
 
-def _write_serve_config(variant: Variant, path: Path, http_port: int, grpc_port: int) -> None:
+def _write_serve_config(
+    variant: Variant, path: Path, http_port: int, grpc_port: int, token_file: Path | None = None
+) -> None:
     config = yaml.safe_load(SERVE_CONFIG.read_text())
     config["http_options"]["port"] = http_port
     config["grpc_options"]["port"] = grpc_port
@@ -381,6 +405,8 @@ def _write_serve_config(variant: Variant, path: Path, http_port: int, grpc_port:
         deployment["user_config"]["batch_wait_timeout_s"] = variant.batch_wait_timeout_s
     if variant.num_replicas is not None:
         deployment["num_replicas"] = variant.num_replicas
+    if token_file is not None:
+        app["args"]["auth"] = {"token_file": str(token_file)}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
@@ -390,7 +416,12 @@ def serve_app(variant: Variant, args: argparse.Namespace, workdir: Path) -> Iter
     fresh RAY_TMPDIR; stop it on exit (and check its HAProxy is gone)."""
     http_port, grpc_port = free_port(), free_port()
     config_path = workdir / f"{variant.name}.yaml"
-    _write_serve_config(variant, config_path, http_port, grpc_port)
+    token, token_file = None, None
+    if variant.tokens:
+        token, token_file = secrets.token_urlsafe(32), workdir / f"{variant.name}.tokens"
+        token_file.write_text(f"{token}\n")
+        token_file.chmod(0o600)
+    _write_serve_config(variant, config_path, http_port, grpc_port, token_file)
     ray_tmp = Path(tempfile.mkdtemp(prefix="rb", dir="/tmp"))  # short: Ray's socket paths have a limit
     state_dir = new_state_dir()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", HAPROXY_SWITCH)}
@@ -416,9 +447,10 @@ def serve_app(variant: Variant, args: argparse.Namespace, workdir: Path) -> Iter
     }
     try:
         request = build_requests(args.model_name, 1, count=1)[0][0]
-        target = _wait_ready(proc, [f"127.0.0.1:{grpc_port}"], request, args.ready_timeout_s, log)
+        target = _wait_ready(proc, [f"127.0.0.1:{grpc_port}"], request, args.ready_timeout_s, log, token)
         notes["ready_s"] = round(time.monotonic() - started, 1)
-        running = Running(target, notes, proc.pid, lambda: _app_batch_counts(ray_tmp))
+        notes["tokens"] = variant.tokens
+        running = Running(target, notes, proc.pid, lambda: _app_batch_counts(ray_tmp), token=token)
         if variant.edge is None:
             yield running
         else:
@@ -505,6 +537,7 @@ def _measure(
                 timeout_s=args.timeout_s,
                 protocol=protocol,
                 root_certificates=running.root_certificates,
+                token=running.token,
             )
         )
         wall_s = time.monotonic() - wall_before

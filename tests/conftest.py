@@ -3,6 +3,8 @@ the front door every Ray this suite starts gets, as users get it."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -78,21 +80,47 @@ def train_quick_model(export_dir: Path, examples: int = 12000, seed: int = 0, ep
     export.write_warmup_requests(export_dir, "mnist", load_mnist().test.images[:2])
 
 
-@pytest.fixture(scope="session")
-def trained_export(tmp_path_factory) -> Path:
-    """One trained SavedModel (not in a store); copy it into stores as versions."""
-    path = tmp_path_factory.mktemp("export") / "model"
-    train_quick_model(path)
-    return path
+REPO = Path(__file__).resolve().parents[1]
+# What the quick model is made of: a change to any of these trains it again.
+QUICK_MODEL_INPUTS = ("tests/conftest.py", "training/model.py", "training/export.py", "training/data.py")
+
+
+def _quick_model_key() -> str:
+    import keras
+    import tensorflow as tf
+
+    digest = hashlib.sha256(f"tf {tf.__version__} keras {keras.__version__}".encode())
+    for name in QUICK_MODEL_INPUTS:
+        digest.update((REPO / name).read_bytes())
+    for data_file in sorted((REPO / "data" / "mnist").iterdir()):
+        digest.update(f"{data_file.name} {data_file.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
 
 
 @pytest.fixture(scope="session")
-def accurate_export(tmp_path_factory) -> Path:
-    """A SavedModel trained on all 60,000 training images for 2 epochs (99.13 % on the test set,
-    ~2.5 minutes here): for tests that hold the app to an accuracy figure."""
-    path = tmp_path_factory.mktemp("accurate") / "model"
-    train_quick_model(path, examples=60000, epochs=2)
-    return path
+def trained_export(request, tmp_path_factory) -> Path:
+    """One trained SavedModel (not in a store); copy it into stores as versions, never change it.
+
+    Trained once for every test process of a run (pytest-xdist's workers wait on a lock) and kept
+    in pytest's cache, keyed by the code and data that make it, so the README's second pytest
+    phase and later runs reuse it; without the cache plugin, in the run's shared temp directory."""
+    cache = getattr(request.config, "cache", None)
+    root = (
+        Path(cache.mkdir("quick-model")) if cache else tmp_path_factory.getbasetemp().parent / "quick-model"
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    key = _quick_model_key()
+    model = root / key / "model"
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not model.is_dir():
+            for stale in root.iterdir():
+                if stale.is_dir():
+                    shutil.rmtree(stale)
+            staging = root / f".{key}-{os.getpid()}"
+            train_quick_model(staging / "model")
+            staging.rename(root / key)  # whole or not at all
+    return model
 
 
 def publish_copy(export_dir: Path, store: Path, version: int) -> Path:

@@ -99,6 +99,19 @@ def local_ray(num_cpus: int = 2, free_after: tuple[int, ...] = (), **init_kwargs
 class JobCluster:
     dashboard: str  # the job API's address
     gcs_address: str
+    temp_dir: str
+
+    def processes(self) -> list[psutil.Process]:
+        """Its head processes (they name its temp directory or GCS address) and all they started."""
+        found = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if any(self.temp_dir in a or self.gcs_address in a for a in p.info["cmdline"] or [])
+        ]
+        for process in list(found):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                found += process.children(recursive=True)
+        return list({p.pid: p for p in found}.values())
 
 
 @contextlib.contextmanager
@@ -112,39 +125,33 @@ def local_job_cluster(num_cpus: int = 2) -> Iterator[JobCluster]:
     import ray
 
     gcs_port, dashboard_port, agent_port = free_port(), free_port(), free_port()
-    temp_dir = tempfile.mkdtemp(prefix="/tmp/rayjc-")  # short: Ray's unix sockets live under it
-    ray_cli = Path(sys.executable).parent / "ray"
+    cluster = JobCluster(
+        dashboard=f"http://127.0.0.1:{dashboard_port}",
+        gcs_address=f"127.0.0.1:{gcs_port}",
+        temp_dir=tempfile.mkdtemp(prefix="/tmp/rayjc-"),  # short: Ray's unix sockets live under it
+    )
     start = [
-        str(ray_cli), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
-        "--num-cpus", str(num_cpus), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-        "--dashboard-port", str(dashboard_port), "--dashboard-agent-listen-port", str(agent_port),
-        "--ray-client-server-port", str(free_port()), "--temp-dir", temp_dir, "--disable-usage-stats",
+        str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
+        "--port", str(gcs_port), "--num-cpus", str(num_cpus), "--include-dashboard", "true",
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+        "--dashboard-agent-listen-port", str(agent_port), "--ray-client-server-port", str(free_port()),
+        "--temp-dir", cluster.temp_dir, "--disable-usage-stats",
     ]  # fmt: skip
-    gcs_address = f"127.0.0.1:{gcs_port}"
-
-    def started_processes() -> list[psutil.Process]:
-        found = [
-            p
-            for p in psutil.process_iter(["cmdline"])
-            if any(temp_dir in a or gcs_address in a for a in p.info["cmdline"] or [])
-        ]
-        for process in list(found):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                found += process.children(recursive=True)
-        return found
-
+    # `ray start` turns Ray's token auth on by default, this process's ray.init does not (RAY_FACTS:
+    # Operations): a throwaway cluster on loopback, it runs without, as ray.init's clusters here do.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     try:
-        subprocess.run(start, check=True, capture_output=True, text=True, timeout=120)
-        ray.init(address=gcs_address, log_to_driver=False)
-        yield JobCluster(dashboard=f"http://127.0.0.1:{dashboard_port}", gcs_address=gcs_address)
+        subprocess.run(start, check=True, capture_output=True, text=True, timeout=120, env=env)
+        ray.init(address=cluster.gcs_address, log_to_driver=False)
+        yield cluster
     finally:
         ray.shutdown()
-        ours = started_processes()
-        leftovers.stop(ours, grace_s=15)
+        ours = cluster.processes()
+        leftovers.stop(ours, grace_s=5)  # then SIGKILL: nothing of a test cluster needs saving
         try:
             assert_nothing_left(ours, [gcs_port, dashboard_port, agent_port])
         finally:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+            shutil.rmtree(cluster.temp_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager

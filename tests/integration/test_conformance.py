@@ -50,10 +50,18 @@ TEST = load_mnist().test
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, accurate_export):
-    """local.yaml's deployment serving version 1 (the accurate model), label ``stable`` -> 1."""
+def own_classes(trained_export) -> np.ndarray:
+    """The served model's own answer for every test image, computed here with TensorFlow."""
+    from training.export import load_classifier
+
+    return load_classifier(trained_export)(TEST.images)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, trained_export):
+    """local.yaml's deployment serving version 1, label ``stable`` -> 1."""
     store = tmp_path_factory.mktemp("store") / "mnist"
-    publish_copy(accurate_export, store, 1)
+    publish_copy(trained_export, store, 1)
     with local_serve() as ports:
         run_local_app(store, user_config={"version_labels": {"stable": 1}})
         channel = grpc.insecure_channel(ports.grpc_address)
@@ -475,8 +483,10 @@ def test_paths_outside_v1_get_libevents_html_404(app) -> None:
 
 
 # -- clients written for TF Serving --------------------------------------------------------------------
-def test_a_stock_client_classifies_all_test_images_at_least_99_percent(app) -> None:
-    """Only the documented API: the stubs, a TensorProto built by TF, and the typed field read back."""
+def test_a_stock_client_gets_the_models_own_answer_for_every_test_image(app, own_classes) -> None:
+    """Only the documented API: the stubs, a TensorProto built by TF, and the typed field read back.
+    All 10,000 answers are the digit the SavedModel itself gives (TF in this process); the model is
+    a quick one (about 97 %), so a wrong answer is a wrong serving path, not a weak model."""
     stub = _predict_stub(app)
     predicted = []
     for start in range(0, len(TEST), 250):
@@ -487,15 +497,18 @@ def test_a_stock_client_classifies_all_test_images_at_least_99_percent(app) -> N
         request.inputs["images"].CopyFrom(tf.make_tensor_proto(flat))
         scores = np.array(stub.Predict(request, timeout=60).outputs["scores"].float_val).reshape(-1, 10)
         predicted.extend(np.argmax(scores, axis=1).tolist())
-    accuracy = float(np.mean(np.array(predicted) == TEST.labels))
-    print(f"stock client: {accuracy:.4%} of {len(TEST)} test images")
-    assert len(predicted) == 10_000 and accuracy >= 0.99
+    assert len(predicted) == 10_000
+    differing = np.flatnonzero(np.array(predicted) != own_classes)
+    assert differing.size == 0, (
+        f"{differing.size} answers differ from the model's own, e.g. image {differing[:5]}"
+    )
+    print(f"stock client: {np.mean(np.array(predicted) == TEST.labels):.2%} of {len(TEST)} test images right")
 
 
 TF_SERVING_EXAMPLE_VARIABLE = "TF_SERVING_EXAMPLE_DIR"
 
 
-def test_one_image_per_predict_as_tf_servings_example_client_asks(app) -> None:
+def test_one_image_per_predict_as_tf_servings_example_client_asks(app, own_classes) -> None:
     """What tensorflow_serving/example/mnist_client.py does on the wire, written here: one Predict
     per image to model ``mnist``, signature ``predict_images``, input ``images`` float ``[1, 784]``
     in [0, 1], four requests in flight (``Predict.future``), the answer read from
@@ -517,12 +530,11 @@ def test_one_image_per_predict_as_tf_servings_example_client_asks(app) -> None:
         for index, future in futures:
             scores = np.array(future.result().outputs["scores"].float_val)
             assert scores.shape == (10,)
-            wrong += int(np.argmax(scores) != TEST.labels[index])
-    print(f"one image per Predict: error rate {wrong / len(images):.2%} of {len(images)}")
-    assert wrong / len(images) < 0.02
+            wrong += int(np.argmax(scores) != own_classes[index])
+    assert wrong == 0, f"{wrong} of {len(images)} answers differ from the model's own"
 
 
-def test_tf_servings_own_example_client_runs_unchanged(app) -> None:
+def test_tf_servings_own_example_client_runs_unchanged(app, own_classes) -> None:
     """tensorflow_serving/example/mnist_client.py from a TF Serving checkout, as is: it prints its
     error rate. Not in this repository (it is TF Serving's code): point TF_SERVING_EXAMPLE_DIR at
     the ``tensorflow_serving/example`` folder of a checkout of tensorflow/serving (it needs
@@ -554,5 +566,9 @@ def test_tf_servings_own_example_client_runs_unchanged(app) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     rate = re.search(r"Inference error rate: ([\d.]+)%", result.stdout)
     assert rate, result.stdout[-2000:]
-    print(f"mnist_client.py: inference error rate {rate.group(1)} %")
-    assert float(rate.group(1)) < 2.0
+    own_error_percent = 100 * float(np.mean(own_classes != TEST.labels))
+    print(
+        f"mnist_client.py: inference error rate {rate.group(1)} % (the model's own: {own_error_percent:.2f} %)"
+    )
+    # it samples 1,000 of the test images: its rate is the model's, give or take sampling
+    assert float(rate.group(1)) < own_error_percent + 2.0
