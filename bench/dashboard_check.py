@@ -169,7 +169,7 @@ def _http_json(url: str, *, method: str = "GET", body: Any = None) -> Any:
 # -- the model store -------------------------------------------------------------------------------
 def _publish_dir(source: Path, store: Path, version: int) -> None:
     """Publish a copy of ``source`` as ``version`` the way training does (staging dir + rename)."""
-    from training import model_store
+    from ray_app import model_store
 
     with model_store.staging_dir(store) as staged:
         shutil.copytree(source, staged, dirs_exist_ok=True)
@@ -178,7 +178,7 @@ def _publish_dir(source: Path, store: Path, version: int) -> None:
 
 def _publish_broken(store: Path, version: int) -> None:
     """Publish a version whose SavedModel cannot load (a graph file that is not a graph)."""
-    from training import model_store
+    from ray_app import model_store
 
     with model_store.staging_dir(store) as staged:
         (staged / "saved_model.pb").write_bytes(b"not a SavedModel")
@@ -187,7 +187,7 @@ def _publish_broken(store: Path, version: int) -> None:
 
 def prepare_store(args: argparse.Namespace, workdir: Path) -> Path:
     """Our own store ``<workdir>/store/mnist`` holding version 1 (the user's store is never changed)."""
-    from training import model_store
+    from ray_app import model_store
 
     store = workdir / "store" / MODEL_NAME
     if args.model_base_path is not None:

@@ -113,7 +113,7 @@ class Limits(_Strict):
 
 
 class IntegrityOptions(_Strict):
-    """How a replica checks a version's manifest (``training.integrity``) before it loads or serves
+    """How a replica checks a version's manifest (``ray_app.manifest``) before it loads or serves
     it; a version that does not match is refused (docs/security.md)."""
 
     require_manifest: bool = Field(

@@ -1,6 +1,6 @@
 """The serving side of version integrity: every backend asks this before it loads or serves a version.
 
-A version is checked against its manifest (``training.integrity``) with the replica's
+A version is checked against its manifest (``ray_app.manifest``) with the replica's
 ``AppConfig.integrity``. A pass is remembered with the version's file listing (names, sizes,
 modification times, inodes): while that listing is unchanged the version is not hashed again; any
 change, and every refused version, is checked in full on the next look, so a repaired version is
@@ -13,8 +13,8 @@ import logging
 import os
 from pathlib import Path
 
+from ray_app import manifest, model_store
 from ray_app.config import IntegrityOptions
-from training import integrity, model_store
 
 logger = logging.getLogger("ray.serve")
 
@@ -28,21 +28,21 @@ class VersionVerifier:
     def __init__(self, options: IntegrityOptions, base_path: str) -> None:
         self._options = options
         self._base_path = base_path
-        self._keys = [integrity.load_public_key(os.path.expanduser(path)) for path in options.trusted_keys]
+        self._keys = [manifest.load_public_key(os.path.expanduser(path)) for path in options.trusted_keys]
         self._verified: dict[int, tuple] = {}  # version -> its listing when it passed
 
     def check(self, version: int) -> None:
-        """Return when ``version`` may be loaded; raise ``integrity.IntegrityError`` saying why not."""
+        """Return when ``version`` may be loaded; raise ``manifest.IntegrityError`` saying why not."""
         path: Path = model_store.version_path(self._base_path, version)
         if self._options.require_manifest and not path.is_dir():
-            raise integrity.IntegrityError(
+            raise manifest.IntegrityError(
                 f"{path} is not visible to this replica, so it cannot be checked (mount the server's store)"
             )
         listing = _listing(path)
         if self._verified.get(version) == listing:
             return
         self._verified.pop(version, None)
-        verified = integrity.verify_version(
+        verified = manifest.verify_version(
             path, require_manifest=self._options.require_manifest, trusted_keys=self._keys
         )
         if not verified:
@@ -57,7 +57,7 @@ class VersionVerifier:
         for version in versions:
             try:
                 self.check(version)
-            except (integrity.IntegrityError, OSError) as exc:
+            except (manifest.IntegrityError, OSError) as exc:
                 refused[version] = f"{REFUSED_REASON}: {exc}"
         return refused
 

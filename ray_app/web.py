@@ -27,8 +27,8 @@ from typing import Any
 
 from starlette.responses import Response
 
+from ray_app.model_store import ModelStoreError, read_metrics
 from ray_app.predictor import Predictor
-from training.model_store import ModelStoreError, read_metrics
 
 logger = logging.getLogger("ray.serve")
 

@@ -125,7 +125,7 @@ def trained_export(request, tmp_path_factory) -> Path:
 
 def publish_copy(export_dir: Path, store: Path, version: int) -> Path:
     """Publish a copy of ``export_dir`` as ``version`` the way training does (staging + rename)."""
-    from training import model_store
+    from ray_app import model_store
 
     with model_store.staging_dir(store) as staged:
         shutil.copytree(export_dir, staged, dirs_exist_ok=True)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from training import model_store
+from ray_app import model_store
 
 SERVING_DEFAULT = "serving_default"
 PREDICT_IMAGES = "predict_images"

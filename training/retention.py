@@ -39,7 +39,7 @@ from typing import Any
 if __name__ == "__main__" and not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training import model_store  # noqa: E402
+from ray_app import model_store  # noqa: E402
 
 TOKEN_ENV = "MNIST_TOKEN"  # as the client: the bearer token for apps that check tokens
 EXIT_USAGE = 2

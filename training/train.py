@@ -24,7 +24,8 @@ if __name__ == "__main__" and not __package__:
     # Run as a script (``python training/train.py``): make the repo root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training import model_store, robustness  # noqa: E402
+from ray_app import model_store  # noqa: E402
+from training import robustness  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.data import DEFAULT_DATA_DIR, DatasetError, load_mnist  # noqa: E402
 
@@ -172,10 +173,10 @@ def _signing_key(path: str | None) -> Any:
     """The --signing-key, loaded before training so a bad key fails fast."""
     if path is None:
         return None
-    from training import integrity
+    from ray_app.manifest import load_private_key
 
     try:
-        return integrity.load_private_key(path)
+        return load_private_key(path)
     except (OSError, ValueError) as exc:
         raise UsageError(f"--signing-key {path}: {exc}") from exc
 

@@ -22,14 +22,14 @@ from typing import Any
 
 import numpy as np
 
+from ray_app import model_store
 from ray_app.backends.base import AVAILABLE, LoadObserver, VersionState, desired_versions
 from ray_app.config import AppConfig
 from ray_app.integrity import REFUSED_CODE, VersionVerifier
+from ray_app.manifest import IntegrityError
 from ray_app.protocol.protos import error_codes_pb2, saved_model_pb2
 from ray_app.protocol.status import DeadlineExceededError, FailedPreconditionError, error_for_code
 from ray_app.signatures import SignatureSpec
-from training import model_store
-from training.integrity import IntegrityError
 
 logger = logging.getLogger("ray.serve")
 

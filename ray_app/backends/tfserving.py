@@ -27,12 +27,12 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from ray_app import model_store
 from ray_app.backends.base import desired_versions
 from ray_app.backends.remote import RemoteBackend
 from ray_app.config import AppConfig
 from ray_app.protocol.protos import model_management_pb2, model_server_config_pb2
 from ray_app.protocol.status import UnavailableError
-from training import model_store
 
 SOCKET_NAME = "tfserving.sock"
 

@@ -228,7 +228,7 @@ def test_sidecar_keeps_supervising_when_a_listing_or_a_reload_fails(
     """A store listing that raises and reload RPCs that fail are retried on the next round."""
     import grpc
 
-    from training import model_store
+    from ray_app import model_store
 
     publish_copy(trained_export, store, 2)
     real_list = model_store.list_versions

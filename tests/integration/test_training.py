@@ -13,9 +13,10 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
+from ray_app import model_store
 from tests.integration.cluster import local_ray
 from tests.integration.training_runs import train_workers_killed_after_epoch_1
-from training import model_store, robustness, train
+from training import robustness, train
 from training.data import load_mnist
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -13,9 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ray_app import model_store
 from tests.integration.cluster import local_job_cluster
 from tests.integration.training_runs import first_checkpoint_registered
-from training import model_store, train
+from training import train
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

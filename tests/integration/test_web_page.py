@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 from urllib3.filepost import encode_multipart_formdata
 
+from ray_app import model_store
 from tests import doc_blocks
 from tests.integration.cluster import local_serve, run_local_app
-from training import model_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from ray_app import model_store
 from ray_app.backends.embedded import EmbeddedBackend
 from ray_app.config import AppConfig, IntegrityOptions
+from ray_app.manifest import IntegrityError, verify_version, write_manifest
 from tests.conftest import publish_copy, tamper_with_weights
 from tests.unit.conftest import run_on_replica_loop
-from training import integrity, model_store
+from training import integrity
 from training.data import load_mnist
-from training.integrity import IntegrityError, verify_version
 
 pytestmark = pytest.mark.usefixtures("replica_context")
 
@@ -99,7 +100,7 @@ def test_signed_versions_verify_only_with_a_trusted_key(tmp_path) -> None:
     # whoever rewrites files and manifest together cannot sign the new manifest without the key
     signature = (signed / "assets.extra" / "manifest.json.sig").read_bytes()
     _change_same_size(signed)
-    integrity.write_manifest(signed)  # a manifest that matches the altered files
+    write_manifest(signed)  # a manifest that matches the altered files
     (signed / "assets.extra" / "manifest.json.sig").write_bytes(signature)  # the old signature
     with pytest.raises(IntegrityError, match="does not match any trusted key"):
         verify_version(signed, trusted_keys=[trusted.public_key()])

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from training import model_store
-from training.model_store import ModelStoreError, VersionExistsError
+from ray_app import model_store
+from ray_app.model_store import ModelStoreError, VersionExistsError
 
 
 def _fake_export(directory: Path, marker: str = "") -> Path:

@@ -9,7 +9,8 @@ import time
 import pytest
 import yaml
 
-from training import model_store, retention
+from ray_app import model_store
+from training import retention
 
 
 def _version(store, version: int) -> None:

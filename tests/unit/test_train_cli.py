@@ -4,7 +4,8 @@ import argparse
 
 import pytest
 
-from training import model_store, robustness, train
+from ray_app import model_store
+from training import robustness, train
 
 
 def _args(*argv: str) -> argparse.Namespace:

@@ -14,7 +14,7 @@ Layout (one directory per model)::
 A version is published by renaming a finished staging directory into place, under a lock,
 so readers never see half a model and two publishers never get the same number. Publishing
 writes the version's manifest (every file with its SHA-256, optionally signed: see
-``training.integrity``), which servers check before they load a version. This module
+``ray_app.manifest``), which servers check before they load a version. This module
 has no TensorFlow dependency so the serving side can import it cheaply.
 """
 
@@ -30,11 +30,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from training import integrity
+from ray_app import manifest
 
 METRICS_FILE = "metrics.json"
 WARMUP_FILE = "tf_serving_warmup_requests"
-EXTRA_DIR = integrity.EXTRA_DIR
+EXTRA_DIR = manifest.EXTRA_DIR
 STAGING_PREFIX = ".staging-"
 STAGING_LOCK_SUFFIX = ".lock"
 DELETING_PREFIX = ".deleting-"
@@ -195,7 +195,7 @@ def publish(
     root = _local(base_path)
     if not is_complete_version(staged):
         raise ModelStoreError(f"{staged} is not a SavedModel (no saved_model.pb)")
-    integrity.write_manifest(staged, signing_key)  # last: it covers every file written before
+    manifest.write_manifest(staged, signing_key)  # last: it covers every file written before
     with _publish_lock(root):
         chosen = next_version(root) if version is None else int(version)
         check_version_free(root, chosen)
