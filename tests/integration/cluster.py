@@ -182,8 +182,9 @@ def run_local_app(
     **options: Any,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``serve.run`` serve_configs/local.yaml's deployment as the app ``mnist`` at ``/``, serving
-    ``store``: its options, ``user_config`` and ``args``, each with these overrides. Needs a
-    running Serve (:func:`local_serve`). Returns the deployment options and the args it ran with."""
+    ``store``: its options, ``user_config`` and ``args``, each with these overrides (an option
+    overridden with None is dropped). Needs a running Serve (:func:`local_serve`). Returns the
+    deployment options and the args it ran with."""
     from ray import serve
 
     from ray_app.config import AppConfig
@@ -192,6 +193,7 @@ def run_local_app(
     app_yaml = yaml.safe_load(LOCAL_CONFIG.read_text())["applications"][0]
     deployment = {key: value for key, value in app_yaml["deployments"][0].items() if key != "name"}
     deployment.update(options)
+    deployment = {key: value for key, value in deployment.items() if value is not None}
     deployment["user_config"] = {**deployment["user_config"], **(user_config or {})}
     app_args = {**app_yaml["args"], "model_base_path": str(store), **(args or {})}
     serve.run(

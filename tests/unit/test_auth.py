@@ -201,6 +201,13 @@ class _Context:
         self.details = details
 
 
+@pytest.fixture(autouse=True)
+def _batching_outside_a_replica(replica_context):
+    """The predictor's ``@serve.batch`` queue is per process: once another test made it, changing its
+    batch size asks for the replica's config, which the stand-in context provides."""
+    return replica_context
+
+
 def _predictor() -> Predictor:
     """A real predictor over a stand-in backend: what a method may touch before its token check."""
     predictor = Predictor(AppConfig(), StaticBackend(versions=(1,)), rng=random.Random(0))
