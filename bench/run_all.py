@@ -455,7 +455,7 @@ def serve_app(variant: Variant, args: argparse.Namespace, workdir: Path) -> Iter
             yield running
         else:
             with _edge_in_front(variant.edge, grpc_port, http_port, workdir / f"{variant.name}-edge") as edge:
-                running.target, running.root_certificates, running.edge_pids = edge
+                running.target, running.root_certificates, running.edge_pids, notes["edge_http_port"] = edge
                 notes["edge"] = variant.edge
                 yield running
     finally:
@@ -487,8 +487,9 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
 @contextlib.contextmanager
 def _edge_in_front(
     mode: str, grpc_port: int, http_port: int, workdir: Path
-) -> Iterator[tuple[str, bytes | None]]:
-    """ray_app.edge on free ports in front of Ray's HAProxy; yields its gRPC target and CA (TLS)."""
+) -> Iterator[tuple[str, bytes | None, Callable[[], set[int]], int]]:
+    """ray_app.edge on free ports in front of Ray's HAProxy; yields its gRPC target, CA (TLS), a
+    function giving its processes, and its HTTP port."""
     from ray_app.edge.config import EdgeConfig
     from ray_app.edge.supervisor import EdgeProcess
 
@@ -508,7 +509,7 @@ def _edge_in_front(
     try:
         host = "localhost" if tls else "127.0.0.1"  # the certificate's name
         ca = tls["server_cert"].read_bytes() if tls else None
-        yield f"{host}:{config.grpc_port}", ca, lambda: {edge.pid, *edge.workers()}
+        yield f"{host}:{config.grpc_port}", ca, lambda: {edge.pid, *edge.workers()}, config.http_port
     finally:
         left = edge.stop(grace_s=5)
         if left:

@@ -490,21 +490,32 @@ def test_supervisor_restarts_haproxy_and_never_leaves_it_orphaned(tmp_path) -> N
     )
     config_path, state_dir = tmp_path / "edge.yaml", tmp_path / "state"
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    supervisor = subprocess.Popen(
-        [sys.executable, "-m", "ray_app.edge", "run", "--config", str(config_path), "--state-dir", str(state_dir)],
-        cwd=REPO,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    log_path = tmp_path / "supervisor.log"
+    with open(log_path, "wb") as log:
+        supervisor = subprocess.Popen(
+            [sys.executable, "-u", "-m", "ray_app.edge", "run", "--config", str(config_path), "--state-dir", str(state_dir)],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def logs() -> str:
+        haproxy_log = state_dir / "haproxy.log"
+        return f"supervisor:\n{log_path.read_text()[-3000:]}\nHAProxy:\n" + (
+            haproxy_log.read_text(errors="replace")[-2000:] if haproxy_log.exists() else "(no log)"
+        )
+
     try:
         wait_for(lambda: port_in_use(config.http_port) and len(_edge_haproxy(state_dir)) >= 2, 30, "edge up")
         first = {p.pid for p in _edge_haproxy(state_dir)}
         for process in _edge_haproxy(state_dir):
             process.kill()
-        wait_for(
-            lambda: port_in_use(config.http_port) and {p.pid for p in _edge_haproxy(state_dir)} - first,
-            30,
-            "HAProxy started again by its supervisor",
-        )
+        try:
+            wait_for(
+                lambda: port_in_use(config.http_port) and {p.pid for p in _edge_haproxy(state_dir)} - first,
+                30,
+                "HAProxy started again by its supervisor",
+            )
+        except pytest.fail.Exception as exc:
+            pytest.fail(f"{exc}\n{logs()}")
         supervisor.kill()
         supervisor.wait(timeout=10)
         _assert_gone(state_dir, config)

@@ -1,0 +1,324 @@
+"""Issue 15's attack table through the front door: each attack beside a normal client.
+
+``serve run`` of serve_configs/local.yaml (2 replicas) behind Ray's HAProxy as the README starts
+it (bench.run_all's ``ray-haproxy`` variant), optionally behind the edge too (``ray-haproxy-edge``).
+A normal client sends 1-image gRPC Predicts one after another (5 s deadline) for the whole run;
+each attack is sent ``--repeat`` times, one after another, and for each we record the answer, how
+long it took, how much the replicas' RSS grew over what it was just before (sampled every 20 ms,
+the most any replica grew), and the normal client's p50/p99 over the requests it started while
+the attack ran. The same client alone, before the attacks and after them, is the baseline and
+the health check.
+
+    .venv/bin/python -m bench.attack_table --model-base-path /tmp/store/mnist \\
+        --out bench/results/attack-table.json [--variants ray-haproxy ray-haproxy-edge]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import http.client
+import json
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import psutil
+
+ATTACK_BYTES = 7 * 1024 * 1024
+CONCURRENT_BODIES = 16
+SLOW_CONNECTIONS = 300
+SLOW_HOLD_S = 3.0
+SAMPLE_EVERY_S = 0.02
+QUIET_S = 5.0
+_PREDICT = "/tensorflow.serving.PredictionService/Predict"
+_REST_PATH = "/v1/models/mnist:predict"
+
+
+# -- the attacks' payloads ---------------------------------------------------------------------
+def _fill(prefix: bytes, item: bytes, suffix: bytes, size: int = ATTACK_BYTES) -> bytes:
+    """``prefix`` + ``item`` repeated to about ``size`` bytes + ``suffix``."""
+    count = (size - len(prefix) - len(suffix)) // len(item)
+    return prefix + item * count + suffix
+
+
+def rest_bodies() -> dict[str, bytes]:
+    """The REST rows of issue 15's table, each about 7 MiB (the 100,000-key one is smaller)."""
+    keys = b",".join(b'"k%d": 0' % i for i in range(100_000))
+    return {
+        'REST {"instances": [0,0,...,0,"a"]}, 7 MiB': _fill(b'{"instances": [', b"0,", b'"a"]}'),
+        "REST 2M one-element rows [[0],[0],...], 7 MiB": _fill(b'{"instances": [', b"[0],", b"[0]]}"),
+        "REST floats ending in null, 7 MiB": _fill(b'{"instances": [', b"0.5,", b"null]}"),
+        "REST missing comma at the very end, 7 MiB": _fill(b'{"instances": [', b"0,", b"0 0]}"),
+        "REST inputs object with 100,000 keys": b'{"inputs": {' + keys + b"}}",
+    }
+
+
+def grpc_int_val_request(count: int = 7_000_000) -> bytes:
+    """A Predict whose uint8 ``[1,28,28]`` input carries ``count`` ``int_val`` varints (~7 MB)."""
+    from ray_app.protocol.protos import predict_pb2, types_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "mnist"
+    tensor = request.inputs["images"]
+    tensor.dtype = types_pb2.DT_UINT8
+    for size in (1, 28, 28):
+        tensor.tensor_shape.dim.add(size=size)
+    tensor.int_val.extend([1] * count)
+    return request.SerializeToString()
+
+
+def _post(port: int, body: bytes, timeout_s: float = 30.0) -> str:
+    """POST ``body`` to the REST predict path; the answer as ``status: start of the message``."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        connection.request("POST", _REST_PATH, body=body, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        text = response.read(300).decode(errors="replace")
+        return f"{response.status}: {text[:120]}"
+    except (OSError, http.client.HTTPException) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        connection.close()
+
+
+def _grpc_raw(channel: grpc.Channel, payload: bytes, timeout_s: float = 30.0) -> str:
+    call = channel.unary_unary(_PREDICT, request_serializer=None, response_deserializer=None)
+    try:
+        call(payload, timeout=timeout_s)
+        return "OK"
+    except grpc.RpcError as exc:
+        return f"{exc.code().name}: {(exc.details() or '')[:120]}"
+
+
+# -- what is measured beside each attack ---------------------------------------------------------
+class ReplicaMemory:
+    """Samples the RSS of every Serve replica process of a session every 20 ms, in a thread."""
+
+    def __init__(self, pids: Callable[[], list[int]]) -> None:
+        self._processes = [psutil.Process(pid) for pid in pids() if _is_replica(pid)]
+        if not self._processes:
+            raise RuntimeError("no Serve replica process found")
+        self._peak: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="rss", daemon=True)
+
+    def rss(self) -> dict[int, int]:
+        now = {}
+        for process in self._processes:
+            with contextlib.suppress(psutil.Error):
+                now[process.pid] = process.memory_info().rss
+        return now
+
+    def _sample(self) -> None:
+        while not self._stop.wait(SAMPLE_EVERY_S):
+            now = self.rss()
+            with self._lock:
+                for pid, rss in now.items():
+                    self._peak[pid] = max(self._peak.get(pid, 0), rss)
+
+    @contextlib.contextmanager
+    def growth(self) -> Iterator[dict[str, float]]:
+        """Yields a dict that holds, once the block is over, the most any replica's RSS rose above
+        what it was at the start (MiB), and the replicas' RSS after (MiB)."""
+        before = self.rss()
+        with self._lock:
+            self._peak = dict(before)
+        result: dict[str, float] = {}
+        yield result
+        with self._lock:
+            peak = dict(self._peak)
+        result["rss_growth_mib"] = round(max(peak[pid] - before[pid] for pid in before) / 2**20, 1)
+        result["rss_after_mib"] = round(sum(self.rss().values()) / 2**20, 1)
+
+    def __enter__(self) -> ReplicaMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _is_replica(pid: int) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return psutil.Process(pid).cmdline()[0].startswith("ray::ServeReplica")
+    return False
+
+
+@dataclass
+class _Sample:
+    started: float
+    latency_s: float | None  # None: failed
+    code: str = "OK"
+
+
+class NormalClient:
+    """1-image gRPC Predicts one after another in a thread, each timestamped, for the whole run."""
+
+    def __init__(self, channel: grpc.Channel, request: bytes, timeout_s: float = 5.0) -> None:
+        self._call = channel.unary_unary(_PREDICT, request_serializer=None, response_deserializer=None)
+        self._request, self._timeout_s = request, timeout_s
+        self.samples: list[_Sample] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="normal-client", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self._call(self._request, timeout=self._timeout_s)
+                self.samples.append(_Sample(started, time.monotonic() - started))
+            except grpc.RpcError as exc:
+                self.samples.append(_Sample(started, None, exc.code().name))
+
+    def between(self, start: float, end: float) -> dict[str, Any]:
+        """p50/p99 and failures of the requests started in [start, end]."""
+        window = [s for s in list(self.samples) if start <= s.started <= end]
+        latencies = [s.latency_s for s in window if s.latency_s is not None]
+        failed: dict[str, int] = {}
+        for sample in window:
+            if sample.latency_s is None:
+                failed[sample.code] = failed.get(sample.code, 0) + 1
+
+        def pct(q: float) -> float | None:
+            return round(float(np.percentile(latencies, q)) * 1000, 1) if latencies else None
+
+        return {"requests": len(window), "failed": failed, "p50_ms": pct(50), "p99_ms": pct(99)}
+
+    def __enter__(self) -> NormalClient:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self._timeout_s + 5)
+
+
+# -- the table -----------------------------------------------------------------------------------
+def attacks(http_port: int, grpc_port: int, channel: grpc.Channel) -> dict[str, Callable[[], str]]:
+    """Each attack of the table as a callable that sends it once and returns its answer."""
+    from bench.slow_clients import Target, attack_in_another_process
+
+    table: dict[str, Callable[[], str]] = {}
+    bodies = rest_bodies()
+    for name, body in bodies.items():
+        table[name] = lambda body=body: _post(http_port, body)
+    int_val = grpc_int_val_request()
+    table["gRPC uint8 input sent as 7M int_val varints"] = lambda: _grpc_raw(channel, int_val)
+    first = next(iter(bodies.values()))
+
+    def concurrent() -> str:
+        answers: list[str] = []
+        threads = [
+            threading.Thread(target=lambda: answers.append(_post(http_port, first).split(":")[0]))
+            for _ in range(CONCURRENT_BODIES)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return ", ".join(f"{answers.count(a)}x {a}" for a in sorted(set(answers)))
+
+    table[f"{CONCURRENT_BODIES} concurrent REST bodies of 7 MiB (the first kind)"] = concurrent
+
+    def slow() -> str:
+        target = Target("127.0.0.1", http_port)
+        with attack_in_another_process(target, SLOW_CONNECTIONS, "http", SLOW_HOLD_S) as counters:
+            time.sleep(SLOW_HOLD_S + 0.5)
+        return f"held {SLOW_HOLD_S:g} s; {json.dumps(counters)}"
+
+    table[f"{SLOW_CONNECTIONS} HTTP connections sending headers and 1 byte of a 1,000-byte body"] = slow
+    return table
+
+
+def measure(grpc_target: str, http_port: int, session_pids: Callable[[], list[int]], repeat: int) -> dict:
+    from bench.loadgen import build_requests
+
+    request = build_requests("mnist", 1, count=1)[0][0].SerializeToString()
+    grpc_port = int(grpc_target.rsplit(":", 1)[1])
+    results: dict[str, Any] = {}
+    with grpc.insecure_channel(grpc_target) as channel, ReplicaMemory(session_pids) as memory:
+        with NormalClient(channel, request) as normal:
+            time.sleep(2.0)  # warm-up
+            start = time.monotonic()
+            time.sleep(QUIET_S)
+            results["none (the normal client alone)"] = {"normal": normal.between(start, time.monotonic())}
+            for name, send in attacks(http_port, grpc_port, channel).items():
+                runs = []
+                for _ in range(repeat):
+                    with memory.growth() as grown:
+                        start = time.monotonic()
+                        answer = send()
+                        end = time.monotonic()
+                    runs.append({"answer": answer, "time_s": round(end - start, 2), **grown,
+                                 "normal": normal.between(start, end)})  # fmt: skip
+                    time.sleep(1.0)
+                results[name] = _summary(runs)
+                print(f"  {name}: {results[name]['summary']}", flush=True)
+            start = time.monotonic()
+            time.sleep(QUIET_S)
+            results["none, after the attacks"] = {"normal": normal.between(start, time.monotonic())}
+    return results
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    p99s = [r["normal"]["p99_ms"] for r in runs if r["normal"]["p99_ms"] is not None]
+    failed = sum(sum(r["normal"]["failed"].values()) for r in runs)
+    return {
+        "runs": runs,
+        "summary": {
+            "answers": sorted({r["answer"][:60] for r in runs}),
+            "time_s_median": statistics.median(r["time_s"] for r in runs),
+            "rss_growth_mib_max": max(r["rss_growth_mib"] for r in runs),
+            "normal_p99_ms_median": statistics.median(p99s) if p99s else None,
+            "normal_p99_ms_max": max(p99s) if p99s else None,
+            "normal_failed": failed,
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model-base-path", required=True, type=Path, help="the model store (MODEL_BASE_PATH)"
+    )
+    parser.add_argument("--model-name", default="mnist")
+    parser.add_argument("--variants", nargs="+", default=["ray-haproxy", "ray-haproxy-edge"])
+    parser.add_argument("--repeat", type=int, default=3, help="times each attack is sent")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    from bench.run_all import VARIANTS, _session_pids, serve_app
+
+    app_args = argparse.Namespace(
+        model_name=args.model_name,
+        model_base_path=args.model_base_path.resolve(),
+        ready_timeout_s=240.0,
+        keep_ray_tmp=False,
+    )
+    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "repeat": args.repeat, "variants": {}}
+    for name in args.variants:
+        print(f"{name}:", flush=True)
+        workdir = Path(tempfile.mkdtemp(prefix="attack-table-"))
+        with serve_app(VARIANTS[name], app_args, workdir) as running:
+            http_port = running.notes["http_port"]
+            if running.edge_pids is not None:  # the edge's own HTTP port is where clients go
+                http_port = running.notes["edge_http_port"]
+            pids = functools.partial(_session_pids, running.sid)
+            results["variants"][name] = measure(running.target, http_port, pids, args.repeat)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""bench/attack_table.py's payloads are the attacks issue 15's table names, and each fits under
+the request size limit (so it reaches the parser, not the size check)."""
+
+import json
+
+import pytest
+
+from bench.attack_table import ATTACK_BYTES, grpc_int_val_request, rest_bodies
+from ray_app.config import Limits
+from ray_app.protocol.protos import predict_pb2
+
+
+def test_each_rest_body_fits_the_request_limit_and_is_the_named_attack():
+    bodies = rest_bodies()
+    assert all(len(body) <= Limits().max_request_bytes for body in bodies.values())
+    first, rows, nulls, comma, keys = bodies.values()
+    assert ATTACK_BYTES - 16 <= len(first) <= ATTACK_BYTES
+    parsed = json.loads(first)["instances"]
+    assert parsed[-1] == "a" and set(parsed[:-1]) == {0}
+    assert all(row == [0] for row in json.loads(rows)["instances"])
+    assert json.loads(nulls)["instances"][-1] is None
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(comma)
+    assert len(json.loads(keys)["inputs"]) == 100_000
+
+
+def test_the_grpc_attack_is_a_uint8_image_with_extra_int_vals():
+    request = predict_pb2.PredictRequest.FromString(grpc_int_val_request(count=1000))
+    tensor = request.inputs["images"]
+    assert [d.size for d in tensor.tensor_shape.dim] == [1, 28, 28]
+    assert len(tensor.int_val) == 1000
