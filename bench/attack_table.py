@@ -9,7 +9,7 @@ the most any replica grew), and the normal client's p50/p99 over the requests it
 the attack ran. The same client alone, before the attacks and after them, is the baseline and
 the health check.
 
-    .venv/bin/python -m bench.attack_table --model-base-path /tmp/store/mnist \\
+    .venv/bin/python -m bench.attack_table --model-base-path /tmp/store \\
         --out bench/results/attack-table.json [--variants ray-haproxy ray-haproxy-edge]
 """
 
@@ -290,7 +290,10 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--model-base-path", required=True, type=Path, help="the model store (MODEL_BASE_PATH)"
+        "--model-base-path",
+        required=True,
+        type=Path,
+        help="MODEL_BASE_PATH: the app serves MODEL_BASE_PATH/MODEL_NAME",
     )
     parser.add_argument("--model-name", default="mnist")
     parser.add_argument("--variants", nargs="+", default=["ray-haproxy", "ray-haproxy-edge"])
