@@ -114,7 +114,15 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError("no ServeReplica process found in the server's session")
         # Warm up (the first batches trace TF functions), then load and record together.
         asyncio.run(
-            run_load(running.target, args.model_name, args.concurrency, 3.0, args.images, warmup_s=1.0)
+            run_load(
+                running.target,
+                args.model_name,
+                args.concurrency,
+                3.0,
+                args.images,
+                warmup_s=1.0,
+                token=running.token,
+            )
         )
         load: dict[str, Any] = {}
         thread = threading.Thread(
@@ -127,6 +135,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
                         args.duration_s,
                         args.images,
                         warmup_s=1.0,
+                        token=running.token,
                     )
                 )
             )

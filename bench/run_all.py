@@ -142,6 +142,13 @@ VARIANTS = {
             tokens=True,
         ),
         Variant(
+            "ray-haproxy-1replica-tokens",
+            "serve",
+            "ray-haproxy-1replica with bearer tokens on the data path (for profile_replica.py)",
+            num_replicas=1,
+            tokens=True,
+        ),
+        Variant(
             "ray-haproxy-edge-tls-tokens",
             "serve",
             "ray-haproxy behind the edge with TLS, and bearer tokens on the data path",

@@ -504,7 +504,13 @@ def test_supervisor_restarts_haproxy_and_never_leaves_it_orphaned(tmp_path) -> N
         )
 
     try:
-        wait_for(lambda: port_in_use(config.http_port) and len(_edge_haproxy(state_dir)) >= 2, 30, "edge up")
+        # Up once the supervisor says so (both ports open): a HAProxy killed while its first start is
+        # still being checked is a failed start, which the supervisor reports and exits on.
+        wait_for(
+            lambda: " serving gRPC " in log_path.read_text() and len(_edge_haproxy(state_dir)) >= 2,
+            30,
+            "edge up",
+        )
         first = {p.pid for p in _edge_haproxy(state_dir)}
         for process in _edge_haproxy(state_dir):
             process.kill()
