@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from client.errors import ClientError, ExitCode, ImageFileError
-from ray_app.preprocessing import decode_image, to_mnist
+from ray_app.image_decoding import decode_image
+from ray_app.preprocessing import to_mnist
 from ray_app.protocol.status import ServingError
 
 IMAGE_SUFFIXES = frozenset(

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from ray import serve
 
-from ray_app import preprocessing
+from ray_app import image_decoding, preprocessing
 from ray_app.backends.base import Backend, VersionState
 from ray_app.budget import ByteBudget
 from ray_app.config import AppConfig, LiveConfig
@@ -331,7 +331,7 @@ class Predictor:
         pixels = 0
         for index, data in enumerate(items):  # headers only: nothing is decompressed yet
             try:
-                pixels += preprocessing.declared_pixels(data, max_bytes=limits.max_image_bytes)
+                pixels += image_decoding.declared_pixels(data, max_bytes=limits.max_image_bytes)
             except ServingError as exc:
                 raise _for_image(exc, index) from exc
         if pixels > limits.max_request_pixels:
