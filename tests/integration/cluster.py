@@ -75,6 +75,13 @@ def assert_nothing_left(ours: list[psutil.Process], ports: list[int], timeout_s:
     assert not busy, f"ports still bound after shutdown: {busy}"
 
 
+# The GCS marks a node dead after this many missed health checks (3 s apart; Ray's default is 5),
+# and a dead node takes its actors and this process (the driver) with it. On a 2-core machine that
+# two test clusters, TensorFlow training and replicas share, a starved raylet can miss 5 in a row:
+# a CI run lost a module that way (its replica stopped answering, then its pytest worker died).
+HEALTH_CHECK_FAILURE_THRESHOLD = 20
+
+
 @contextlib.contextmanager
 def local_ray(num_cpus: int = 2, free_after: tuple[int, ...] = (), **init_kwargs) -> Iterator[str]:
     """``ray.init`` a new local cluster (no dashboard); yields its node id. Shut down on exit (also
@@ -82,7 +89,9 @@ def local_ray(num_cpus: int = 2, free_after: tuple[int, ...] = (), **init_kwargs
     import ray
 
     try:
-        ray.init(address="local", num_cpus=num_cpus, **{"include_dashboard": False, **init_kwargs})
+        system_config = {"health_check_failure_threshold": HEALTH_CHECK_FAILURE_THRESHOLD}
+        init_kwargs = {"include_dashboard": False, "_system_config": system_config, **init_kwargs}
+        ray.init(address="local", num_cpus=num_cpus, **init_kwargs)
         node_id = ray.get_runtime_context().get_node_id()
     except BaseException:
         ray.shutdown()
@@ -139,7 +148,11 @@ def local_job_cluster(num_cpus: int = 2) -> Iterator[JobCluster]:
     ]  # fmt: skip
     # `ray start` turns Ray's token auth on by default, this process's ray.init does not (RAY_FACTS:
     # Operations): a throwaway cluster on loopback, it runs without, as ray.init's clusters here do.
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_health_check_failure_threshold": str(HEALTH_CHECK_FAILURE_THRESHOLD),
+    }
     try:
         subprocess.run(start, check=True, capture_output=True, text=True, timeout=120, env=env)
         ray.init(address=cluster.gcs_address, log_to_driver=False)
