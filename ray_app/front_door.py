@@ -48,6 +48,9 @@ HAPROXY_SWITCH = "RAY_SERVE_ENABLE_HA_PROXY"
 #   TIMEOUT_CLIENT_S        an idle client connection is closed after 10 min (gRPC channels reconnect).
 #   TIMEOUT_SERVER_S        60 s: above Serve's request_timeout_s (30 s in our configs), which answers a
 #                           slow request properly first; this only cuts a replica that stopped answering.
+#   HARD_STOP_AFTER_S       a stopping HAProxy (a reload's old worker, or one left by `serve shutdown` and
+#                           `ray stop`) lets requests in flight finish, then exits: 45 s, above the configs'
+#                           request_timeout_s (30 s), instead of Ray's 120 s, so the ports are free soon.
 #   MIN_DRAINING_PERIOD_S   how long a stopping replica keeps answering while HAProxy moves off it: 5 s
 #                           on one machine (HAProxy reloads within 0.1 s there), Ray's 30 s on a cluster.
 #   FALLBACK_PROXY_*_PORT   HAProxy mode always starts a Python proxy as a backup; Ray puts it on
@@ -55,6 +58,7 @@ HAPROXY_SWITCH = "RAY_SERVE_ENABLE_HA_PROXY"
 #   GRPC_MAX_MESSAGE_SIZE   Serve's gRPC servers accept 2 GiB by default; 17 MiB covers the largest
 #                           max_request_bytes in our configs (16 MiB) plus the protobuf envelope, so a
 #                           larger message is refused by gRPC before it is read in full.
+HAPROXY_HARD_STOP_AFTER_S = 45
 _FALLBACK_HTTP_PORT = 18000
 _FALLBACK_GRPC_PORT = 19000
 GRPC_MAX_MESSAGE_BYTES = 17 * 1024 * 1024
@@ -95,6 +99,7 @@ def front_door_env(
         "RAY_SERVE_HAPROXY_RETRIES": "2",
         "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "600",
         "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": "60",
+        "RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S": str(HAPROXY_HARD_STOP_AFTER_S),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "30" if cluster else "5",
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_FALLBACK_HTTP_PORT),
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_FALLBACK_GRPC_PORT),

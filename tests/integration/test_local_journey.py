@@ -21,6 +21,7 @@ import pytest
 
 from client.pipeline import DASHBOARD_PORT, default_ports, running_ray_processes
 from ray_app import leftovers
+from ray_app.front_door import HAPROXY_HARD_STOP_AFTER_S
 from ray_app.ports import free_port, port_in_use
 from tests import doc_blocks
 
@@ -83,7 +84,11 @@ def journey(tmp_path_factory):
         for command in _cleanup_commands(address):
             subprocess.run(shlex.split(command), env=_env(), capture_output=True, timeout=120)
         left = leftovers.wait_gone(leftovers.ray_processes, timeout_s=30)
-        haproxy = leftovers.wait_gone(lambda: leftovers.haproxy_processes(HAPROXY_STATE_PREFIX), timeout_s=30)
+        # A stopping HAProxy finishes what is in flight first: it is gone by hard-stop-after at the latest.
+        haproxy = leftovers.wait_gone(
+            lambda: leftovers.haproxy_processes(HAPROXY_STATE_PREFIX),
+            timeout_s=HAPROXY_HARD_STOP_AFTER_S + 15,
+        )
         leftovers.stop(left + haproxy)  # so a failure here does not cascade into later tests
         assert not left, f"ray stop left Ray processes behind: {leftovers.describe(left)}"
         assert not haproxy, f"HAProxy left behind: {leftovers.describe(haproxy)}"

@@ -44,6 +44,9 @@ def test_haproxy_and_direct_ingress_are_the_default() -> None:
     )
     assert 8500 not in fallback_ports(env)  # TF Serving's own gRPC port stays free
     assert int(env["RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S"]) > 30  # above the configs' request_timeout_s
+    assert (
+        30 < int(env["RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S"]) < 120
+    )  # requests finish; ports free sooner than Ray's
     # Serve's gRPC servers take the largest request our configs allow, and not 2 GiB
     largest = max(
         yaml.safe_load((REPO / "serve_configs" / name).read_text())["applications"][0]["args"]["limits"][
