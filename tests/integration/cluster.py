@@ -78,7 +78,8 @@ def assert_nothing_left(ours: list[psutil.Process], ports: list[int], timeout_s:
 # The GCS marks a node dead after this many missed health checks (3 s apart; Ray's default is 5),
 # and a dead node takes its actors and this process (the driver) with it. On a 2-core machine that
 # two test clusters, TensorFlow training and replicas share, a starved raylet can miss 5 in a row:
-# a CI run lost a module that way (its replica stopped answering, then its pytest worker died).
+# a CI run lost a module, most likely that way (its replica stopped answering, then its pytest
+# worker died; no Ray log survived to confirm it).
 HEALTH_CHECK_FAILURE_THRESHOLD = 20
 
 

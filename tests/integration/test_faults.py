@@ -105,7 +105,7 @@ def test_killing_a_replica_under_load_fails_only_its_requests_in_flight(tmp_path
         victim = min(_replica_pids())
         killed_s = time.monotonic()
         os.kill(victim, signal.SIGKILL)
-        gone_s = _exited(victim)  # its sockets close only now, after the kernel tore its memory down
+        gone_s = _exited(victim)  # from here on its sockets are closed
         wait_for(
             lambda: len(_replica_pids()) == 2 and victim not in _replica_pids(),
             120,
