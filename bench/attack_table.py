@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import http.client
 import json
 import statistics
@@ -101,10 +100,10 @@ def _grpc_raw(channel: grpc.Channel, payload: bytes, timeout_s: float = 30.0) ->
 
 # -- what is measured beside each attack ---------------------------------------------------------
 class ReplicaMemory:
-    """Samples the RSS of every Serve replica process of a session every 20 ms, in a thread."""
+    """Samples the RSS of the given replica processes every 20 ms, in a thread."""
 
-    def __init__(self, pids: Callable[[], list[int]]) -> None:
-        self._processes = [psutil.Process(pid) for pid in pids() if _is_replica(pid)]
+    def __init__(self, pids: list[int]) -> None:
+        self._processes = [psutil.Process(pid) for pid in pids]
         if not self._processes:
             raise RuntimeError("no Serve replica process found")
         self._peak: dict[int, int] = {}
@@ -147,12 +146,6 @@ class ReplicaMemory:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-
-
-def _is_replica(pid: int) -> bool:
-    with contextlib.suppress(psutil.Error):
-        return psutil.Process(pid).cmdline()[0].startswith("ray::ServeReplica")
-    return False
 
 
 @dataclass
@@ -241,13 +234,13 @@ def attacks(http_port: int, grpc_port: int, channel: grpc.Channel) -> dict[str, 
     return table
 
 
-def measure(grpc_target: str, http_port: int, session_pids: Callable[[], list[int]], repeat: int) -> dict:
+def measure(grpc_target: str, http_port: int, replica_pids: list[int], repeat: int) -> dict:
     from bench.loadgen import build_requests
 
     request = build_requests("mnist", 1, count=1)[0][0].SerializeToString()
     grpc_port = int(grpc_target.rsplit(":", 1)[1])
     results: dict[str, Any] = {}
-    with grpc.insecure_channel(grpc_target) as channel, ReplicaMemory(session_pids) as memory:
+    with grpc.insecure_channel(grpc_target) as channel, ReplicaMemory(replica_pids) as memory:
         with NormalClient(channel, request) as normal:
             time.sleep(2.0)  # warm-up
             start = time.monotonic()
@@ -301,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from bench.run_all import VARIANTS, _session_pids, serve_app
+    from bench.run_all import VARIANTS, replica_pids, serve_app
 
     app_args = argparse.Namespace(
         model_name=args.model_name,
@@ -317,8 +310,9 @@ def main(argv: list[str] | None = None) -> None:
             http_port = running.notes["http_port"]
             if running.edge_pids is not None:  # the edge's own HTTP port is where clients go
                 http_port = running.notes["edge_http_port"]
-            pids = functools.partial(_session_pids, running.sid)
-            results["variants"][name] = measure(running.target, http_port, pids, args.repeat)
+            results["variants"][name] = measure(
+                running.target, http_port, replica_pids(running.sid), args.repeat
+            )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import run_load
-from bench.run_all import VARIANTS, _component, _cpu_s, _parse_args, _session_pids, serve_app
+from bench.run_all import VARIANTS, _cpu_s, _parse_args, replica_pids, serve_app
 
 # (owner, substrings of a frame's "function (file:line)" text); the first owner found from the
 # innermost frame outwards takes the sample. Order matters where paths nest (serve/batching.py
@@ -89,10 +89,6 @@ def shares(raw: str) -> tuple[dict[str, int], int]:
     return dict(counts.most_common()), sum(n for owner, n in counts.items() if owner != IDLE)
 
 
-def _replica_pids(sid: int) -> list[int]:
-    return [pid for pid in _session_pids(sid) if _component(pid).startswith("ray::ServeReplica")]
-
-
 def _record(pid: int, duration_s: float, rate: int, out: Path, native: bool) -> subprocess.Popen[bytes]:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     cmd = [py_spy, "record", "--pid", str(pid), "--duration", str(int(duration_s)), "--rate", str(rate)]
@@ -109,7 +105,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     variant = VARIANTS[args.variant]
     workdir = Path(tempfile.mkdtemp(prefix="profile-"))
     with serve_app(variant, args, workdir) as running:
-        pids = _replica_pids(running.sid)
+        pids = replica_pids(running.sid)
         if not pids:
             raise RuntimeError("no ServeReplica process found in the server's session")
         # Warm up (the first batches trace TF functions), then load and record together.

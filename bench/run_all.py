@@ -282,6 +282,11 @@ def _component(pid: int) -> str:
     return comm
 
 
+def replica_pids(sid: int) -> list[int]:
+    """The Serve replica processes of the server's session ``sid``."""
+    return [pid for pid in _session_pids(sid) if _component(pid).startswith("ray::ServeReplica")]
+
+
 def _cpu_snapshot(sid: int | None, edge_pids: set[int] = frozenset()) -> dict[str, float]:
     """CPU seconds so far by component: the server's session, the edge's HAProxy (``edge_pids``)
     and this process (the client)."""
