@@ -198,7 +198,7 @@ class NormalClient:
 
 
 # -- the table -----------------------------------------------------------------------------------
-def attacks(http_port: int, grpc_port: int, channel: grpc.Channel) -> dict[str, Callable[[], str]]:
+def attacks(http_port: int, channel: grpc.Channel) -> dict[str, Callable[[], str]]:
     """Each attack of the table as a callable that sends it once and returns its answer."""
     from bench.slow_clients import Target, attack_in_another_process
 
@@ -238,7 +238,6 @@ def measure(grpc_target: str, http_port: int, replica_pids: list[int], repeat: i
     from bench.loadgen import build_requests
 
     request = build_requests("mnist", 1, count=1)[0][0].SerializeToString()
-    grpc_port = int(grpc_target.rsplit(":", 1)[1])
     results: dict[str, Any] = {}
     with grpc.insecure_channel(grpc_target) as channel, ReplicaMemory(replica_pids) as memory:
         with NormalClient(channel, request) as normal:
@@ -246,7 +245,7 @@ def measure(grpc_target: str, http_port: int, replica_pids: list[int], repeat: i
             start = time.monotonic()
             time.sleep(QUIET_S)
             results["none (the normal client alone)"] = {"normal": normal.between(start, time.monotonic())}
-            for name, send in attacks(http_port, grpc_port, channel).items():
+            for name, send in attacks(http_port, channel).items():
                 runs = []
                 for _ in range(repeat):
                     with memory.growth() as grown:
