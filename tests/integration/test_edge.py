@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -41,7 +39,10 @@ from ray_app.protocol.tensors import from_ndarray
 from tests.certs import CertificateAuthority
 from tests.conftest import publish_copy
 from tests.integration.cluster import local_serve, run_local_app
-from tests.integration.test_faults import _replica_pids
+from tests.integration.replica_kill import (
+    assert_only_the_victims_requests_failed,
+    kill_a_replica_under_load,
+)
 from tests.polling import wait_for
 from training.data import load_mnist
 
@@ -436,42 +437,13 @@ def test_new_version_rolls_out_through_the_tls_edge_without_failures(app, pki, t
 
 def test_killing_a_replica_behind_the_tls_edge_fails_no_later_request(app, pki, tmp_path) -> None:
     """tests/integration/test_faults.py's scenario, the clients going through the TLS edge."""
-    wait_for(lambda: len(_replica_pids()) == 2, 120, "two replicas running")
     config = _config(app, tls=_tls(pki))
-    outcomes: list[tuple[float, float, str]] = []
-    stop = threading.Event()
-
-    def client() -> None:
-        with _grpc_tls(config.grpc_port, pki) as channel:
-            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-            while not stop.is_set():
-                started = time.monotonic()
-                try:
-                    stub.Predict(_predict_request(), timeout=30)
-                    code = "OK"
-                except grpc.RpcError as exc:
-                    code = exc.code().name
-                outcomes.append((started, time.monotonic(), code))
-
     with running_edge(config, tmp_path / "edge"):
-        threads = [threading.Thread(target=client, daemon=True) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        time.sleep(3)
-        victim = min(_replica_pids())
-        killed = time.monotonic()
-        os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: len(_replica_pids()) == 2 and victim not in _replica_pids(), 120, "a replacement")
-        time.sleep(3)
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=60)
-    failed = [o for o in outcomes if o[2] != "OK"]
-    later = [o for o in failed if o[0] > killed or o[1] < killed]
-    after = [o for o in outcomes if o[0] > killed]
-    print(f"replica kill through the TLS edge: {len(outcomes)} requests, failed {failed}")
-    assert later == [] and len(failed) <= 4
-    assert len(after) > 50
+        run = kill_a_replica_under_load(
+            lambda: _grpc_tls(config.grpc_port, pki), _predict_request(), clients=4
+        )
+    print(f"replica kill through the TLS edge: {run.summary()}")
+    assert_only_the_victims_requests_failed(run, clients=4)
 
 
 # -- supervision -----------------------------------------------------------------------------------
