@@ -1,43 +1,33 @@
-"""Model logic behind both front doors: version routing, input checks, batching, backend calls.
+"""Model logic behind both front doors: a request resolved, checked against its signature and the
+limits, then batched onto the backend.
 
 Transport-free: the gRPC and REST adapters :meth:`Predictor.resolve` a request's model, version
-and signature first, check what the request *declares* against it
-(:meth:`Predictor.check_declared`) before decoding any tensor, then :meth:`Predictor.run` the
-decoded inputs and turn the :class:`InferenceResult` back into their own format. Batching uses
-Ray Serve's ``@serve.batch``; a batch is split by (version, signature, inputs, output filter) so
-different models never share a backend call, and it counts images, not requests.
+and signature first (``ray_app.versions`` picks the version), check what the request *declares*
+against it (:meth:`Predictor.check_declared`) before decoding any tensor, then :meth:`Predictor.run`
+the decoded inputs and turn the :class:`InferenceResult` back into their own format. Encoded images
+are decoded by ``ray_app.decode_pool``; ``ray_app.batcher`` gathers requests into backend calls.
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
-import time
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-from ray import serve
 
-from ray_app import image_decoding, preprocessing
 from ray_app.backends.base import Backend, VersionState
+from ray_app.batcher import Batcher, BatchItem
 from ray_app.budget import ByteBudget
 from ray_app.config import AppConfig, LiveConfig
+from ray_app.decode_pool import DecodePool
 from ray_app.metrics import AppMetrics
 from ray_app.offload import Offloader
-from ray_app.preprocessing import MNIST_SIZE_PX
 from ray_app.protocol.names import IMAGE_BYTES_INPUT, IMAGE_BYTES_SIGNATURE, IMAGES_INPUT, SERVING_DEFAULT
-from ray_app.protocol.status import (
-    DeadlineExceededError,
-    InvalidArgumentError,
-    NotFoundError,
-    ResourceExhaustedError,
-    ServingError,
-)
+from ray_app.protocol.status import ResourceExhaustedError
 from ray_app.protocol.tensors import STRING, element_count
 from ray_app.signatures import IMAGE_BYTES_SPEC, SignatureSpec, lookup
+from ray_app.versions import VersionRouter
 
 
 @dataclass(frozen=True)
@@ -71,43 +61,8 @@ class InferenceResult:
     outputs: dict[str, np.ndarray]
 
 
-@dataclass
-class _Item:
-    version: int
-    pinned: bool
-    signature: str
-    inputs: dict[str, np.ndarray]
-    output_filter: tuple[str, ...]
-    size: int = field(default=1)
-    queued_s: float = field(default_factory=time.monotonic)
-    deadline_s: float | None = None  # time.monotonic() after which nobody waits for the answer
-
-    def group_key(self) -> tuple:
-        """Items that may share one backend call: same version, signature, output filter, and
-        inputs that concatenate (same names, dtypes and shapes past the batch dimension)."""
-        inputs = tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(self.inputs.items()))
-        return self.version, self.signature, inputs, self.output_filter
-
-
-def _batch_images(items: list[_Item]) -> int:
-    return sum(item.size for item in items)
-
-
-def _for_image(exc: ServingError, index: int) -> ServingError:
-    """The same error, naming the image it is about (the client maps the index back to a file)."""
-    named = type(exc)(f"image {index}: {exc.message}")
-    named.__dict__.update({k: v for k, v in exc.__dict__.items() if k != "message"})
-    return named
-
-
-def _servable_not_found(name: str, version: int | None) -> str:
-    """TF Serving's NOT_FOUND text (``ServableRequest::DebugString``)."""
-    request = f"Specific({name}, {version})" if version is not None else f"Latest({name})"
-    return f"Servable not found for request: {request}"
-
-
 class Predictor:
-    """One per replica process: Ray Serve keeps a single batch queue per decorated method."""
+    """One per replica process (its batcher's queue is the replica's)."""
 
     def __init__(
         self,
@@ -118,14 +73,10 @@ class Predictor:
     ) -> None:
         self.config = config
         self.backend = backend
-        self.live = LiveConfig()
-        self._rng = rng or random.Random()
+        self._versions = VersionRouter(config.model_name, backend, rng, metrics)
         self._metrics = metrics
-        # Encoded images are decoded here, never on the threads inference uses: a few requests of
-        # huge blank PNGs can then delay other image-bytes requests, not every request.
-        self._decoder = ThreadPoolExecutor(config.limits.decode_threads, thread_name_prefix="decode")
-        self._pending_decodes = 0  # image-bytes requests decoding or waiting for a decoder thread
-        self._in_flight = 0  # requests between here and their answer from the backend
+        self._decode_pool = DecodePool(config.limits)  # encoded images: never on inference's threads
+        self._batcher = Batcher(backend, config.backend_timeout_s, metrics)
         limits = config.limits
         self.inflight_bytes = ByteBudget(limits.max_inflight_bytes, limits.retry_after_s)
         self._offloader = Offloader(limits.offload_threads, limits.offload_min_bytes)
@@ -133,13 +84,12 @@ class Predictor:
     # -- configuration -------------------------------------------------------------------------
     def reconfigure(self, live: LiveConfig) -> None:
         """Apply new live settings (batch limits, labels, canary share) without a restart."""
-        self.live = live
-        self._run_batch.set_max_batch_size(live.max_batch_size)
-        self._run_batch.set_batch_wait_timeout_s(live.batch_wait_timeout_s)
+        self._versions.live = live
+        self._batcher.set_limits(live.max_batch_size, live.batch_wait_timeout_s)
         self.backend.set_pinned_versions(live.version_labels.values())
 
     def close(self) -> None:
-        self._decoder.shutdown(wait=False, cancel_futures=True)
+        self._decode_pool.close()
         self._offloader.close()
 
     async def offload(self, size_bytes: int, fn, *args):
@@ -147,59 +97,19 @@ class Predictor:
         it is small (``ray_app.offload``)."""
         return await self._offloader.run(size_bytes, fn, *args)
 
-    # -- versions ------------------------------------------------------------------------------
+    # -- versions (ray_app.versions) ------------------------------------------------------------
+    @property
+    def live(self) -> LiveConfig:
+        return self._versions.live
+
     def check_model(self, name: str, version: int | None = None) -> None:
-        """TF Serving's answers for a missing or unknown model name."""
-        if not name:
-            raise InvalidArgumentError("ModelSpec has no name specified.")
-        if name != self.config.model_name:
-            raise NotFoundError(_servable_not_found(name, version))
+        self._versions.check_model(name, version)
 
     def resolve_version(self, version: int | None, label: str | None) -> tuple[int, bool]:
-        """(version to run, whether the client pinned it), following labels and the canary share."""
-        name = self.config.model_name
-        loaded = self.backend.versions()
-        labels = self.live.version_labels
-        if label:
-            if label not in labels:
-                raise InvalidArgumentError(f"Unrecognized servable version label: {label}")
-            version = labels[label]
-        if version is not None:  # 0 too: TF Serving serves a 0/ directory as version 0
-            if version not in loaded:
-                raise NotFoundError(_servable_not_found(name, version))
-            return version, True
-        if not loaded:
-            raise NotFoundError(f"{_servable_not_found(name, None)} ({self._nothing_loaded()})")
-        canary_share = self.live.canary_traffic_percent
-        if canary_share > 0 and labels.get("canary") in loaded and self._rng.random() * 100 < canary_share:
-            return self._routed(labels["canary"], "canary"), False
-        if labels.get("stable") in loaded:
-            return self._routed(labels["stable"], "stable"), False
-        return self._routed(loaded[-1], "latest"), False
-
-    def _routed(self, version: int, route: str) -> int:
-        if self._metrics is not None:
-            self._metrics.routed(version, route)
-        return version
-
-    def _nothing_loaded(self) -> str:
-        if any(state.error for state in self.backend.version_states().values()):
-            return "no version could be loaded; the model status says why"
-        return "no version is loaded yet; waiting for the first one to be published"
+        return self._versions.resolve(version, label)
 
     def status(self, model_name: str, version: int | None) -> dict[int, VersionState]:
-        """TF Serving's GetModelStatus: one version's state, or every version's, newest first.
-
-        Labels are ignored, as TF Serving does. NOT_FOUND with its texts when nothing matches.
-        """
-        states = self.backend.version_states() if model_name == self.config.model_name else {}
-        if version is not None:
-            if version not in states:
-                raise NotFoundError(f"Could not find version {version} of model {model_name}")
-            return {version: states[version]}
-        if not states:
-            raise NotFoundError(f"Could not find any versions of model {model_name}")
-        return dict(sorted(states.items(), reverse=True))
+        return self._versions.status(model_name, version)
 
     def signatures(self, version: int) -> dict[str, SignatureSpec]:
         """The model's signatures plus the app's image-bytes signature."""
@@ -299,169 +209,12 @@ class Predictor:
         run_signature, run_inputs = target.signature_name, dict(inputs)
         if run_signature == IMAGE_BYTES_SIGNATURE:
             run_signature = SERVING_DEFAULT
-            run_inputs = {IMAGES_INPUT: await self._decode_images(inputs[IMAGE_BYTES_INPUT])}
-        item = _Item(
+            run_inputs = {IMAGES_INPUT: await self._decode_pool.decode(inputs[IMAGE_BYTES_INPUT])}
+        item = BatchItem(
             target.version, target.pinned, run_signature, run_inputs, tuple(output_filter), size,
             deadline_s=deadline_s,
         )  # fmt: skip
-        # Waiting for a batch gains nothing when the request fills one by itself, or when nothing
-        # else is in flight (the backend is idle: a lone request runs at once, no batch wait);
-        # while requests are in flight, new ones gather into batches.
-        alone = self._in_flight == 0
-        self._in_flight += 1
-        try:
-            if size >= self.live.max_batch_size or size == 0 or alone:
-                result = (await self._run_group([item]))[0]
-            else:
-                result = await self._batched(item)
-        finally:
-            self._in_flight -= 1
-        if isinstance(result, Exception):
-            raise result
+        result = await self._batcher.run(item)
         if self._metrics is not None:
             self._metrics.answered(item.version, target.signature_name, size)
         return InferenceResult(target.model_name, item.version, target.signature_name, result)
-
-    async def _decode_images(self, encoded: np.ndarray) -> np.ndarray:
-        """Decode and preprocess encoded images on the decoder threads, within the pixel budgets."""
-        limits = self.config.limits
-        items = [bytes(data) for data in encoded.reshape(-1)]
-        if not items:
-            return np.zeros((0, MNIST_SIZE_PX, MNIST_SIZE_PX), dtype=np.uint8)
-        pixels = 0
-        for index, data in enumerate(items):  # headers only: nothing is decompressed yet
-            try:
-                pixels += image_decoding.declared_pixels(data, max_bytes=limits.max_image_bytes)
-            except ServingError as exc:
-                raise _for_image(exc, index) from exc
-        if pixels > limits.max_request_pixels:
-            raise ResourceExhaustedError(
-                f"the images hold {pixels} pixels in all; the limit per request is {limits.max_request_pixels}",
-                "max_request_pixels",
-            )
-        if self._pending_decodes >= limits.max_pending_decodes:
-            raise ResourceExhaustedError(
-                f"{self._pending_decodes} image-bytes requests are already being decoded; retry later",
-                "max_pending_decodes",
-            )
-
-        def decode_all() -> np.ndarray:
-            images = []
-            for index, data in enumerate(items):
-                try:
-                    images.append(
-                        preprocessing.preprocess_bytes(
-                            data, max_pixels=limits.max_image_pixels, max_bytes=limits.max_image_bytes
-                        )
-                    )
-                except ServingError as exc:
-                    raise _for_image(exc, index) from exc
-            return np.stack(images)
-
-        self._pending_decodes += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._decoder, decode_all)
-        finally:
-            self._pending_decodes -= 1
-
-    async def _batched(self, item: _Item) -> dict[str, np.ndarray] | Exception:
-        """``_run_batch(item)``; alone when the batch size was lowered below the item's size while it
-        was queued (Serve then fails it with a RuntimeError, which would reach the client as INTERNAL)."""
-        try:
-            return await self._run_batch(item)
-        except RuntimeError as exc:
-            if item.size > self.live.max_batch_size and "greater than max_batch_size" in str(exc):
-                return (await self._run_group([item]))[0]
-            raise
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_batch_images)
-    async def _run_batch(self, items: list[_Item]) -> list[dict[str, np.ndarray] | Exception]:
-        self._follow_latest(items)
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for index, item in enumerate(items):
-            groups[item.group_key()].append(index)
-        if len(groups) == 1:  # the usual case: no gather, no extra tasks
-            return await self._run_group(items)
-        results: list[dict[str, np.ndarray] | Exception] = [{} for _ in items]
-        group_items = [[items[i] for i in indices] for indices in groups.values()]
-        outcomes = await asyncio.gather(*(self._run_group(g) for g in group_items))
-        for indices, outcome in zip(groups.values(), outcomes):
-            for index, value in zip(indices, outcome):
-                results[index] = value
-        return results
-
-    def _follow_latest(self, items: list[_Item]) -> None:
-        """Unpinned items whose version was unloaded while they waited go to the latest instead."""
-        loaded = self.backend.versions()
-        for item in items:
-            if item.version not in loaded and not item.pinned and loaded:
-                item.version = loaded[-1]
-
-    async def _without_expired(
-        self, items: list[_Item], expired: list[int]
-    ) -> list[dict[str, np.ndarray] | Exception]:
-        """DEADLINE_EXCEEDED for the expired items (counted); the others run without them."""
-        if self._metrics is not None:
-            self._metrics.expired(len(expired))
-        error = DeadlineExceededError("the request's deadline passed before the model ran")
-        results: list[dict[str, np.ndarray] | Exception] = [error for _ in items]
-        live = [i for i in range(len(items)) if i not in set(expired)]
-        if live:
-            for index, value in zip(live, await self._run_group([items[i] for i in live])):
-                results[index] = value
-        return results
-
-    async def _run_group(self, items: list[_Item]) -> list[dict[str, np.ndarray] | Exception]:
-        """One backend call for items sharing version, signature and inputs; split the outputs."""
-        self._follow_latest(items)
-        first = items[0]
-        if any(item.version != first.version for item in items):
-            # A version was unloaded after _run_batch grouped these: some unpinned items moved to
-            # the latest, pinned ones stay (and get NOT_FOUND). Never answer one with another's.
-            same = [i for i, item in enumerate(items) if item.version == first.version]
-            other = [i for i, item in enumerate(items) if item.version != first.version]
-            parts = await asyncio.gather(
-                self._run_group([items[i] for i in same]), self._run_group([items[i] for i in other])
-            )
-            results: list[dict[str, np.ndarray] | Exception] = [{} for _ in items]
-            for indices, outcome in zip((same, other), parts):
-                for index, value in zip(indices, outcome):
-                    results[index] = value
-            return results
-        if first.version not in self.backend.versions():
-            error = NotFoundError(f"version {first.version} was unloaded before the request ran")
-            return [error for _ in items]
-        now_s = time.monotonic()
-        expired = [
-            i for i, item in enumerate(items) if item.deadline_s is not None and item.deadline_s <= now_s
-        ]
-        if expired:
-            return await self._without_expired(items, expired)
-        deadlines = [item.deadline_s for item in items]
-        timeout_s = self.config.backend_timeout_s
-        if None not in deadlines:  # the longest-waiting caller still gets its answer
-            timeout_s = min(timeout_s, max(deadlines) - now_s)  # type: ignore[type-var]
-        total = sum(item.size for item in items)
-        started_s = time.monotonic()
-        try:
-            inputs = {
-                name: np.concatenate([item.inputs[name] for item in items])
-                if len(items) > 1
-                else first.inputs[name]
-                for name in first.inputs
-            }
-            outputs = await self.backend.predict(
-                first.version, first.signature, inputs, first.output_filter, timeout_s=timeout_s
-            )
-        except Exception as exc:  # every caller of this group gets the same error
-            return [exc for _ in items]
-        if self._metrics is not None:
-            latency_ms = (time.monotonic() - started_s) * 1000
-            self._metrics.backend_call(first.version, first.signature, self.backend.kind, total, latency_ms)
-            self._metrics.batch_wait((started_s - min(item.queued_s for item in items)) * 1000)
-        bounds = np.cumsum([item.size for item in items])[:-1]
-        split = {
-            name: np.split(value, bounds) if value.ndim and value.shape[0] == total else [value] * len(items)
-            for name, value in outputs.items()
-        }
-        return [{name: parts[i] for name, parts in split.items()} for i in range(len(items))]

@@ -454,14 +454,13 @@ def test_an_unload_after_grouping_never_answers_a_pinned_request_with_another_ve
     the pinned one gets NOT_FOUND, and neither is answered by the other's version."""
     import asyncio
 
-    from ray_app.predictor import _Item
+    from ray_app.batcher import Batcher, BatchItem
 
     backend = StaticBackend(versions=(2,))
-    predictor = Predictor(AppConfig(), backend)
     images = np.zeros((1, 28, 28), np.uint8)
-    pinned = _Item(1, True, "serving_default", {"images": images}, ())
-    unpinned = _Item(1, False, "serving_default", {"images": images}, ())
-    first, second = asyncio.run(predictor._run_group([pinned, unpinned]))
+    pinned = BatchItem(1, True, "serving_default", {"images": images}, ())
+    unpinned = BatchItem(1, False, "serving_default", {"images": images}, ())
+    first, second = asyncio.run(Batcher(backend, backend_timeout_s=30).run_group([pinned, unpinned]))
     assert isinstance(first, ServingError) and first.code == StatusCode.NOT_FOUND
     assert unpinned.version == 2 and set(second) == {"probabilities", "classes"}
     assert backend.calls == [(2, "serving_default", 1)]
