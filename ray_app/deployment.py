@@ -1,8 +1,9 @@
 """The Ray Serve deployment: both front doors (gRPC and REST) on one batching replica.
 
-gRPC methods are named like TF Serving's RPCs (Serve routes by method name) and get raw
-request bytes (see ``ray_app.grpc_servicers``). REST requests under ``/v1/`` go to one route
-that dispatches on TF Serving's own URL patterns (``ray_app.rest_api.route``). The Open Inference
+gRPC methods are named like TF Serving's RPCs (Serve routes by method name), get raw request
+bytes (see ``ray_app.grpc_servicers``) and look up their handler in one table
+(``ray_app.grpc_methods``). REST requests under ``/v1/`` go to one route that dispatches on TF
+Serving's own URL patterns (``ray_app.rest_api.route``). The Open Inference
 Protocol (KServe v2 / Triton) is a third adapter on the same ports: its gRPC methods
 (``ray_app.oip_grpc``) and ``/v2`` routes (``ray_app.oip_rest``). All delegate to one
 ``Predictor``; errors map through one table (``ray_app.protocol.status``).
@@ -14,23 +15,27 @@ but the web page's, new routes included).
 """
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ray_app import auth
+from ray_app import auth, deadlines, grpc_methods, oip_rest, request_body, rest_api, uploads, web
+from ray_app.backends import make_backend
+from ray_app.config import AppConfig, LiveConfig
 from ray_app.metrics import AppMetrics
+from ray_app.predictor import Predictor
 from ray_app.protocol.names import MODEL_VERSION_HEADER
 from ray_app.protocol.status import (
     ResourceExhaustedError,
     ServingError,
     UnauthenticatedError,
-    UnimplementedError,
     to_status,
 )
 
@@ -60,18 +65,14 @@ def _retry_after(exc: BaseException) -> str | None:
 
 
 def _error_response(exc: BaseException) -> Response:
-    from ray_app.rest_api import error_json
-
     _log_unexpected(exc)
     _, status, message = to_status(exc)
     retry_after = _retry_after(exc)
     headers = {"Retry-After": retry_after} if retry_after is not None else None
-    return Response(error_json(message), status_code=status, media_type=_JSON, headers=headers)
+    return Response(rest_api.error_json(message), status_code=status, media_type=_JSON, headers=headers)
 
 
 def _grpc_fail(exc: BaseException, grpc_context: Any) -> None:
-    import grpc
-
     _log_unexpected(exc)
     code, _, message = to_status(exc)
     if len(message) > GRPC_MESSAGE_LIMIT:
@@ -84,21 +85,7 @@ def _grpc_fail(exc: BaseException, grpc_context: Any) -> None:
         grpc_context.set_trailing_metadata([*kept, ("retry-after", retry_after)])
 
 
-OIP_GRPC, OIP_REST = "oip_grpc", "oip_rest"  # the Open Inference Protocol's `protocol` metric tag
-
-
-def _tf_serving_spec(result: Any) -> tuple[int | None, str]:
-    """(version, signature) of a TF Serving answer, from its ``model_spec`` (None, "" without one)."""
-    spec = getattr(result, "model_spec", None)
-    version = spec.version.value if spec is not None and spec.HasField("version") else None
-    return version, spec.signature_name if spec is not None else ""
-
-
-def _oip_signature(predictor: Any, method: str, result: Any) -> str:
-    """The signature an answered OIP infer ran (its model name says it; see ray_app.oip_api)."""
-    from ray_app import oip_api
-
-    return oip_api.split_name(predictor, result.model_name) if method == "ModelInfer" else ""
+OIP_REST = "oip_rest"  # the Open Inference Protocol's `protocol` metric tag over HTTP
 
 
 def _path_and_query(request: Request) -> str:
@@ -106,13 +93,6 @@ def _path_and_query(request: Request) -> str:
     raw = request.scope.get("raw_path") or request.url.path.encode()
     query = request.scope.get("query_string") or b""
     return raw.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
-
-
-def _no_reload(predictor: Any, raw: bytes) -> None:
-    raise UnimplementedError(
-        "HandleReloadConfigRequest is not supported: models are configured by the Serve config "
-        "(`serve deploy`), and new versions are picked up from the model store"
-    )
 
 
 @http_app.exception_handler(StarletteHTTPException)
@@ -128,10 +108,6 @@ class MnistServer:
     """One replica: a backend (embedded TF / TF Serving child / remote) behind a batcher."""
 
     async def __init__(self, config: dict[str, Any]) -> None:
-        from ray_app.backends import make_backend
-        from ray_app.config import AppConfig
-        from ray_app.predictor import Predictor
-
         app_config = AppConfig.model_validate(config)
         self._metrics = AppMetrics(app_config.model_name)
         self._auth = None
@@ -153,8 +129,6 @@ class MnistServer:
         )
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        from ray_app.config import LiveConfig
-
         live = LiveConfig.model_validate(user_config or {})
         self._predictor.reconfigure(live)
         self._metrics.canary_percent(live.canary_traffic_percent)
@@ -184,136 +158,76 @@ class MnistServer:
         latency_ms = (time.perf_counter() - started_s) * 1000
         self._metrics.request(protocol, method, code, latency_ms, version, signature)
 
-    async def _grpc(
-        self,
-        method: str,
-        handler,
-        raw: bytes,
-        grpc_context: Any,
-        empty,
-        protocol: str = "grpc",
-        describe=None,
-    ):
-        """Every gRPC method of every protocol goes through here: the token check, the handler,
-        errors and metrics. ``describe(result)`` gives the (version, signature) to record
-        (default: the answer's ``model_spec``, as in TF Serving's messages)."""
+    async def _grpc(self, method: str, raw: bytes, grpc_context: Any):
+        """Every gRPC method of every protocol goes through here (``ray_app.grpc_methods``): the
+        token check, the handler, errors and metrics."""
         started_s = time.perf_counter()
+        spec = grpc_methods.METHODS[method]
         if self._auth is not None:
             header = auth.grpc_authorization(grpc_context.invocation_metadata())
             why = self._auth.refusal(header, "grpc")
             if why is not None:
                 refused = UnauthenticatedError(auth.MESSAGES[why])
                 _grpc_fail(refused, grpc_context)
-                self._observe(protocol, method, started_s, refused)
-                return empty()
+                self._observe(spec.protocol, method, started_s, refused)
+                return spec.empty()
+        deadline_s = deadlines.grpc_deadline_s(grpc_context, self._predictor.config.request_timeout_s)
         try:
             with self._predictor.inflight_bytes.hold(len(raw)):  # before the message is parsed
-                result = handler(self._predictor, raw)
-                if hasattr(result, "__await__"):
-                    result = await result
+                result = await spec.handle(self._predictor, raw, deadline_s)
         except Exception as exc:
             _grpc_fail(exc, grpc_context)
-            self._observe(protocol, method, started_s, exc)
-            return empty()
-        version, signature = (describe or _tf_serving_spec)(result)
-        self._observe(protocol, method, started_s, result, version, signature)
+            self._observe(spec.protocol, method, started_s, exc)
+            return spec.empty()
+        version, signature = spec.describe(self._predictor, result)
+        self._observe(spec.protocol, method, started_s, result, version, signature)
         return result
 
+    # One method per gRPC method name (Serve routes by name), all through _grpc.
+    # tensorflow.serving.PredictionService / ModelService
     async def Predict(self, request: bytes, grpc_context: Any):  # noqa: N802
-        import functools
-
-        from ray_app import deadlines, grpc_api
-        from ray_app.protocol.protos import predict_pb2
-
-        deadline_s = deadlines.grpc_deadline_s(grpc_context, self._predictor.config.request_timeout_s)
-        handler = functools.partial(grpc_api.predict, deadline_s=deadline_s)
-        return await self._grpc("Predict", handler, request, grpc_context, predict_pb2.PredictResponse)
+        return await self._grpc("Predict", request, grpc_context)
 
     async def GetModelMetadata(self, request: bytes, grpc_context: Any):  # noqa: N802
-        from ray_app import grpc_api
-        from ray_app.protocol.protos import get_model_metadata_pb2
-
-        empty = get_model_metadata_pb2.GetModelMetadataResponse
-        return await self._grpc("GetModelMetadata", grpc_api.get_model_metadata, request, grpc_context, empty)
+        return await self._grpc("GetModelMetadata", request, grpc_context)
 
     async def GetModelStatus(self, request: bytes, grpc_context: Any):  # noqa: N802
-        from ray_app import grpc_api
-        from ray_app.protocol.protos import get_model_status_pb2
-
-        empty = get_model_status_pb2.GetModelStatusResponse
-        return await self._grpc("GetModelStatus", grpc_api.get_model_status, request, grpc_context, empty)
+        return await self._grpc("GetModelStatus", request, grpc_context)
 
     async def Classify(self, request: bytes, grpc_context: Any):  # noqa: N802
-        from ray_app import grpc_api
-        from ray_app.protocol.protos import classification_pb2
-
-        empty = classification_pb2.ClassificationResponse
-        return await self._grpc("Classify", grpc_api.classify, request, grpc_context, empty)
+        return await self._grpc("Classify", request, grpc_context)
 
     async def Regress(self, request: bytes, grpc_context: Any):  # noqa: N802
-        from ray_app import grpc_api
-        from ray_app.protocol.protos import regression_pb2
-
-        return await self._grpc(
-            "Regress", grpc_api.regress, request, grpc_context, regression_pb2.RegressionResponse
-        )
+        return await self._grpc("Regress", request, grpc_context)
 
     async def MultiInference(self, request: bytes, grpc_context: Any):  # noqa: N802
-        from ray_app import grpc_api
-        from ray_app.protocol.protos import inference_pb2
-
-        empty = inference_pb2.MultiInferenceResponse
-        return await self._grpc("MultiInference", grpc_api.multi_inference, request, grpc_context, empty)
+        return await self._grpc("MultiInference", request, grpc_context)
 
     async def HandleReloadConfigRequest(self, request: bytes, grpc_context: Any):  # noqa: N802
-        from ray_app.protocol.protos import model_management_pb2
+        return await self._grpc("HandleReloadConfigRequest", request, grpc_context)
 
-        empty = model_management_pb2.ReloadConfigResponse
-        return await self._grpc("HandleReloadConfigRequest", _no_reload, request, grpc_context, empty)
-
-    # -- gRPC: inference.GRPCInferenceService (Open Inference Protocol; see ray_app.oip_grpc) -------
-    async def _oip_grpc(self, method: str, raw: bytes, grpc_context: Any):
-        from ray_app import oip_grpc
-
-        handler, _ = oip_grpc.METHODS[method]
-
-        def describe(result: Any) -> tuple[int | None, str]:
-            version = int(result.model_version) if method == "ModelInfer" else None
-            return version, _oip_signature(self._predictor, method, result)
-
-        return await self._grpc(
-            method,
-            handler,
-            raw,
-            grpc_context,
-            lambda: oip_grpc.empty_response(method),
-            protocol=OIP_GRPC,
-            describe=describe,
-        )
-
+    # inference.GRPCInferenceService (Open Inference Protocol)
     async def ServerLive(self, request: bytes, grpc_context: Any):  # noqa: N802
-        return await self._oip_grpc("ServerLive", request, grpc_context)
+        return await self._grpc("ServerLive", request, grpc_context)
 
     async def ServerReady(self, request: bytes, grpc_context: Any):  # noqa: N802
-        return await self._oip_grpc("ServerReady", request, grpc_context)
+        return await self._grpc("ServerReady", request, grpc_context)
 
     async def ModelReady(self, request: bytes, grpc_context: Any):  # noqa: N802
-        return await self._oip_grpc("ModelReady", request, grpc_context)
+        return await self._grpc("ModelReady", request, grpc_context)
 
     async def ServerMetadata(self, request: bytes, grpc_context: Any):  # noqa: N802
-        return await self._oip_grpc("ServerMetadata", request, grpc_context)
+        return await self._grpc("ServerMetadata", request, grpc_context)
 
     async def ModelMetadata(self, request: bytes, grpc_context: Any):  # noqa: N802
-        return await self._oip_grpc("ModelMetadata", request, grpc_context)
+        return await self._grpc("ModelMetadata", request, grpc_context)
 
     async def ModelInfer(self, request: bytes, grpc_context: Any):  # noqa: N802
-        return await self._oip_grpc("ModelInfer", request, grpc_context)
+        return await self._grpc("ModelInfer", request, grpc_context)
 
     # -- REST: TF Serving's HTTP API ---------------------------------------------------------------
     @http_app.api_route("/v1/{path:path}", methods=_METHODS)
     async def rest_v1(self, request: Request, path: str) -> Response:
-        from ray_app import deadlines, request_body, rest_api, uploads
-
         started_s, method = time.perf_counter(), "unknown"
         deadline_s = deadlines.http_deadline_s(request.headers, self._predictor.config.request_timeout_s)
         try:
@@ -346,8 +260,6 @@ class MnistServer:
 
     async def _upload_predict(self, request: Request, where: Any, deadline_s: float) -> tuple[str, int, str]:
         """Multipart image files -> ``predict_image_bytes`` (our addition; see ``ray_app.uploads``)."""
-        from ray_app import rest_api, uploads
-
         self._predictor.check_model(where.model_name)  # before reading the body
         images = await uploads.read_images(request.headers, request.stream(), self._predictor.config.limits)
         result = await self._predictor.predict(
@@ -359,8 +271,6 @@ class MnistServer:
     @http_app.api_route("/v2", methods=_METHODS, include_in_schema=False)
     @http_app.api_route("/v2/{path:path}", methods=_METHODS, include_in_schema=False)
     async def rest_v2(self, request: Request) -> Response:
-        from ray_app import oip_rest
-
         started_s = time.perf_counter()
         raw_path = (request.scope.get("raw_path") or request.url.path.encode()).decode("latin-1")
         answer = await oip_rest.handle(
@@ -377,8 +287,6 @@ class MnistServer:
     # -- the web page and its panel data (ours, outside TF Serving's API; see ray_app.web) ----------
     @http_app.get("/", include_in_schema=False)
     async def web_page(self, request: Request) -> Response:
-        from ray_app import web
-
         return web.page_response(
             request.scope.get("root_path", ""),
             self._predictor.config.model_name,
@@ -387,16 +295,10 @@ class MnistServer:
 
     @http_app.get("/static/{file_name}", include_in_schema=False)
     async def web_static(self, request: Request, file_name: str) -> Response:
-        from ray_app import web
-
         return web.static_response(file_name, request.headers.get("if-none-match"))
 
     @http_app.get("/api/models/{name}")
     async def web_models(self, name: str) -> Response:
-        import json
-
-        from ray_app import web
-
         try:
             # in a thread: the first read of a version's metrics.json is a (shared) file-system read
             summary = await asyncio.to_thread(web.models_summary, self._predictor, name)

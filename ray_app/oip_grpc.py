@@ -11,9 +11,6 @@ always does and as tritonclient reads; typed contents otherwise, as KServe's ``I
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
-
 from ray_app import oip_api
 from ray_app.grpc_api import parse
 from ray_app.predictor import Predictor
@@ -111,17 +108,6 @@ async def model_infer(predictor: Predictor, raw: bytes):
     return response
 
 
-# method -> (handler, response message name): what the deployment's methods dispatch on
-Handler = Callable[[Predictor, bytes], Any | Awaitable[Any]]
-METHODS: dict[str, tuple[Handler, str]] = {
-    "ServerLive": (server_live, "ServerLiveResponse"),
-    "ServerReady": (server_ready, "ServerReadyResponse"),
-    "ModelReady": (model_ready, "ModelReadyResponse"),
-    "ServerMetadata": (server_metadata, "ServerMetadataResponse"),
-    "ModelMetadata": (model_metadata, "ModelMetadataResponse"),
-    "ModelInfer": (model_infer, "ModelInferResponse"),
-}
-
-
 def empty_response(method: str):
-    return getattr(messages(), METHODS[method][1])()
+    """The empty answer of ``method`` (sent with an error status)."""
+    return getattr(messages(), f"{method}Response")()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from types import SimpleNamespace
@@ -11,7 +12,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
 
-from ray_app import auth
+from ray_app import auth, grpc_methods
 from ray_app.auth import MALFORMED, MISSING, WRONG, BearerTokenMiddleware, TokenAuth
 from ray_app.config import AppConfig, LiveConfig
 from ray_app.deployment import MnistServer
@@ -215,7 +216,7 @@ def _predictor() -> Predictor:
     return predictor
 
 
-def _grpc_call(checker: TokenAuth | None, metadata) -> tuple[_Context, list, list]:
+def _grpc_call(checker: TokenAuth | None, metadata, monkeypatch) -> tuple[_Context, list, list]:
     server_class = MnistServer.func_or_class
     handled, observed = [], []
     replica = SimpleNamespace(
@@ -224,16 +225,14 @@ def _grpc_call(checker: TokenAuth | None, metadata) -> tuple[_Context, list, lis
         _observe=lambda protocol, method, started_s, outcome, *rest: observed.append(outcome),
     )
 
-    def handler(predictor, raw):
+    async def handle(predictor, raw, deadline_s):
         handled.append(raw)
         return get_model_status_pb2.GetModelStatusResponse()
 
+    watched = dataclasses.replace(grpc_methods.METHODS["GetModelStatus"], handle=handle)
+    monkeypatch.setitem(grpc_methods.METHODS, "GetModelStatus", watched)
     context = _Context(metadata)
-    run_on_replica_loop(
-        server_class._grpc(
-            replica, "GetModelStatus", handler, b"raw", context, get_model_status_pb2.GetModelStatusResponse
-        )
-    )
+    run_on_replica_loop(server_class._grpc(replica, "GetModelStatus", b"raw", context))
     return context, handled, observed
 
 
@@ -247,17 +246,19 @@ def _grpc_call(checker: TokenAuth | None, metadata) -> tuple[_Context, list, lis
     ids=["missing", "malformed", "wrong"],
 )
 def test_grpc_calls_without_a_valid_token_are_unauthenticated_and_never_handled(
-    token_file, metadata, details
+    token_file, metadata, details, monkeypatch
 ) -> None:
-    context, handled, observed = _grpc_call(TokenAuth(token_file), metadata)
+    context, handled, observed = _grpc_call(TokenAuth(token_file), metadata, monkeypatch)
     assert context.code == grpc.StatusCode.UNAUTHENTICATED and details in context.details
     assert handled == [] and len(observed) == 1
 
 
-def test_grpc_calls_with_a_valid_token_are_handled(token_file) -> None:
-    context, handled, _ = _grpc_call(TokenAuth(token_file), [("authorization", "Bearer old-token")])
+def test_grpc_calls_with_a_valid_token_are_handled(token_file, monkeypatch) -> None:
+    context, handled, _ = _grpc_call(
+        TokenAuth(token_file), [("authorization", "Bearer old-token")], monkeypatch
+    )
     assert context.code is None and handled == [b"raw"]
-    context, handled, _ = _grpc_call(None, [])  # auth off
+    context, handled, _ = _grpc_call(None, [], monkeypatch)  # auth off
     assert context.code is None and handled == [b"raw"]
 
 
@@ -270,7 +271,6 @@ def test_every_grpc_method_of_the_deployment_goes_through_the_checked_wrapper(to
     assert {"Predict", "GetModelStatus", "HandleReloadConfigRequest"} <= set(methods)
     replica = SimpleNamespace(_auth=TokenAuth(token_file), _predictor=_predictor(), _observe=lambda *a: None)
     replica._grpc = lambda *args, **kwargs: server_class._grpc(replica, *args, **kwargs)
-    replica._oip_grpc = lambda *args: server_class._oip_grpc(replica, *args)  # the OIP methods' shared body
     for name in methods:
         context = _Context([])
         run_on_replica_loop(getattr(server_class, name)(replica, b"", context))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+import time
 import tracemalloc
 
 import numpy as np
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import serialize_byte_tensor
 
-from ray_app import oip_grpc
+from ray_app import grpc_methods, oip_grpc
 from ray_app.backends.base import VersionState
 from ray_app.config import AppConfig, LiveConfig
 from ray_app.predictor import Predictor
@@ -27,6 +28,9 @@ pytestmark = pytest.mark.usefixtures("replica_context")
 
 IMAGES = (np.arange(3 * 28 * 28) % 256).astype(np.uint8).reshape(3, 28, 28)
 EXPECTED = fake_probabilities(IMAGES).argmax(axis=1).tolist()
+OIP_METHODS = [
+    name for name, method in grpc_methods.METHODS.items() if method.protocol == grpc_methods.OIP_GRPC
+]
 
 
 def _predictor(backend: StaticBackend | None = None, **live) -> Predictor:
@@ -37,13 +41,8 @@ def _predictor(backend: StaticBackend | None = None, **live) -> Predictor:
 
 def _call(method: str, request, predictor: Predictor | None = None):
     predictor = predictor or _predictor()
-    handler, _ = oip_grpc.METHODS[method]
-
-    async def main():
-        result = handler(predictor, request if isinstance(request, bytes) else request.SerializeToString())
-        return await result if hasattr(result, "__await__") else result
-
-    return run_on_replica_loop(main())
+    raw = request if isinstance(request, bytes) else request.SerializeToString()
+    return run_on_replica_loop(grpc_methods.METHODS[method].handle(predictor, raw, time.monotonic() + 30))
 
 
 def _error(method: str, request, predictor: Predictor | None = None) -> ServingError:
@@ -205,7 +204,7 @@ def test_server_metadata() -> None:
 @given(raw=st.binary(max_size=512))
 def test_arbitrary_bytes_get_a_clean_status_on_every_method(raw: bytes) -> None:
     predictor = _predictor()
-    for method in oip_grpc.METHODS:
+    for method in OIP_METHODS:
         try:
             _call(method, raw, predictor)
         except ServingError as exc:
