@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ray_app import grpc_api, rest_api
+from ray_app import grpc_api, rest_api, rest_routes
 from ray_app.backends.embedded import EmbeddedBackend
 from ray_app.config import AppConfig, LiveConfig
 from ray_app.predictor import Predictor
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         elif kind == "rest":
 
             async def call(raw=payload):
-                return await rest_api.predict(predictor, rest_api.Route("predict", "mnist"), raw)
+                return await rest_api.predict(predictor, rest_routes.Route("predict", "mnist"), raw)
 
         else:
             headers, chunks = payload

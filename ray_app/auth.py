@@ -196,7 +196,7 @@ class BearerTokenMiddleware:
         if why is None:
             await self.app(scope, receive, send)
             return
-        from ray_app.rest_api import error_json
+        from ray_app.rest_bodies import error_json
 
         body = error_json(MESSAGES[why]).encode()
         await send(

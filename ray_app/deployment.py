@@ -3,7 +3,7 @@
 gRPC methods are named like TF Serving's RPCs (Serve routes by method name), get raw request
 bytes (see ``ray_app.grpc_servicers``) and look up their handler in one table
 (``ray_app.grpc_methods``). REST requests under ``/v1/`` go to one route that dispatches on TF
-Serving's own URL patterns (``ray_app.rest_api.route``). The Open Inference
+Serving's own URL patterns (``ray_app.rest_routes.route``). The Open Inference
 Protocol (KServe v2 / Triton) is a third adapter on the same ports: its gRPC methods
 (``ray_app.oip_grpc``) and ``/v2`` routes (``ray_app.oip_rest``). All delegate to one
 ``Predictor``; errors map through one table (``ray_app.protocol.status``).
@@ -26,7 +26,18 @@ from fastapi.responses import HTMLResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ray_app import auth, deadlines, grpc_methods, oip_rest, request_body, rest_api, uploads, web
+from ray_app import (
+    auth,
+    deadlines,
+    grpc_methods,
+    oip_rest,
+    request_body,
+    rest_api,
+    rest_bodies,
+    rest_routes,
+    uploads,
+    web,
+)
 from ray_app.backends import make_backend
 from ray_app.config import AppConfig, LiveConfig
 from ray_app.metrics import AppMetrics
@@ -69,7 +80,7 @@ def _error_response(exc: BaseException) -> Response:
     _, status, message = to_status(exc)
     retry_after = _retry_after(exc)
     headers = {"Retry-After": retry_after} if retry_after is not None else None
-    return Response(rest_api.error_json(message), status_code=status, media_type=_JSON, headers=headers)
+    return Response(rest_bodies.error_json(message), status_code=status, media_type=_JSON, headers=headers)
 
 
 def _grpc_fail(exc: BaseException, grpc_context: Any) -> None:
@@ -231,7 +242,7 @@ class MnistServer:
         started_s, method = time.perf_counter(), "unknown"
         deadline_s = deadlines.http_deadline_s(request.headers, self._predictor.config.request_timeout_s)
         try:
-            where = rest_api.route(request.method, _path_and_query(request))
+            where = rest_routes.route(request.method, _path_and_query(request))
             method = where.kind
             if where.kind == "status":
                 answer = Response(rest_api.status(self._predictor, where), media_type=_JSON)
@@ -265,7 +276,7 @@ class MnistServer:
         result = await self._predictor.predict(
             uploads.image_request(where.model_name, images, where.version, where.label), deadline_s=deadline_s
         )
-        return rest_api.to_json(result, rows=True), result.version, result.signature_name
+        return rest_bodies.to_json(result.outputs, rows=True), result.version, result.signature_name
 
     # -- REST: the Open Inference Protocol's /v2 API (ray_app.oip_rest) -------------------------------
     @http_app.api_route("/v2", methods=_METHODS, include_in_schema=False)

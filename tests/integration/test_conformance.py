@@ -410,7 +410,7 @@ def _rest_json(check_body: Callable[[Any], None]) -> Callable[[Any], None]:
         assert (code, content_type) == (200, "application/json"), answer
         check_body(json.loads(text))
         for token in re.findall(r"-?\d+\.\d+(?:e[-+]\d+)?|-?\d+e[-+]\d+", text):
-            from ray_app.rest_api import format_float
+            from ray_app.rest_bodies import format_float
 
             assert format_float(float(np.float32(token))) == token, token  # TF Serving's number rendering
 

@@ -10,7 +10,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from ray_app import json_tensor, rest_api
+from ray_app import json_tensor, rest_api, rest_routes
 from ray_app.config import AppConfig, LiveConfig
 from ray_app.predictor import Predictor
 from ray_app.protocol.status import ServingError, StatusCode
@@ -62,7 +62,7 @@ def test_attack_bodies_get_a_clean_4xx_at_a_cost_proportional_to_their_size(name
     tracemalloc.start()
     try:
         with pytest.raises(ServingError) as info:
-            run_on_replica_loop(rest_api.predict(predictor, rest_api.Route("predict", "mnist"), body))
+            run_on_replica_loop(rest_api.predict(predictor, rest_routes.Route("predict", "mnist"), body))
         _, peak_bytes = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -82,7 +82,7 @@ def test_bodies_of_many_containers_are_refused_before_parsing(name: str, limit: 
     try:
         with pytest.raises(ServingError) as info:
             run_on_replica_loop(
-                rest_api.predict(_predictor(), rest_api.Route("predict", "mnist"), ATTACKS[name])
+                rest_api.predict(_predictor(), rest_routes.Route("predict", "mnist"), ATTACKS[name])
             )
         _, peak_bytes = tracemalloc.get_traced_memory()
     finally:

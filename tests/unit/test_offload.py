@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from ray_app import grpc_api, json_tensor, rest_api
+from ray_app import grpc_api, json_tensor, rest_api, rest_routes
 from ray_app.config import AppConfig, LiveConfig
 from ray_app.predictor import Predictor
 from ray_app.protocol import tensors
@@ -45,9 +45,10 @@ def _spy(monkeypatch, module, name: str) -> list[str]:
 @pytest.mark.parametrize("images", [1, 64])  # ~2.4 kB (inline) and ~150 kB (offloaded)
 def test_rest_bodies_are_parsed_and_converted_off_the_loop_unless_small(monkeypatch, images: int) -> None:
     parsed, converted = _spy(monkeypatch, json_tensor, "parse"), _spy(monkeypatch, json_tensor, "to_tensor")
-    monkeypatch.setattr(rest_api, "to_tensor", json_tensor.to_tensor)
     body = json.dumps({"instances": np.zeros((images, 28, 28), int).tolist()}).encode()
-    text, _, _ = run_on_replica_loop(rest_api.predict(_predictor(), rest_api.Route("predict", "mnist"), body))
+    text, _, _ = run_on_replica_loop(
+        rest_api.predict(_predictor(), rest_routes.Route("predict", "mnist"), body)
+    )
     assert len(json.loads(text)["predictions"]) == images
     loop_thread = threading.current_thread().name
     expected = loop_thread if len(body) < 64 * 1024 else "offload"

@@ -14,12 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.requests import Request
 
-from ray_app import rest_api
+from ray_app import rest_api, rest_bodies
 from ray_app.config import AppConfig, LiveConfig
 from ray_app.predictor import InferenceResult, Predictor
 from ray_app.protocol.status import ServingError, StatusCode
 from ray_app.request_body import read_body
-from ray_app.rest_api import Route, format_float, route
+from ray_app.rest_bodies import format_float
+from ray_app.rest_routes import Route, route
 from tests.unit.conftest import run_on_replica_loop
 from tests.unit.static_backend import StaticBackend, fake_probabilities
 
@@ -146,7 +147,7 @@ def test_string_outputs_are_b64_only_when_named_bytes() -> None:
         "s",
         {"image_bytes": np.array([b"\xff"], dtype=object), "label": np.array([b"ok"], dtype=object)},
     )
-    assert json.loads(rest_api.to_json(result, rows=True)) == {
+    assert json.loads(rest_bodies.to_json(result.outputs, rows=True)) == {
         "predictions": [{"image_bytes": {"b64": "/w=="}, "label": "ok"}]
     }
 

@@ -16,7 +16,7 @@ from ray_app.backends.embedded import EmbeddedBackend, retry_delay_s
 from ray_app.config import AppConfig, LiveConfig
 from ray_app.predictor import InferenceRequest, Predictor
 from ray_app.protocol.status import NotFoundError
-from ray_app.rest_api import Route
+from ray_app.rest_routes import Route
 from tests.conftest import publish_copy
 from tests.unit.conftest import run_on_replica_loop
 from tests.unit.static_backend import StaticBackend
