@@ -5,7 +5,7 @@
 Both sides train ``training.model.build_model`` on the same ``training.loop.make_dataset`` pipeline
 (augmentation on, batch 128, Adam with the same cosine schedule) and evaluate on the test set after
 every epoch. Plain Keras runs first, in this process, with TensorFlow's default threads (the whole
-machine); then ``training.train.run_training`` runs one Ray Train worker with the default CPU
+machine); then ``training.run.run_training`` runs one Ray Train worker with the default CPU
 reservation. Figures: each epoch's seconds; the first epoch (tracing, warm-up) is left out of the
 medians. The target of issue 12 is ours <= 1.2x plain Keras.
 """
@@ -74,14 +74,14 @@ def plain_keras_epochs(epochs: int, examples: int | None, seed: int) -> list[flo
 
 
 def ray_train_epochs(epochs: int, smoke: bool, seed: int, store: Path) -> tuple[list[float], int]:
-    """Seconds per epoch of ``training.train.run_training`` (1 worker, default CPUs) and its threads."""
-    from training import train
+    """Seconds per epoch of ``training.run.run_training`` (1 worker, default CPUs) and its threads."""
+    from training import arguments, publish, run
 
     argv = ["--model_path", str(store), "--epochs", str(epochs), "--seed", str(seed)]
-    args = train.build_parser().parse_args([*argv, *(["--smoke-test"] if smoke else [])])
-    config = train.config_from_args(args)
-    result = train.run_training(config, args)
-    history, _ = train.read_state(result.checkpoint)
+    args = arguments.build_parser().parse_args([*argv, *(["--smoke-test"] if smoke else [])])
+    config = arguments.config_from_args(args)
+    result = run.run_training(config, args, arguments.resolve_run_name(args.run_name))
+    history, _ = publish.read_state(result.checkpoint)
     return [float(m["epoch_s"]) for m in history], int(result.metrics.get("threads", 0))
 
 

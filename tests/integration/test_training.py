@@ -16,7 +16,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 from ray_app import model_store
 from tests.integration.cluster import local_ray
 from tests.integration.training_runs import train_workers_killed_after_epoch_1
-from training import robustness, train
+from training import arguments, robustness, train
 from training.data import load_mnist
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -93,7 +93,7 @@ def test_checkpoints_stay_in_the_store_not_in_home(published):
 def test_robustness_figures_are_in_metrics(published):
     metrics = _metrics(published, 1)
     assert set(metrics["robustness"]) == {*robustness.CATEGORIES, "overall"}
-    assert metrics["robustness_set"]["images"] == train.SMOKE_ROBUSTNESS_PER_CATEGORY * len(
+    assert metrics["robustness_set"]["images"] == arguments.SMOKE_ROBUSTNESS_PER_CATEGORY * len(
         robustness.CATEGORIES
     )
     assert metrics["robustness"]["overall"] > 0.5  # a smoke model reads most of them already

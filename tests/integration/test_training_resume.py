@@ -16,7 +16,7 @@ import pytest
 from ray_app import model_store
 from tests.integration.cluster import local_job_cluster
 from tests.integration.training_runs import first_checkpoint_registered
-from training import train
+from training import arguments
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -93,7 +93,7 @@ def test_a_job_whose_driver_is_killed_resumes_when_submitted_again_and_publishes
         )
         assert time.monotonic() < deadline, "no epoch checkpoint within 300 s"
         time.sleep(0.5)
-    resolved = train.resolve_run_name(run_name)
+    resolved = arguments.resolve_run_name(run_name)
     drivers = _drivers_of(resolved)
     assert len(drivers) == 1, drivers
     drivers[0].send_signal(signal.SIGKILL)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from training.train import CHECKPOINTS_DIR, RUN_SNAPSHOT_FILE
+from training.run import CHECKPOINTS_DIR, RUN_SNAPSHOT_FILE
 
 
 def first_checkpoint_registered(store: Path, run_name: str = "*") -> bool:

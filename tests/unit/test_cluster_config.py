@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from ray_app.config import AppConfig
-from training import train
+from training import arguments
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -170,7 +170,7 @@ def _train_invocations() -> list[Any]:
     for line in _guide_bash():
         words = _tokens(line)
         if "training/train.py" in words:
-            runs.append(train.build_parser().parse_args(words[words.index("training/train.py") + 1 :]))
+            runs.append(arguments.build_parser().parse_args(words[words.index("training/train.py") + 1 :]))
     return runs
 
 

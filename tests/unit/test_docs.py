@@ -16,7 +16,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from tests import doc_blocks
-from training import train
+from training import arguments
 
 REPO = Path(__file__).resolve().parents[2]
 MKDOCS_YML = REPO / "mkdocs.yml"
@@ -140,7 +140,7 @@ def test_the_training_commands_of_the_docs_parse_with_train_py():
     for line in block.splitlines():
         words = shlex.split(line, comments=True)
         if "training/train.py" in words:
-            runs.append(train.build_parser().parse_args(words[words.index("training/train.py") + 1 :]))
+            runs.append(arguments.build_parser().parse_args(words[words.index("training/train.py") + 1 :]))
     assert len(runs) == len([line for line in block.splitlines() if "training/train.py" in line]) >= 1
 
 

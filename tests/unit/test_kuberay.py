@@ -27,7 +27,7 @@ import yaml
 
 from ray_app.config import AppConfig, LiveConfig
 from ray_app.front_door import front_door_env
-from training import retention, train
+from training import arguments, retention
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "serve_configs" / "kuberay"
@@ -262,7 +262,7 @@ def _train_args(entrypoint: str):
     argv = shlex.split(entrypoint)
     assert argv[:2] == ["python", TRAIN_SCRIPT], argv[:2]
     assert (REPO / Path(TRAIN_SCRIPT).relative_to("/opt/mnist-ray")).is_file()
-    return train.build_parser().parse_args(argv[2:])
+    return arguments.build_parser().parse_args(argv[2:])
 
 
 @pytest.mark.parametrize("kind", ["RayJob", "RayCronJob"])
@@ -272,8 +272,8 @@ def test_training_entrypoints_parse_and_fit_their_cluster(kind):
     args = _train_args(job["entrypoint"])
     serve_app = yaml.safe_load(GPU_CONFIG.read_text())["applications"][0]["args"]
     assert args.model_path == serve_app["model_base_path"]  # trains into the store that is served
-    train.resolve_run_name(args.run_name)  # a valid, stable directory name after its date codes
-    assert args.run_name != train.DEFAULT_RUN_NAME  # a fixed name: a retry resumes, not restarts
+    arguments.resolve_run_name(args.run_name)  # a valid, stable directory name after its date codes
+    assert args.run_name != arguments.DEFAULT_RUN_NAME  # a fixed name: a retry resumes, not restarts
 
     (workers,) = job["rayClusterSpec"]["workerGroupSpecs"]
     assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == args.num_workers

@@ -5,11 +5,11 @@ import argparse
 import pytest
 
 from ray_app import model_store
-from training import robustness, train
+from training import arguments, gate, publish, robustness, run, train
 
 
 def _args(*argv: str) -> argparse.Namespace:
-    return train.build_parser().parse_args(list(argv))
+    return arguments.build_parser().parse_args(list(argv))
 
 
 def test_existing_version_fails_before_training(tmp_path, capsys):
@@ -39,10 +39,10 @@ def test_corrupt_data_dir_fails_before_ray(tmp_path, capsys):
 
 
 def test_smoke_flag_limits_the_data(tmp_path):
-    config = train.config_from_args(
+    config = arguments.config_from_args(
         _args("--model_path", str(tmp_path), "--smoke-test", "--num-workers", "2")
     )
-    assert config.max_train_examples == train.SMOKE_TRAIN_EXAMPLES
+    assert config.max_train_examples == arguments.SMOKE_TRAIN_EXAMPLES
     assert config.num_workers == 2
 
 
@@ -60,8 +60,8 @@ def test_smoke_flag_limits_the_data(tmp_path):
     ],
 )
 def test_gate(tmp_path, argv, scores, latest, refused):
-    latest_scores = train.Scores(*latest) if latest else None
-    reason = train.gate(train.Scores(*scores), _args("--model_path", str(tmp_path), *argv), latest_scores)
+    latest_scores = gate.Scores(*latest) if latest else None
+    reason = gate.gate(gate.Scores(*scores), _args("--model_path", str(tmp_path), *argv), latest_scores)
     if refused is None:
         assert reason is None
     else:
@@ -70,9 +70,9 @@ def test_gate(tmp_path, argv, scores, latest, refused):
 
 def test_checkpoints_default_to_a_hidden_directory_in_the_store(tmp_path):
     args = _args("--model_path", str(tmp_path / "mnist"))
-    assert train.checkpoint_storage(args) == str((tmp_path / "mnist" / ".checkpoints").resolve())
+    assert run.checkpoint_storage(args) == str((tmp_path / "mnist" / ".checkpoints").resolve())
     args = _args("--model_path", str(tmp_path / "mnist"), "--storage-path", "s3://bucket/runs")
-    assert train.checkpoint_storage(args) == "s3://bucket/runs"
+    assert run.checkpoint_storage(args) == "s3://bucket/runs"
 
 
 def test_the_store_ignores_the_checkpoints_directory(tmp_path):
@@ -99,15 +99,16 @@ def test_more_bad_numbers(tmp_path, capsys, argv, message):
 def test_smoke_test_uses_a_small_robustness_set(tmp_path):
     args = _args("--model_path", str(tmp_path), "--smoke-test")
     assert (
-        train.robustness_per_category(train.config_from_args(args), args)
-        == train.SMOKE_ROBUSTNESS_PER_CATEGORY
+        gate.robustness_per_category(arguments.config_from_args(args), args)
+        == arguments.SMOKE_ROBUSTNESS_PER_CATEGORY
     )
     args = _args("--model_path", str(tmp_path))
     assert (
-        train.robustness_per_category(train.config_from_args(args), args) == robustness.DEFAULT_PER_CATEGORY
+        gate.robustness_per_category(arguments.config_from_args(args), args)
+        == robustness.DEFAULT_PER_CATEGORY
     )
     args = _args("--model_path", str(tmp_path), "--smoke-test", "--robustness-per-category", "7")
-    assert train.robustness_per_category(train.config_from_args(args), args) == 7
+    assert gate.robustness_per_category(arguments.config_from_args(args), args) == 7
 
 
 def test_init_from_a_version_of_another_architecture_is_refused(tmp_path, capsys):
@@ -131,11 +132,11 @@ def test_run_name_fills_in_the_date_and_refuses_unsafe_names():
     import datetime as dt
 
     now = dt.datetime(2026, 12, 2, 3, 4, 5, tzinfo=dt.UTC)
-    assert train.resolve_run_name(train.DEFAULT_RUN_NAME, now) == "mnist-20261202-030405"
-    assert train.resolve_run_name("finetune-%Y%m%d", now) == "finetune-20261202"
+    assert arguments.resolve_run_name(arguments.DEFAULT_RUN_NAME, now) == "mnist-20261202-030405"
+    assert arguments.resolve_run_name("finetune-%Y%m%d", now) == "finetune-20261202"
     for bad in ("../elsewhere", "a/b", "", ".hidden", "x" * 129):
-        with pytest.raises(train.UsageError):
-            train.resolve_run_name(bad, now)
+        with pytest.raises(arguments.UsageError):
+            arguments.resolve_run_name(bad, now)
 
 
 def test_a_run_that_already_published_publishes_nothing_again(tmp_path, capsys):
@@ -147,7 +148,7 @@ def test_a_run_that_already_published_publishes_nothing_again(tmp_path, capsys):
     assert train.main(["--model_path", str(tmp_path), "--run-name", "nightly-20261202"]) == 0
     assert "Run nightly-20261202 already published version 4; nothing to do" in capsys.readouterr().out
     assert model_store.list_versions(tmp_path) == [4]
-    assert train.published_by_run(str(tmp_path), "nightly-20261203") is None
+    assert publish.published_by_run(str(tmp_path), "nightly-20261203") is None
 
 
 def test_retention_flags_are_checked_before_training(tmp_path, capsys):
@@ -158,7 +159,7 @@ def test_retention_flags_are_checked_before_training(tmp_path, capsys):
 
 
 def test_a_signing_key_that_cannot_be_used_fails_before_training(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train, "run_training", lambda *a: pytest.fail("training started"))
+    monkeypatch.setattr(run, "run_training", lambda *a: pytest.fail("training started"))
     missing = tmp_path / "absent.pem"
     assert train.main(["--model_path", str(tmp_path), "--signing-key", str(missing)]) == train.EXIT_USAGE
     assert "--signing-key" in capsys.readouterr().err
