@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -108,58 +109,34 @@ def configure_threads(cpus: float) -> int:
     return threads
 
 
-def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
-    """Ray Train entry point: train, evaluate and checkpoint once per epoch."""
-    from training.config import TrainConfig
+@dataclass
+class _Progress:
+    """What a run carries across epochs and resumes (saved beside each checkpoint)."""
 
-    config = TrainConfig.from_dict(config_dict)
-    # Ray's TF backend sets TF_USE_LEGACY_KERAS=1 for tf-keras users; we use Keras 3.
-    os.environ.pop("TF_USE_LEGACY_KERAS", None)
-    if not config.use_gpu:
-        os.environ.update(cpu_only_environment())
-    threads = configure_threads(reserved_cpus())
-    import keras
-    import numpy as np
-    import ray.train
-    import tensorflow as tf
+    history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch metrics
+    resumed_after: list[int] = field(default_factory=list)  # epochs after which a failed run resumed
 
-    from training.augment import AugmentConfig
+
+def _splits(config):
+    """The train and test splits, cut to ``max_*_examples`` when asked."""
     from training.data import load_mnist
-    from training.metrics import EpochGauges
-    from training.model import bn_momentum_for, build_model
 
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    keras.utils.set_random_seed(config.seed)
-
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
     mnist = load_mnist(config.data_dir)
     train_split, test_split = mnist.train, mnist.test
     if config.max_train_examples:
         train_split = train_split.head(config.max_train_examples)
     if config.max_test_examples:
         test_split = test_split.head(config.max_test_examples)
+    return train_split, test_split
 
-    global_batch = config.batch_size * world
-    steps_per_epoch = len(train_split) // global_batch
-    if steps_per_epoch < 1:
-        raise ValueError(f"{len(train_split)} examples are fewer than one global batch")
 
-    late_from_batch = max(0, config.epochs - AugmentConfig().late_epochs) * steps_per_epoch
-    first_batch = 0  # set after a resume: the augmentation schedule continues where it was
+def _model_and_optimizer(config, strategy, steps_per_epoch: int, world: int):
+    """The model, Adam on a cosine schedule (learning rate scaled by the workers), and the epoch
+    counter, created under ``strategy``; with the ``tf.train.Checkpoint`` that holds them."""
+    import keras
+    import tensorflow as tf
 
-    def dataset_fn(input_context: tf.distribute.InputContext):
-        shard = train_split.shard(input_context.input_pipeline_id, input_context.num_input_pipelines)
-        per_replica = input_context.get_per_replica_batch_size(global_batch)
-        return make_dataset(
-            shard,
-            per_replica,
-            config.seed + input_context.input_pipeline_id,
-            config.augment,
-            threads,
-            first_batch=first_batch,
-            late_from_batch=late_from_batch,
-        )
+    from training.model import bn_momentum_for, build_model
 
     with strategy.scope():
         model = build_model(
@@ -174,29 +151,36 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
         optimizer.build(model.trainable_variables)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
+    return model, optimizer, epoch_var, checkpoint
 
-    history: list[dict[str, Any]] = []  # per-epoch metrics, kept in the checkpoint
-    resumed_after: list[int] = []  # epochs after which a failed run was resumed
+
+def _restore(config, checkpoint, model, epoch_var, rank: int) -> _Progress:
+    """The run's own last checkpoint (a resume), else ``init_from``'s weights, else nothing."""
+    import ray.train
+
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as ckpt_dir:
             checkpoint.read(str(Path(ckpt_dir) / CHECKPOINT_PREFIX)).expect_partial()
             state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
-        history = state["history"]
-        resumed_after = [*state.get("resumed_after_epochs", []), int(epoch_var.numpy())]
+        epoch = int(epoch_var.numpy())
         if rank == 0:
             print(
-                f"warning: resumed after epoch {int(epoch_var.numpy())} from the run's last checkpoint "
+                f"warning: resumed after epoch {epoch} from the run's last checkpoint "
                 "(a worker or the job's driver was lost)",
                 flush=True,
             )
-    elif config.init_from:
+        return _Progress(state["history"], [*state.get("resumed_after_epochs", []), epoch])
+    if config.init_from:
         restore_weights(model, config.init_from)
         print(f"[rank {rank}] initialised from {config.init_from}", flush=True)
+    return _Progress()
 
-    first_batch = int(epoch_var.numpy()) * steps_per_epoch
-    dist_dataset = strategy.distribute_datasets_from_function(dataset_fn)
-    iterator = iter(dist_dataset)
+
+def _steps(strategy, model, optimizer, global_batch: int):
+    """``train_step(iterator)`` -> (summed loss, correct count) over all replicas, and
+    ``eval_logits(images)``: both compiled."""
+    import tensorflow as tf
 
     def step_fn(images, labels):
         with tf.GradientTape() as tape:
@@ -220,11 +204,86 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     def eval_logits(images):
         return model(images, training=False)
 
+    return train_step, eval_logits
+
+
+def _evaluate(eval_logits, images, labels) -> tuple[float, float]:
+    """(loss, accuracy) on the test split, in chunks of 1,000 images."""
+    import numpy as np
+    import tensorflow as tf
+
+    logits = np.concatenate([eval_logits(images[i : i + 1000]).numpy() for i in range(0, len(images), 1000)])
+    loss = float(tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)))
+    return loss, float(np.mean(np.argmax(logits, -1) == labels))
+
+
+def _report(checkpoint, metrics: dict[str, Any], progress: _Progress, rank: int) -> None:
+    """The epoch to Ray Train: every worker writes its checkpoint (saving may use collectives);
+    only rank 0's copy, with the progress beside it, is kept."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint.write(str(Path(tmp) / CHECKPOINT_PREFIX))
+        if rank == 0:
+            state = {"history": progress.history, "resumed_after_epochs": progress.resumed_after}
+            (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+
+def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
+    """Ray Train entry point: train, evaluate and checkpoint once per epoch."""
+    from training.config import TrainConfig
+
+    config = TrainConfig.from_dict(config_dict)
+    # Ray's TF backend sets TF_USE_LEGACY_KERAS=1 for tf-keras users; we use Keras 3.
+    os.environ.pop("TF_USE_LEGACY_KERAS", None)
+    if not config.use_gpu:
+        os.environ.update(cpu_only_environment())
+    threads = configure_threads(reserved_cpus())
+    import keras
+    import numpy as np
+    import ray.train
+    import tensorflow as tf
+
+    from training.augment import AugmentConfig
+    from training.metrics import EpochGauges
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    keras.utils.set_random_seed(config.seed)
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    train_split, test_split = _splits(config)
+    global_batch = config.batch_size * world
+    steps_per_epoch = len(train_split) // global_batch
+    if steps_per_epoch < 1:
+        raise ValueError(f"{len(train_split)} examples are fewer than one global batch")
+
+    model, optimizer, epoch_var, checkpoint = _model_and_optimizer(config, strategy, steps_per_epoch, world)
+    progress = _restore(config, checkpoint, model, epoch_var, rank)
+    start_epoch = int(epoch_var.numpy())
+    late_from_batch = max(0, config.epochs - AugmentConfig().late_epochs) * steps_per_epoch
+
+    def dataset_fn(input_context: tf.distribute.InputContext):
+        shard = train_split.shard(input_context.input_pipeline_id, input_context.num_input_pipelines)
+        return make_dataset(
+            shard,
+            input_context.get_per_replica_batch_size(global_batch),
+            config.seed + input_context.input_pipeline_id,
+            config.augment,
+            threads,
+            first_batch=start_epoch * steps_per_epoch,  # a resumed run's augmentation continues
+            late_from_batch=late_from_batch,
+        )
+
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    train_step, eval_logits = _steps(strategy, model, optimizer, global_batch)
     test_images = test_split.images.astype(np.float32) / 255.0
     test_labels = test_split.labels.astype(np.int64)
 
     gauges = EpochGauges(context.get_experiment_name()) if rank == 0 else None  # for Grafana
-    start_epoch = int(epoch_var.numpy())
     try:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             started = time.perf_counter()
@@ -234,14 +293,7 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
                 loss_sum += float(loss)
                 correct_sum += float(correct)
             train_s = time.perf_counter() - started
-
-            logits = np.concatenate(
-                [eval_logits(test_images[i : i + 1000]).numpy() for i in range(0, len(test_images), 1000)]
-            )
-            test_loss = float(
-                tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(test_labels, logits))
-            )
-            test_accuracy = float(np.mean(np.argmax(logits, -1) == test_labels))
+            test_loss, test_accuracy = _evaluate(eval_logits, test_images, test_labels)
             epoch_var.assign(epoch)
             metrics = {
                 "epoch": epoch,
@@ -255,26 +307,17 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
                 "workers": world,
                 "threads": threads,
             }
-            history.append(metrics)
-            # Every worker writes (saving may use collectives); only rank 0's copy is kept.
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint.write(str(Path(tmp) / CHECKPOINT_PREFIX))
-                if rank == 0:
-                    state = {"history": history, "resumed_after_epochs": resumed_after}
-                    (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-                else:
-                    ray.train.report(metrics)
+            progress.history.append(metrics)
+            _report(checkpoint, metrics, progress, rank)
             if gauges is not None:
                 gauges.report(metrics)
-            if rank != 0:  # the figures are the same on every rank: one line per epoch
-                continue
-            print(
-                f"[rank {rank}] epoch {epoch}/{config.epochs}: loss {metrics['loss']:.4f} "
-                f"acc {metrics['accuracy']:.4f} test_acc {test_accuracy:.4f} "
-                f"{metrics['epoch_s']:.1f}s ({metrics['images_per_s']:.0f} img/s)",
-                flush=True,
-            )
+            if rank == 0:  # the figures are the same on every rank: one line per epoch
+                print(
+                    f"[rank {rank}] epoch {epoch}/{config.epochs}: loss {metrics['loss']:.4f} "
+                    f"acc {metrics['accuracy']:.4f} test_acc {test_accuracy:.4f} "
+                    f"{metrics['epoch_s']:.1f}s ({metrics['images_per_s']:.0f} img/s)",
+                    flush=True,
+                )
     finally:  # the gauges' refresher thread stops with the run, also when an epoch fails
         if gauges is not None:
             gauges.close()
