@@ -4,17 +4,17 @@ Run it exactly like the real binary::
 
     python tests/fake_tfserving/server.py --port=8500 --model_name=mnist --model_base_path=/models/mnist
 
-It takes the real binary's flags (``--name=value``, ``--name value`` or a bare ``--flag``),
-watches every model's base path for integer version directories, loads the versions the
-model's version policy asks for with TensorFlow (replaying
-``assets.extra/tf_serving_warmup_requests`` first), and serves TF Serving's own gRPC services
-(``PredictionService``, ``ModelService`` from ``tensorflow-serving-api``) with the real
-server's status codes and messages. With ``--rest_api_port`` it also answers the REST API's
-model status, metadata and ``:predict``.
+It emulates what our backends (``ray_app/backends/tfserving.py``, ``remote.py``) use of TF Serving:
+the real binary's flag syntax (``--name=value``, ``--name value`` or a bare ``--flag``; unknown
+flags fail as there), ``--model_config_file``, polling every model's base path for integer version
+directories and loading what the version policy asks for, and the RPCs the backends call
+(``Predict``, ``GetModelMetadata``, ``GetModelStatus``, ``HandleReloadConfigRequest``) with the
+real server's status codes and messages, over TCP or ``--grpc_socket_path``.
 
-Not emulated: batching (accepted, requests run one at a time), Classify/Regress/MultiInference
-(UNIMPLEMENTED), TLS, GPU memory limits, TFLite, monitoring. Flags that change none of the
-behaviour above are accepted and ignored, like the real binary's no-op flags on CPU.
+Not emulated: REST (``--rest_api_port`` must stay 0, as our backends pass it), re-reading the
+config file, warmup replay, batching (accepted, requests run one at a time), Classify, Regress,
+MultiInference (gRPC's own UNIMPLEMENTED), TLS, GPU memory limits. Other flags of the real binary
+are accepted and ignored, like its no-op flags on CPU.
 """
 
 from __future__ import annotations
@@ -22,15 +22,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
-import http.server
-import json
 import logging
 import os
-import re
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from pathlib import Path
@@ -42,8 +38,6 @@ import numpy as np
 _log = logging.getLogger("tensorflow_model_server")
 
 DEFAULT_SIGNATURE = "serving_default"
-WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
-MAX_WARMUP_RECORDS = 1000
 SHUTDOWN_GRACE_S = 2.0
 
 # The ModelVersionStatus.State values (get_model_status.proto), usable before TF is imported.
@@ -182,22 +176,14 @@ class ServerOptions:
 
     port: int
     grpc_socket_path: str
-    rest_api_port: int
-    rest_api_num_threads: int
     model_config_file: str
-    model_config_file_poll_wait_s: int
     file_system_poll_wait_s: int
     enable_batching: bool
-    enable_model_warmup: bool
-    warmup_iterations: int
     max_num_load_retries: int
     load_retry_interval_s: float
     allow_labels_for_unavailable_models: bool
     saved_model_tags: tuple[str, ...]
-    grpc_channel_arguments: tuple[tuple[str, int | str], ...]
     grpc_max_threads: int
-    intra_op_threads: int
-    inter_op_threads: int
 
 
 def options_from_flags(values: dict[str, Any]) -> ServerOptions:
@@ -215,6 +201,9 @@ def options_from_flags(values: dict[str, Any]) -> ServerOptions:
             )
         if not values["model_name"]:
             raise StartupError("INVALID_ARGUMENT: --model_name must not be empty")
+    for flag in ("rest_api_port", "model_config_file_poll_wait_seconds"):
+        if values[flag]:  # our backends pass neither (ray_app/backends/tfserving.py)
+            raise StartupError(f"UNIMPLEMENTED: --{flag} is not emulated by this stand-in")
     if values["enable_batching"] and values["batching_parameters_file"]:
         if not os.access(values["batching_parameters_file"], os.R_OK):
             raise StartupError(
@@ -223,41 +212,15 @@ def options_from_flags(values: dict[str, Any]) -> ServerOptions:
     return ServerOptions(
         port=port,
         grpc_socket_path=values["grpc_socket_path"],
-        rest_api_port=values["rest_api_port"],
-        rest_api_num_threads=values["rest_api_num_threads"],
         model_config_file=values["model_config_file"],
-        model_config_file_poll_wait_s=values["model_config_file_poll_wait_seconds"],
         file_system_poll_wait_s=values["file_system_poll_wait_seconds"],
         enable_batching=values["enable_batching"],
-        enable_model_warmup=values["enable_model_warmup"],
-        warmup_iterations=max(1, values["num_request_iterations_for_warmup"]),
         max_num_load_retries=max(0, values["max_num_load_retries"]),
         load_retry_interval_s=max(0, values["load_retry_interval_micros"]) / 1e6,
         allow_labels_for_unavailable_models=values["allow_version_labels_for_unavailable_models"],
         saved_model_tags=tuple(t for t in values["saved_model_tags"].split(",") if t),
-        grpc_channel_arguments=_parse_channel_arguments(values["grpc_channel_arguments"]),
         grpc_max_threads=max(1, values["grpc_max_threads"]),
-        intra_op_threads=values["tensorflow_intra_op_parallelism"]
-        or values["tensorflow_session_parallelism"],
-        inter_op_threads=values["tensorflow_inter_op_parallelism"]
-        or values["tensorflow_session_parallelism"],
     )
-
-
-def _parse_channel_arguments(text: str) -> tuple[tuple[str, int | str], ...]:
-    """``grpc.max_connection_age_ms=1000,grpc.foo=bar`` -> gRPC server options."""
-    arguments: list[tuple[str, int | str]] = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise StartupError(f"INVALID_ARGUMENT: bad --grpc_channel_arguments entry {item!r}")
-        arguments.append((key, int(value) if re.fullmatch(r"-?\d+", value) else value))
-    return tuple(arguments)
-
-
-# ---------------------------------------------------------------------------------------------
-# Model server config (ModelServerConfig text proto)
-# ---------------------------------------------------------------------------------------------
 
 
 def config_from_options(values: dict[str, Any]) -> Any:
@@ -392,50 +355,13 @@ def _read_signature_defs(path: Path, tags: tuple[str, ...]) -> dict[str, Any]:
 
 
 def load_servable(name: str, version: int, path: Path, options: ServerOptions) -> Servable:
-    """Load one version with TensorFlow and replay its warmup requests."""
+    """Load one version with TensorFlow."""
     import tensorflow as tf
 
     signature_defs = _read_signature_defs(path, options.saved_model_tags)
     loaded = tf.saved_model.load(str(path), tags=list(options.saved_model_tags))
     servable = Servable(name, version, path, signature_defs, dict(loaded.signatures), loaded)
-    if options.enable_model_warmup and (path / WARMUP_FILE).is_file():
-        _warm_up(servable, path / WARMUP_FILE, options.warmup_iterations)
     return servable
-
-
-def _warm_up(servable: Servable, warmup_path: Path, iterations: int) -> None:
-    import tensorflow as tf
-    from tensorflow_serving.apis import prediction_log_pb2
-
-    _log.info(
-        "Starting to read warmup data for model at %s with model-warmup-options num_request_iterations: %d",
-        warmup_path,
-        iterations,
-    )
-    start = time.monotonic()
-    count = 0
-    for raw in tf.data.TFRecordDataset(str(warmup_path)):
-        count += 1
-        if count > MAX_WARMUP_RECORDS:
-            raise ServingError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"Number of warmup records exceeds the maximum ({MAX_WARMUP_RECORDS}) at {warmup_path}",
-            )
-        log = prediction_log_pb2.PredictionLog.FromString(raw.numpy())
-        if log.WhichOneof("log_type") != "predict_log":
-            raise ServingError(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"Unsupported log_type for warmup in this server: {log.WhichOneof('log_type')}",
-            )
-        for _ in range(iterations):
-            predict(servable, log.predict_log.request)
-    _log.info(
-        "Finished reading warmup data for model at %s. Number of warmup records read: %d. "
-        "Elapsed time (microseconds): %d.",
-        warmup_path,
-        count,
-        int((time.monotonic() - start) * 1e6),
-    )
 
 
 def _dtype_name(dtype_enum: int) -> str:
@@ -894,7 +820,8 @@ def get_model_status(manager: ModelManager, request: Any) -> Any:
 
 
 class PredictionServicer:
-    """tensorflow.serving.PredictionService."""
+    """tensorflow.serving.PredictionService: Predict and GetModelMetadata, what the backends call
+    (the other methods are not registered: gRPC answers them UNIMPLEMENTED)."""
 
     def __init__(self, manager: ModelManager) -> None:
         self._manager = manager
@@ -908,15 +835,6 @@ class PredictionServicer:
 
     def GetModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         return _handle(context, lambda: get_model_metadata(self._manager, request))
-
-    def Classify(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Classify is not implemented by this model server")
-
-    def Regress(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Regress is not implemented by this model server")
-
-    def MultiInference(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "MultiInference is not implemented by this model server")
 
 
 class ModelServicer:
@@ -951,20 +869,54 @@ class ModelServicer:
 
 
 def build_grpc_server(manager: ModelManager, options: ServerOptions) -> grpc.Server:
-    """A gRPC server with TF Serving's two services, bound but not started; raises StartupError."""
-    from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
-
+    """A gRPC server with the methods of TF Serving's two services that our backends call, bound but
+    not started; raises StartupError."""
     server_options = [
         ("grpc.max_send_message_length", -1),  # the real server allows INT_MAX-sized messages
         ("grpc.max_receive_message_length", -1),
         ("grpc.so_reuseport", 0),  # a port clash fails loudly instead of sharing the port
-        *options.grpc_channel_arguments,
     ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.grpc_max_threads), options=server_options
     )
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(manager), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(manager), server)
+    from tensorflow_serving.apis import (
+        get_model_metadata_pb2,
+        get_model_status_pb2,
+        model_management_pb2,
+        predict_pb2,
+    )
+
+    prediction, model = PredictionServicer(manager), ModelServicer(manager)
+
+    def unary(method: Callable[..., Any], request_type: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            method,
+            request_deserializer=request_type.FromString,
+            response_serializer=lambda m: m.SerializeToString(),
+        )
+
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "tensorflow.serving.PredictionService",
+                {
+                    "Predict": unary(prediction.Predict, predict_pb2.PredictRequest),
+                    "GetModelMetadata": unary(
+                        prediction.GetModelMetadata, get_model_metadata_pb2.GetModelMetadataRequest
+                    ),
+                },
+            ),
+            grpc.method_handlers_generic_handler(
+                "tensorflow.serving.ModelService",
+                {
+                    "GetModelStatus": unary(model.GetModelStatus, get_model_status_pb2.GetModelStatusRequest),
+                    "HandleReloadConfigRequest": unary(
+                        model.HandleReloadConfigRequest, model_management_pb2.ReloadConfigRequest
+                    ),
+                },
+            ),
+        )
+    )
     addresses = [f"0.0.0.0:{options.port}"] if options.port else []
     if options.grpc_socket_path:
         addresses.append(f"unix:{options.grpc_socket_path}")
@@ -976,187 +928,6 @@ def build_grpc_server(manager: ModelManager, options: ServerOptions) -> grpc.Ser
                 f"UNAVAILABLE: Failed to BuildAndStart gRPC server on {address}: {exc}"
             ) from exc
     return server
-
-
-# ---------------------------------------------------------------------------------------------
-# REST API (model status, metadata, :predict)
-# ---------------------------------------------------------------------------------------------
-
-_HTTP_STATUS = {
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-}
-_REST_PATH = re.compile(
-    r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
-    r"(?P<suffix>/metadata|:predict|:classify|:regress)?$"
-)
-
-
-def _rest_model_spec(match: re.Match[str]) -> Any:
-    from tensorflow_serving.apis import model_pb2
-
-    spec = model_pb2.ModelSpec(name=match["name"])
-    if match["version"]:
-        spec.version.value = int(match["version"])
-    elif match["label"]:
-        spec.version_label = match["label"]
-    return spec
-
-
-def _rest_predict(manager: ModelManager, spec: Any, body: dict[str, Any]) -> dict[str, Any]:
-    """TF Serving's REST predict: row (``instances``) or columnar (``inputs``) format."""
-    import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2
-
-    if "instances" in body and "inputs" in body:
-        raise ServingError(
-            grpc.StatusCode.INVALID_ARGUMENT, "Not allowed to specify both 'inputs' and 'instances'"
-        )
-    if "instances" not in body and "inputs" not in body:
-        raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, "Missing 'inputs' or 'instances' key")
-    spec.signature_name = body.get("signature_name", "")
-    servable = manager.resolve(spec)
-    signature = servable.signature_defs.get(spec.signature_name or DEFAULT_SIGNATURE)
-    if signature is None:
-        raise ServingError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f'Serving signature key "{spec.signature_name or DEFAULT_SIGNATURE}" not found.',
-        )
-    row_format = "instances" in body
-    data = body["instances"] if row_format else body["inputs"]
-    if row_format and data and all(isinstance(item, dict) for item in data):
-        named = {key: [item.get(key) for item in data] for key in data[0]}
-    elif isinstance(data, dict) and not row_format:
-        named = data
-    elif len(signature.inputs) == 1:
-        named = {next(iter(signature.inputs)): data}
-    else:
-        raise ServingError(
-            grpc.StatusCode.INVALID_ARGUMENT, "The signature has several inputs: name them in the request"
-        )
-    request = predict_pb2.PredictRequest(model_spec=spec)
-    for alias, value in named.items():
-        info = signature.inputs.get(alias)
-        dtype = tf.dtypes.as_dtype(info.dtype).as_numpy_dtype if info is not None and info.dtype else None
-        try:
-            array = np.asarray(value, dtype=dtype)
-        except (TypeError, ValueError) as exc:
-            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"input {alias}: {exc}") from None
-        request.inputs[alias].CopyFrom(tf.make_tensor_proto(array))
-    response = predict(servable, request)
-    outputs = {alias: tf.make_ndarray(proto).tolist() for alias, proto in response.outputs.items()}
-    if not row_format:
-        return {"outputs": next(iter(outputs.values())) if len(outputs) == 1 else outputs}
-    if len(outputs) == 1:
-        return {"predictions": next(iter(outputs.values()))}
-    rows = len(next(iter(outputs.values())))
-    return {"predictions": [{alias: values[i] for alias, values in outputs.items()} for i in range(rows)]}
-
-
-def _rest_get(manager: ModelManager, match: re.Match[str]) -> dict[str, Any]:
-    from google.protobuf import json_format
-    from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
-
-    spec = _rest_model_spec(match)
-    if match["suffix"] == "/metadata":
-        request = get_model_metadata_pb2.GetModelMetadataRequest(
-            model_spec=spec, metadata_field=["signature_def"]
-        )
-        response = get_model_metadata(manager, request)
-        signature_map = get_model_metadata_pb2.SignatureDefMap()
-        response.metadata["signature_def"].Unpack(signature_map)
-        return {
-            "model_spec": json_format.MessageToDict(
-                response.model_spec,
-                preserving_proto_field_name=True,
-                always_print_fields_with_no_presence=True,
-            ),
-            "metadata": {
-                "signature_def": json_format.MessageToDict(signature_map, preserving_proto_field_name=True)
-            },
-        }
-    status = get_model_status(manager, get_model_status_pb2.GetModelStatusRequest(model_spec=spec))
-    return json_format.MessageToDict(
-        status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-
-
-def build_rest_server(manager: ModelManager, options: ServerOptions) -> http.server.ThreadingHTTPServer:
-    """TF Serving's REST API on --rest_api_port (status, metadata, predict)."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "TensorFlow-Serving"
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            _log.debug("REST %s", format % args)
-
-        def _reply(self, status: int, payload: dict[str, Any]) -> None:
-            data = json.dumps(payload, indent=1).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _serve(self, method: str) -> None:
-            body_bytes = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            match = _REST_PATH.match(self.path.split("?", 1)[0])
-            try:
-                if match is None:
-                    raise ServingError(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"Malformed request: {method} {self.path}"
-                    )
-                suffix = match["suffix"]
-                if method == "GET" and suffix in (None, "/metadata"):
-                    payload = _rest_get(manager, match)
-                elif method == "POST" and suffix == ":predict":
-                    try:
-                        body = json.loads(body_bytes or b"{}")
-                    except json.JSONDecodeError as exc:
-                        raise ServingError(
-                            grpc.StatusCode.INVALID_ARGUMENT, f"JSON Parse error: {exc}"
-                        ) from None
-                    payload = _rest_predict(manager, _rest_model_spec(match), body)
-                elif method == "POST" and suffix in (":classify", ":regress"):
-                    raise ServingError(grpc.StatusCode.UNIMPLEMENTED, f"{suffix[1:]} is not implemented")
-                else:
-                    raise ServingError(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"Malformed request: {method} {self.path}"
-                    )
-            except Exception as exc:
-                if not isinstance(exc, ServingError):
-                    _log.exception("Unexpected error in REST request")
-                error = _as_serving_error(exc)
-                self._reply(_HTTP_STATUS.get(error.code, 500), {"error": error.message})
-                return
-            self._reply(200, payload)
-
-        def do_GET(self) -> None:  # noqa: N802
-            self._serve("GET")
-
-        def do_POST(self) -> None:  # noqa: N802
-            self._serve("POST")
-
-    httpd = http.server.ThreadingHTTPServer(("0.0.0.0", options.rest_api_port), Handler)
-    httpd.daemon_threads = True
-    return httpd
-
-
-# ---------------------------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------------------------
 
 
 class _GlogFormatter(logging.Formatter):
@@ -1173,25 +944,6 @@ class _GlogFormatter(logging.Formatter):
         return text
 
 
-def _watch_config_file(manager: ModelManager, options: ServerOptions, stop: threading.Event) -> None:
-    """Re-read --model_config_file every --model_config_file_poll_wait_seconds and apply changes."""
-    from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
-
-    path = Path(options.model_config_file)
-    last_text = path.read_text()
-    while not stop.wait(options.model_config_file_poll_wait_s):
-        try:
-            text = path.read_text()
-            if text == last_text:
-                continue
-            last_text = text
-            _log.info("Reloading model config file %s", path)
-            manager.reload(text_format.Parse(text, model_server_config_pb2.ModelServerConfig()))
-        except (OSError, text_format.ParseError, ServingError) as exc:
-            _log.error("Failed to reload model config file %s: %s", path, exc)
-
-
 def serve(values: dict[str, Any]) -> int:
     """Load the configured models, then serve until SIGTERM/SIGINT; returns the exit status."""
     options = options_from_flags(values)
@@ -1203,12 +955,6 @@ def serve(values: dict[str, Any]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
-    import tensorflow as tf
-
-    if options.intra_op_threads:
-        tf.config.threading.set_intra_op_parallelism_threads(options.intra_op_threads)
-    if options.inter_op_threads:
-        tf.config.threading.set_inter_op_parallelism_threads(options.inter_op_threads)
     if options.enable_batching:
         _log.warning("Batching is accepted but not emulated: requests run one at a time")
 
@@ -1232,39 +978,12 @@ def serve(values: dict[str, Any]) -> int:
     if options.port:
         _log.info("Running gRPC ModelServer at 0.0.0.0:%d ...", options.port)
 
-    threads = [threading.Thread(target=manager.run_poller, name="fs-poll", daemon=True)]
-    if options.model_config_file and options.model_config_file_poll_wait_s > 0:
-        threads.append(
-            threading.Thread(
-                target=_watch_config_file, args=(manager, options, stop), name="config-poll", daemon=True
-            )
-        )
-    httpd = None
-    if options.rest_api_port > 0:
-        if options.rest_api_port == options.port:
-            _log.error(
-                "server_options.http_port cannot be same as grpc_port. Please use a different port for "
-                "HTTP/REST API. Skipped exporting HTTP/REST API."
-            )
-        else:
-            try:
-                httpd = build_rest_server(manager, options)
-            except OSError as exc:
-                server.stop(None)
-                raise StartupError(
-                    f"UNAVAILABLE: Failed to start HTTP Server at localhost:{options.rest_api_port}: {exc}"
-                ) from exc
-            threads.append(threading.Thread(target=httpd.serve_forever, name="rest", daemon=True))
-            _log.info("Exporting HTTP/REST API at:localhost:%d ...", options.rest_api_port)
-    for thread in threads:
-        thread.start()
+    poller = threading.Thread(target=manager.run_poller, name="fs-poll", daemon=True)
+    poller.start()
 
     while not stop.wait(0.5):
         pass
     _log.info("Shutting down the model server")
-    if httpd is not None:
-        httpd.shutdown()
-        httpd.server_close()
     server.stop(SHUTDOWN_GRACE_S).wait()
     return 0
 

@@ -11,12 +11,9 @@ reload) and the SIGTERM test come last.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import signal
 import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +23,6 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import (
-    classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
     model_management_pb2,
@@ -55,7 +51,6 @@ END = get_model_status_pb2.ModelVersionStatus.END
 class RunningServer:
     process: subprocess.Popen[bytes]
     port: int
-    rest_port: int
     base_path: Path
     log_path: Path
     prediction: prediction_service_pb2_grpc.PredictionServiceStub
@@ -119,19 +114,14 @@ def server(tmp_path_factory: pytest.TempPathFactory, exported_model: Path) -> It
     shutil.copytree(exported_model / "variables", base_path / "9" / "variables")
 
     executable = install_fake_tfserving(tmp_path_factory.mktemp("bin"))
-    port, rest_port = free_port(), free_port()
+    port = free_port()
     log_path = base_path.parent / "server.log"
     command = [
         str(executable),
         f"--port={port}",
-        "--rest_api_port",
-        str(rest_port),
         f"--model_name={MODEL}",
         f"--model_base_path={base_path}",
         f"--file_system_poll_wait_seconds={POLL_S}",
-        "--tensorflow_intra_op_parallelism=1",
-        "--tensorflow_inter_op_parallelism=1",
-        "--enable_model_warmup",
         # The real default retries a failed load 5 times, a minute apart: keep it short here.
         "--max_num_load_retries=1",
         "--load_retry_interval_micros=100000",
@@ -142,7 +132,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, exported_model: Path) -> It
     running = RunningServer(
         process,
         port,
-        rest_port,
         base_path,
         log_path,
         prediction_service_pb2_grpc.PredictionServiceStub(channel),
@@ -179,8 +168,17 @@ def server(tmp_path_factory: pytest.TempPathFactory, exported_model: Path) -> It
         (["--port=0", "--model_base_path=/x"], 255, "--port=0 disables tcp; give --grpc_socket_path"),
         (["--port=70000", "--model_base_path=/x"], 255, "--port must be a tcp port"),
         (["--model_config_file=/nonexistent/models.config"], 255, "cannot read model config file"),
+        (["--model_base_path=/x", "--rest_api_port=8501"], 255, "--rest_api_port is not emulated"),
     ],
-    ids=["unknown-flag", "bad-bool", "no-model", "port-0-without-socket", "port-too-big", "missing-config"],
+    ids=[
+        "unknown-flag",
+        "bad-bool",
+        "no-model",
+        "port-0-without-socket",
+        "port-too-big",
+        "missing-config",
+        "rest",
+    ],
 )
 def test_bad_command_line_exits_nonzero(
     tmp_path: Path, args: list[str], expected_rc: int, message: str
@@ -330,30 +328,6 @@ def test_get_model_metadata_returns_the_saved_signatures(server: RunningServer) 
     with pytest.raises(grpc.RpcError) as error:
         server.prediction.GetModelMetadata(request, timeout=RPC_TIMEOUT_S)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-
-
-def test_classify_is_unimplemented(server: RunningServer) -> None:
-    request = classification_pb2.ClassificationRequest(model_spec=model_pb2.ModelSpec(name=MODEL))
-    with pytest.raises(grpc.RpcError) as error:
-        server.prediction.Classify(request, timeout=RPC_TIMEOUT_S)
-    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-
-def test_rest_api_status_and_predict(server: RunningServer) -> None:
-    url = f"http://localhost:{server.rest_port}/v1/models/{MODEL}"
-    with urllib.request.urlopen(url, timeout=RPC_TIMEOUT_S) as reply:
-        status = json.load(reply)
-    assert status["model_version_status"] == [
-        {"version": "2", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
-    ]
-    body = json.dumps({"instances": _images(2).tolist()}).encode()
-    with urllib.request.urlopen(f"{url}:predict", data=body, timeout=RPC_TIMEOUT_S) as reply:
-        predictions = json.load(reply)["predictions"]
-    assert len(predictions) == 2 and len(predictions[0]["probabilities"]) == 10
-    with pytest.raises(urllib.error.HTTPError) as error:
-        urllib.request.urlopen(f"http://localhost:{server.rest_port}/v1/models/nope", timeout=RPC_TIMEOUT_S)
-    assert error.value.code == 404
-    assert json.load(error.value) == {"error": "Could not find any versions of model nope"}
 
 
 # --- the store changes under the running server --------------------------------------------------

@@ -1,11 +1,13 @@
 """The ``tfserving`` (sidecar) and ``remote`` backends against the TF Serving stand-in.
 
 ``ray_app`` launches ``tensorflow_model_server`` from PATH exactly as in production; here
-PATH leads to the stand-in (tests/fake_tfserving), which speaks the real protocol.
+PATH leads to the stand-in (tests/fake_tfserving), which speaks the real protocol. Where the real
+binary is on PATH, the main scenario runs against it too (skipped elsewhere, saying so).
 """
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -25,10 +27,22 @@ from training.data import load_mnist
 
 IMAGES = load_mnist().test.images[:8]
 LABELS = load_mnist().test.labels[:8]
+REAL_BINARY = shutil.which("tensorflow_model_server")  # before any test puts the stand-in on PATH
 
 
 @pytest.fixture
 def fake_binary_on_path(tmp_path, monkeypatch):
+    install_fake_tfserving(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+
+
+@pytest.fixture(params=["stand-in", "real"])
+def a_binary_on_path(request, tmp_path, monkeypatch):
+    """The stand-in on PATH, or the real ``tensorflow_model_server`` where one is installed."""
+    if request.param == "real":
+        if REAL_BINARY is None:
+            pytest.skip("tensorflow_model_server is not on PATH (install TF Serving to run this against it)")
+        return
     install_fake_tfserving(tmp_path / "bin")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
 
@@ -70,7 +84,7 @@ def test_auto_falls_back_to_embedded(store, monkeypatch, tmp_path):
     assert resolve_kind(_config(store)) == "embedded"
 
 
-def test_sidecar_serves_reloads_restarts_and_stops(store, trained_export, fake_binary_on_path):
+def test_sidecar_serves_reloads_restarts_and_stops(store, trained_export, a_binary_on_path):
     async def scenario():
         backend = TFServingBackend(_config(store))
         await backend.start()
