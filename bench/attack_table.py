@@ -293,7 +293,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from bench.run_all import VARIANTS, replica_pids, serve_app
+    from bench.processes import replica_pids
+    from bench.servers import serve_app
+    from bench.variants import VARIANTS
 
     app_args = argparse.Namespace(
         model_name=args.model_name,

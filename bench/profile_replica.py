@@ -38,7 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import run_load
-from bench.run_all import VARIANTS, _cpu_s, _parse_args, replica_pids, serve_app
+from bench.processes import cpu_s, replica_pids
+from bench.run_all import parse_args
+from bench.servers import serve_app
+from bench.variants import VARIANTS
 
 # (owner, substrings of a frame's "function (file:line)" text); the first owner found from the
 # innermost frame outwards takes the sample. Order matters where paths nest (serve/batching.py
@@ -138,7 +141,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
         )
         thread.start()
         time.sleep(1.0)  # the load's own warm-up: CPU and samples count from its end
-        cpu_before = {pid: _cpu_s(pid) for pid in pids}
+        cpu_before = {pid: cpu_s(pid) for pid in pids}
         outputs = {pid: workdir / f"replica-{pid}.txt" for pid in pids}
         recorders = [
             _record(pid, args.duration_s - 0.5, args.rate, outputs[pid], args.native) for pid in pids
@@ -159,7 +162,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
                     recorder.kill()
                     recorder.wait()
             thread.join()
-        cpu_s = sum(_cpu_s(pid) - cpu_before[pid] for pid in pids)
+        cpu_s = sum(cpu_s(pid) - cpu_before[pid] for pid in pids)
     if failures:
         raise RuntimeError(f"py-spy failed: {failures[0]}")
     if "requests_ok" not in load:
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--native", action="store_true", help="also sample C/C++ frames (slower to record)")
     args, rest = parser.parse_known_args(argv)
     # The server settings (model, timeouts, logs) are run_all's, with its defaults.
-    server_args = _parse_args(["--out", str(args.out), *rest])
+    server_args = parse_args(["--out", str(args.out), *rest])
     for name in ("variant", "concurrency", "images", "duration_s", "rate", "native"):
         setattr(server_args, name, getattr(args, name))
     report = profile(server_args)

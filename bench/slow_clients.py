@@ -289,7 +289,8 @@ def _with_app(args: argparse.Namespace) -> dict[str, Any]:
     import tempfile
     from pathlib import Path
 
-    from bench.run_all import VARIANTS, serve_app
+    from bench.servers import serve_app
+    from bench.variants import VARIANTS
     from ray_app.edge.config import EdgeConfig
     from ray_app.edge.supervisor import EdgeProcess
     from ray_app.ports import free_port

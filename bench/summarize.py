@@ -12,7 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.run_all import BASELINE, _fmt
+from bench.run_all import fmt
+from bench.variants import BASELINE
 
 
 def _rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -48,9 +49,7 @@ def median_table(reports: list[dict[str, Any]]) -> str:
         p50, p99 = median([p["p50_ms"] for p in ps]), median([p["p99_ms"] for p in ps])
         errors = sum(p["error_count"] for p in ps)
         lines.append(
-            f"| {name} | {c} | {k} | {img[key]:.0f} | {runs} | "
-            f"{_fmt(p50)} | {_fmt(p99)} | "
-            f"{errors} | {ratio} |"
+            f"| {name} | {c} | {k} | {img[key]:.0f} | {runs} | {fmt(p50)} | {fmt(p99)} | {errors} | {ratio} |"
         )
     return "\n".join(lines)
 
@@ -107,7 +106,7 @@ def detail_table(report: dict[str, Any]) -> str:
             batch = p.get("serve_mean_batch_images")
             lines.append(
                 f"| {record['variant']} | {p['concurrency']} | {p['images_per_request']} | {img:.0f} | {runs} | "
-                f"{ratio} | {_fmt(p['p50_ms'])} | {_fmt(p['p99_ms'])} | {'-' if batch is None else batch} | {cpu_text} |"
+                f"{ratio} | {fmt(p['p50_ms'])} | {fmt(p['p99_ms'])} | {'-' if batch is None else batch} | {cpu_text} |"
             )
     return "\n".join(lines)
 
