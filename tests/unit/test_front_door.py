@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from client.pipeline import Journey, PipelineConfig
 from ray_app.front_door import (
     GRPC_MAX_MESSAGE_BYTES,
     HAPROXY_SWITCH,
@@ -17,6 +19,7 @@ from ray_app.front_door import (
     fallback_ports,
     front_door_env,
     new_state_dir,
+    node_cpus,
     private_state_dir,
     with_free_side_ports,
 )
@@ -87,15 +90,25 @@ def test_the_shell_form_prints_the_same_environment() -> None:
     assert printed == front_door_env(8, cluster=True, environ={}, state_dir=private_state_dir())
 
 
-def test_every_place_that_starts_ray_uses_it() -> None:
+def test_every_place_that_starts_ray_uses_it(tmp_path) -> None:
     cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
     for role in ("head", "worker"):
         (start,) = [c for c in cluster[f"{role}_start_ray_commands"] if "ray start" in c]
         assert start.index('eval "$(python -m ray_app.front_door --cluster)";') < start.index("ray start")
     ((_, block),) = doc_blocks.blocks("pipeline-steps")  # the tutorial's step-by-step block
     assert 'eval "$(python -m ray_app.front_door)"' in block.split("ray start")[0]
-    pipeline = (REPO / "client" / "pipeline.py").read_text()
-    assert "front_door_env(node_cpus(), state_dir=" in pipeline
+    # the README's main command: the environment it gives `ray start` is the front door's
+    journey = Journey(PipelineConfig(run_dir=tmp_path))
+    given = journey.set_front_door()
+    try:
+        expected = front_door_env(node_cpus(), state_dir=journey.haproxy_state_dir)
+        moved = {v for v in SIDE_PORT_VARIABLES if given.get(v) != expected.get(v)}  # only ports in use move
+        assert {k: v for k, v in given.items() if k not in moved} == {
+            k: v for k, v in expected.items() if k not in moved
+        }
+        assert {k: v for k, v in journey.env.items() if k in given} == given
+    finally:
+        shutil.rmtree(journey.haproxy_state_dir, ignore_errors=True)
 
 
 def test_side_ports_are_moved_to_free_ones_in_haproxy_mode_only() -> None:

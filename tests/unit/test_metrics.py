@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from ray_app.metrics import AppMetrics
+from training.metrics import EpochGauges
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "serve_configs" / "grafana" / "mnist-serving.json"
@@ -23,10 +24,11 @@ def _defined_names() -> set[str]:
             kind = type(metric).__name__
             suffixes = HISTOGRAM_SUFFIXES if kind == "Histogram" else ("",)
             names |= {f"ray_{name}{suffix}" for suffix in suffixes}
-    training = (
-        (REPO / "training" / "metrics.py").read_text() if (REPO / "training" / "metrics.py").exists() else ""
-    )
-    names |= {f"ray_{n}" for n in re.findall(r'"(mnist_train_\w+)"', training)}
+    gauges = EpochGauges("run")  # the training run's gauges (training/metrics.py)
+    try:
+        names |= {f"ray_{gauge._name}" for gauge in gauges._gauges.values()}
+    finally:
+        gauges.close()
     return names
 
 
