@@ -194,12 +194,10 @@ def test_cluster_yaml_passes_ray_validation(cluster):
 def test_head_takes_no_work_and_gpu_workers_autoscale(cluster):
     types = cluster["available_node_types"]
     head = types[cluster["head_node_type"]]
-    assert cluster["head_node_type"] == "ray.head.default"
     assert head["resources"].get("CPU") == 0 and head["resources"].get("GPU", 0) == 0
 
     gpu_types = _gpu_worker_types(cluster)
-    assert "ray.worker.gpu" in gpu_types
-    assert types["ray.worker.gpu"]["node_config"]["InstanceType"] == "g5.xlarge"
+    assert gpu_types, "no worker type offers a GPU"
     for node_type in gpu_types.values():
         assert 0 <= node_type["min_workers"] <= node_type["max_workers"] <= cluster["max_workers"]
     assert sum(t.get("min_workers", 0) for t in types.values()) <= cluster["max_workers"]

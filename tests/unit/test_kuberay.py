@@ -208,11 +208,12 @@ def _cpus(template: dict[str, Any]) -> float:
 def test_serving_pods_get_the_front_doors_environment_for_their_size():
     service = _one("RayService")["spec"]["rayClusterConfig"]
     templates = [service["headGroupSpec"]["template"]] + [g["template"] for g in service["workerGroupSpecs"]]
-    for template in templates:
-        assert {"configMapRef": {"name": "mnist-front-door"}} in _ray_container(template)["envFrom"]
-    smallest = min(_cpus(template) for template in templates)
     config_map = _one("ConfigMap")
-    assert config_map["metadata"]["name"] == "mnist-front-door"
+    for template in templates:
+        assert {"configMapRef": {"name": config_map["metadata"]["name"]}} in _ray_container(template)[
+            "envFrom"
+        ]
+    smallest = min(_cpus(template) for template in templates)
     assert config_map["data"] == front_door_env(smallest, cluster=True, environ={}), (
         f"regenerate common.yaml's ConfigMap: python -m ray_app.front_door --cluster --cpus {smallest:g}"
     )
