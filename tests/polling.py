@@ -26,3 +26,17 @@ def wait_for(
             pass
         time.sleep(interval_s)
     pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+
+
+async def wait_for_async(
+    condition: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.1
+) -> float:
+    """:func:`wait_for` inside a running event loop (the loop keeps running while it waits)."""
+    import asyncio
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if condition():
+            return time.monotonic() - started
+        await asyncio.sleep(interval_s)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}")

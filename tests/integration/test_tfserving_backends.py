@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from ray_app.ports import free_port
 from ray_app.protocol.status import InvalidArgumentError, NotFoundError, UnavailableError
 from tests.conftest import publish_copy, tamper_with_weights
 from tests.fake_tfserving import install_fake_tfserving
+from tests.polling import wait_for_async
 from training.data import load_mnist
 
 IMAGES = load_mnist().test.images[:8]
@@ -56,24 +56,6 @@ def _config(store, **kwargs) -> AppConfig:
     )
 
 
-def _wait(condition, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
-
-
-async def _await(condition, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError("condition not met in time")
-
-
 def test_auto_picks_tfserving_when_the_binary_is_on_path(store, fake_binary_on_path):
     assert resolve_kind(_config(store)) == "tfserving"
     assert isinstance(make_backend(_config(store)), TFServingBackend)
@@ -99,11 +81,15 @@ def test_sidecar_serves_reloads_restarts_and_stops(store, trained_export, a_bina
                 await backend.predict(5, "serving_default", {"images": IMAGES}, ())
 
             publish_copy(trained_export, store, 2)  # checked, then named in the child's policy
-            await _await(lambda: backend.versions() == [1, 2])
+            await wait_for_async(lambda: backend.versions() == [1, 2], 30, "backend.versions() == [1, 2]")
 
             first_pid = backend.pid
             os.kill(first_pid, signal.SIGKILL)
-            await _await(lambda: backend.pid != first_pid and backend.versions() == [1, 2], 60)
+            await wait_for_async(
+                lambda: backend.pid != first_pid and backend.versions() == [1, 2],
+                60,
+                "backend.pid != first_pid and backend.versions() == [1, 2]",
+            )
             assert backend.health_problem() is None
             outputs = await backend.predict(2, "serving_default", {"images": IMAGES}, ())
             assert outputs["classes"].shape == (8,)
@@ -123,11 +109,11 @@ def test_sidecar_keeps_a_labelled_old_version_loaded(store, trained_export, fake
         backend = TFServingBackend(_config(store, num_versions=1))
         await backend.start()
         try:
-            await _await(lambda: backend.versions() == [3])
+            await wait_for_async(lambda: backend.versions() == [3], 30, "backend.versions() == [3]")
             backend.set_pinned_versions([1])
-            await _await(lambda: backend.versions() == [1, 3])
+            await wait_for_async(lambda: backend.versions() == [1, 3], 30, "backend.versions() == [1, 3]")
             backend.set_pinned_versions([])  # labels removed: back to the latest-N policy
-            await _await(lambda: backend.versions() == [3])
+            await wait_for_async(lambda: backend.versions() == [3], 30, "backend.versions() == [3]")
         finally:
             await backend.stop()
 
@@ -227,7 +213,7 @@ def test_sidecar_starts_before_the_first_version_and_serves_it_when_published(
         try:
             assert backend.versions() == [] and backend.health_problem() is None
             publish_copy(trained_export, store, 1)
-            await _await(lambda: backend.versions() == [1], 60)
+            await wait_for_async(lambda: backend.versions() == [1], 60, "backend.versions() == [1]")
             outputs = await backend.predict(1, "serving_default", {"images": IMAGES}, ())
             assert outputs["classes"].shape == (8,)
         finally:
@@ -269,9 +255,9 @@ def test_sidecar_keeps_supervising_when_a_listing_or_a_reload_fails(
 
         backend._reload = flaky_reload
         try:
-            await _await(lambda: backend.versions() == [2])
+            await wait_for_async(lambda: backend.versions() == [2], 30, "backend.versions() == [2]")
             backend.set_pinned_versions([1])
-            await _await(lambda: backend.versions() == [1, 2], 60)
+            await wait_for_async(lambda: backend.versions() == [1, 2], 60, "backend.versions() == [1, 2]")
             assert failures == {"list": 0, "reload": 0}  # both failed first, and supervision went on
         finally:
             await backend.stop()

@@ -16,6 +16,7 @@ import pytest
 from ray_app import model_store
 from tests.integration.cluster import local_job_cluster
 from tests.integration.training_runs import first_checkpoint_registered
+from tests.polling import wait_for
 from training import arguments
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -59,17 +60,12 @@ def _submit(client, entrypoint: str, timeout_s: float = 120) -> str:
 
 
 def _wait_job(client, job_id: str, timeout_s: float = 600):
+    """The job's status once it has ended (succeeded, failed or stopped)."""
     from ray.job_submission import JobStatus
 
-    deadline = time.monotonic() + timeout_s
-    while (status := client.get_job_status(job_id)) not in {
-        JobStatus.SUCCEEDED,
-        JobStatus.FAILED,
-        JobStatus.STOPPED,
-    }:
-        assert time.monotonic() < deadline, f"job {job_id} still {status} after {timeout_s} s"
-        time.sleep(1)
-    return status
+    ended = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    wait_for(lambda: client.get_job_status(job_id) in ended, timeout_s, f"job {job_id} to end", interval_s=1)
+    return client.get_job_status(job_id)
 
 
 def test_a_job_whose_driver_is_killed_resumes_when_submitted_again_and_publishes_once(ray_cluster, tmp_path):
@@ -86,13 +82,14 @@ def test_a_job_whose_driver_is_killed_resumes_when_submitted_again_and_publishes
     )
     client = JobSubmissionClient(ray_cluster.dashboard)
     first = _submit(client, entrypoint)
-    deadline = time.monotonic() + 300
-    while not first_checkpoint_registered(store):
+
+    def checkpointed() -> bool:
         assert client.get_job_status(first) in {JobStatus.PENDING, JobStatus.RUNNING}, client.get_job_logs(
             first
         )
-        assert time.monotonic() < deadline, "no epoch checkpoint within 300 s"
-        time.sleep(0.5)
+        return first_checkpoint_registered(store)
+
+    wait_for(checkpointed, 300, "epoch 1's checkpoint", interval_s=0.5)
     resolved = arguments.resolve_run_name(run_name)
     drivers = _drivers_of(resolved)
     assert len(drivers) == 1, drivers

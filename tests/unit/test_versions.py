@@ -3,7 +3,6 @@ follow the latest even when their version goes away while they wait (gRPC and RE
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import shutil
@@ -18,6 +17,7 @@ from ray_app.predictor import InferenceRequest, Predictor
 from ray_app.protocol.status import NotFoundError
 from ray_app.rest_routes import Route
 from tests.conftest import publish_copy
+from tests.polling import wait_for_async
 from tests.unit.conftest import run_on_replica_loop
 from tests.unit.static_backend import StaticBackend
 from training.data import load_mnist
@@ -52,14 +52,6 @@ def _embedded(store, **config) -> tuple[Predictor, EmbeddedBackend]:
     return predictor, backend
 
 
-async def _until(condition, timeout_s: float = 30.0) -> None:
-    for _ in range(int(timeout_s / 0.1)):
-        if condition():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError("condition not met in time")
-
-
 @pytest.mark.parametrize("published_while_serving", [True, False], ids=["while-serving", "before-start"])
 def test_a_corrupt_version_is_never_served_and_is_retried_until_it_loads(
     store, trained_export, published_while_serving
@@ -74,7 +66,11 @@ def test_a_corrupt_version_is_never_served_and_is_retried_until_it_loads(
             if published_while_serving:
                 assert backend.versions() == [1]
                 _corrupt(store, trained_export, 2)
-            await _until(lambda: 2 in backend.version_states() and backend.version_states()[2].state == "END")
+            await wait_for_async(
+                lambda: 2 in backend.version_states() and backend.version_states()[2].state == "END",
+                30,
+                "2 in backend.version_states() and backend.version_states()[2].state == 'END'",
+            )
             states = backend.version_states()
             assert backend.versions() == [1] and states[2].state == "END"  # 1 keeps serving
             assert "saved_model.pb" in states[2].error or "Error" in states[2].error
@@ -85,7 +81,7 @@ def test_a_corrupt_version_is_never_served_and_is_retried_until_it_loads(
             assert list(status) == [2, 1] and status[2].error
             # the cause goes away (the copy is repaired): the next retry loads it
             shutil.copy(trained_export / "saved_model.pb", store / "2" / "saved_model.pb")
-            await _until(lambda: backend.versions() == [2], 15)
+            await wait_for_async(lambda: backend.versions() == [2], 15, "backend.versions() == [2]")
             assert backend.version_states()[2].error is None
             return (await predictor.predict(InferenceRequest("mnist", {"images": IMAGES}))).version
         finally:
@@ -156,7 +152,7 @@ def test_deploying_before_the_first_version_waits_healthy_then_serves_it(tmp_pat
             with pytest.raises(NotFoundError, match="waiting for the first one to be published"):
                 await predictor.predict(InferenceRequest("mnist", {"images": IMAGES}))
             publish_copy(trained_export, store, 1)
-            await _until(lambda: backend.versions() == [1])
+            await wait_for_async(lambda: backend.versions() == [1], 30, "backend.versions() == [1]")
             result = await predictor.predict(InferenceRequest("mnist", {"images": IMAGES}))
             return result.version, result.outputs["classes"]
         finally:
