@@ -106,6 +106,7 @@ def test_a_job_whose_driver_is_killed_resumes_when_submitted_again_and_publishes
     assert metrics["run_name"] == resolved
     assert metrics["resumed_after_epochs"] == [1]  # epoch 2 only was trained again, not epoch 1
     assert len(metrics["epoch_s"]) == 2
+    assert metrics["workers"] == 1 and metrics["threads_per_worker"] == 2  # one worker takes both CPUs
 
     third = _submit(client, entrypoint)
     assert _wait_job(client, third) == JobStatus.SUCCEEDED
