@@ -62,7 +62,7 @@ def journey(tmp_path_factory):
     grpc_port, http_port = default_ports() if default_ports_free else (free_port(), free_port())
     run_dir = tmp_path_factory.mktemp("journey") / "run"
     argv = [
-        sys.executable, "client/pipeline.py", "--smoke-test", "--epochs", "2", "--epochs-v2", "1",
+        sys.executable, "client/pipeline.py", "--smoke-test", "--epochs", "3", "--epochs-v2", "1",
         "--run-dir", str(run_dir), "--grpc-port", str(grpc_port), "--http-port", str(http_port),
         "--keep-running", "--step-timeout-s", "600",
     ]  # fmt: skip
