@@ -24,10 +24,10 @@ import pytest
 
 from client.pipeline import DASHBOARD_PORT, default_ports
 from ray_app import leftovers
-from ray_app.front_door import HAPROXY_HARD_STOP_AFTER_S, SIDE_PORT_VARIABLES
+from ray_app.front_door import HAPROXY_HARD_STOP_AFTER_S
 from ray_app.ports import free_port, port_in_use
 from tests import doc_blocks, ray_stop_lock
-from tests.conftest import HAPROXY_STATE_DIR_VARIABLE, JOURNEY_SLICE, direct_ingress_ports
+from tests.conftest import JOURNEY_SLICE, direct_ingress_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.serial]  # its clean-up is `ray stop`
 
@@ -39,12 +39,8 @@ HAPROXY_STATE_PREFIX = "/tmp/mnist-ha-"  # ray_app.front_door.new_state_dir: the
 
 
 def _env() -> dict[str, str]:
-    """A user's environment: not this test process's HAProxy side ports and state directory, which
-    its own later clusters reuse (the pipeline picks HAProxy's defaults, or free ports); its own
-    slice of Serve's direct-ingress ports, as its cluster lives beside this process's later ones."""
-    ours = {"RAY_ADDRESS", HAPROXY_STATE_DIR_VARIABLE, *SIDE_PORT_VARIABLES}
-    env = {k: v for k, v in os.environ.items() if k not in ours}
-    env.update(direct_ingress_ports(JOURNEY_SLICE))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(direct_ingress_ports(JOURNEY_SLICE))  # its cluster lives beside this process's later ones
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # `python`, `ray`, `serve` of this venv
     env["RAY_AUTH_MODE"] = "token"
     return env
