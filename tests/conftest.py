@@ -54,18 +54,11 @@ def direct_ingress_ports(slice_index: int | None = None) -> dict[str, str]:
     return ranges
 
 
-def _order(item) -> int:
-    if item.get_closest_marker("serial"):
-        return 0
-    return 2 if item.get_closest_marker("integration") else 1
-
-
 def pytest_collection_modifyitems(config, items) -> None:
     """The journey (marked ``serial``) first: it is the longest module, and everything else runs
-    beside it (tests/ray_stop_lock.py). The unit tests next, which start no Ray: the other
-    process runs them while the journey starts its own (beside no other, as it requires), then
-    the integration modules. pytest-xdist keeps this order with ``--no-loadscope-reorder``."""
-    items.sort(key=_order)
+    beside it (its ``ray stop`` waits for the other modules' clusters: tests/ray_stop_lock.py).
+    pytest-xdist keeps this order with ``--no-loadscope-reorder``."""
+    items.sort(key=lambda item: item.get_closest_marker("serial") is None)
 
 
 def pytest_unconfigure(config) -> None:

@@ -1,13 +1,10 @@
-"""The journey against the other integration modules' clusters: a readers-writer lock.
+"""The journey's ``ray stop`` against the other integration modules' clusters: a readers-writer lock.
 
-The README's main command (tests/integration/test_local_journey.py) refuses to start while another
-Ray runs on the machine, and its clean-up, ``ray stop``, stops every Ray on the machine. The journey
-runs first and everything else beside it: each other integration module holds this lock shared
-while its cluster lives; the journey holds it exclusively while the pipeline checks for other Rays
-and starts its own, and again for its clean-up. A waiting exclusive holder goes first (new shared
-holders queue behind it, on a second file), so the journey is never starved by modules that keep
-starting. The files are shared by the processes of one pytest-xdist run (their base temporary
-directory's parent).
+``ray stop`` (the tutorial's clean-up, run by tests/integration/test_local_journey.py) stops every
+Ray on the machine. The journey starts first and runs beside everything else; each other
+integration module holds the lock shared while its cluster lives, and the journey takes it
+exclusively for its clean-up only, so ``ray stop`` never meets another module's cluster. The lock
+file is shared by the processes of one pytest-xdist run (their base temporary directory's parent).
 """
 
 from __future__ import annotations
@@ -29,16 +26,9 @@ def lock_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @contextlib.contextmanager
 def holding(path: Path, exclusive: bool) -> Iterator[None]:
     """Hold the lock at ``path`` (shared or exclusive) for the ``with`` block; waits for it."""
-    with open(path.with_suffix(".queue"), "a") as queue, open(path, "a") as lock:
-        fcntl.flock(queue, fcntl.LOCK_EX)  # one at a time through the door: a waiting writer holds it
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        finally:
-            if not exclusive:
-                fcntl.flock(queue, fcntl.LOCK_UN)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         try:
             yield
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            if exclusive:
-                fcntl.flock(queue, fcntl.LOCK_UN)
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -16,8 +16,6 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -56,60 +54,22 @@ def _cleanup_commands(dashboard: str) -> list[str]:
     return [f"serve shutdown -y --address {dashboard}", "ray stop"]
 
 
-class _PipelineRun:
-    """The pipeline as a child process, read as it goes (every step has its own limit; the 2400 s
-    guard only catches a hang)."""
-
-    ray_is_up = "==> [2/7]"  # the line after its `ray start` succeeded
-
-    def __init__(self, argv: list[str]) -> None:
-        self._argv, self._out = argv, []
-        self._err = tempfile.TemporaryFile("w+")
-        self._process = subprocess.Popen(
-            argv, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=self._err, text=True
-        )
-        self._guard = threading.Timer(2400, self._process.kill)
-        self._guard.start()
-
-    def wait_for_its_ray(self) -> None:
-        """Until its own Ray is up (or it ended without one)."""
-        for line in self._process.stdout or ():
-            self._out.append(line)
-            if line.startswith(self.ray_is_up):
-                return
-
-    def finish(self) -> subprocess.CompletedProcess[str]:
-        try:
-            self._out.extend(self._process.stdout or ())
-            self._process.wait()
-        finally:
-            self._guard.cancel()
-        self._err.seek(0)
-        err = self._err.read()
-        self._err.close()
-        return subprocess.CompletedProcess(self._argv, self._process.returncode, "".join(self._out), err)
-
-
 @pytest.fixture(scope="session")
 def journey(tmp_path_factory):
     """The pipeline's run, its app left running; cleaned up when this test process ends."""
-    lock = ray_stop_lock.lock_path(tmp_path_factory)
+    defaults = (*default_ports(), DASHBOARD_PORT)
+    default_ports_free = not any(port_in_use(port) for port in defaults)
+    grpc_port, http_port = default_ports() if default_ports_free else (free_port(), free_port())
     run_dir = tmp_path_factory.mktemp("journey") / "run"
+    argv = [
+        sys.executable, "client/pipeline.py", "--smoke-test", "--epochs", "3", "--epochs-v2", "1",
+        "--run-dir", str(run_dir), "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+        "--keep-running", "--step-timeout-s", "600",
+    ]  # fmt: skip
     dashboard = None
-    grpc_port = http_port = 0
     try:
-        # The pipeline refuses to start beside another Ray: none starts until its own is up.
-        with ray_stop_lock.holding(lock, exclusive=True):
-            default_ports_free = not any(port_in_use(port) for port in (*default_ports(), DASHBOARD_PORT))
-            grpc_port, http_port = default_ports() if default_ports_free else (free_port(), free_port())
-            argv = [
-                sys.executable, "client/pipeline.py", "--smoke-test", "--epochs", "3", "--epochs-v2", "1",
-                "--run-dir", str(run_dir), "--grpc-port", str(grpc_port), "--http-port", str(http_port),
-                "--keep-running", "--step-timeout-s", "600",
-            ]  # fmt: skip
-            run = _PipelineRun(argv)
-            run.wait_for_its_ray()
-        result = run.finish()  # the other modules' clusters start beside it from here on
+        # Every step of the pipeline has its own limit; this one only guards against a hang.
+        result = subprocess.run(argv, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=2400)
         print(result.stdout[-6000:], result.stderr[-4000:])
         dashboard = re.search(r"dashboard\s+(http://127\.0\.0\.1:\d+)", result.stdout)
         yield {
