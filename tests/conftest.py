@@ -25,26 +25,22 @@ def pytest_configure(config) -> None:
 
     state_dir = new_state_dir()
     env = with_free_side_ports(front_door_env(node_cpus(), state_dir=state_dir))
-    os.environ.update(env, **{HAPROXY_STATE_DIR_VARIABLE: state_dir}, **direct_ingress_ports())
+    os.environ.update(env, **{HAPROXY_STATE_DIR_VARIABLE: state_dir}, **_direct_ingress_ports())
 
 
 DIRECT_INGRESS_PORTS_PER_WORKER = 250
-JOURNEY_SLICE = 3  # the journey's cluster outlives its module: a slice no worker uses
 
 
-def direct_ingress_ports(slice_index: int | None = None) -> dict[str, str]:
+def _direct_ingress_ports() -> dict[str, str]:
     """Under pytest-xdist, each worker process's Ray gets its own slice of Serve's direct-ingress
     port ranges (HTTP 30000-31000, gRPC 40000-41000): Serve hands those ports out without
-    checking that they are free, so two clusters on one machine would collide. The journey's
-    cluster, which lives beside the workers' later modules, gets ``JOURNEY_SLICE``."""
+    checking that they are free, so two clusters on one machine would collide."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    if slice_index is None:
-        if not worker.startswith("gw"):
-            return {}
-        slice_index = int(worker[2:])
-        if slice_index >= JOURNEY_SLICE:
-            raise RuntimeError(f"at most {JOURNEY_SLICE} xdist workers beside the journey, not {worker}")
-    first = slice_index * DIRECT_INGRESS_PORTS_PER_WORKER
+    if not worker.startswith("gw"):
+        return {}
+    first = int(worker[2:]) * DIRECT_INGRESS_PORTS_PER_WORKER
+    if first + DIRECT_INGRESS_PORTS_PER_WORKER > 1000:
+        raise RuntimeError(f"at most 4 xdist workers share Serve's direct-ingress ranges, not {worker}")
     ranges = {}
     for protocol, base in (("HTTP", 30000), ("GRPC", 40000)):
         ranges[f"RAY_SERVE_DIRECT_INGRESS_MIN_{protocol}_PORT"] = str(base + first)
@@ -52,13 +48,6 @@ def direct_ingress_ports(slice_index: int | None = None) -> dict[str, str]:
             base + first + DIRECT_INGRESS_PORTS_PER_WORKER
         )
     return ranges
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """The journey (marked ``serial``) first: it is the longest module, and everything else runs
-    beside it (its ``ray stop`` waits for the other modules' clusters: tests/ray_stop_lock.py).
-    pytest-xdist keeps this order with ``--no-loadscope-reorder``."""
-    items.sort(key=lambda item: item.get_closest_marker("serial") is None)
 
 
 def pytest_unconfigure(config) -> None:
@@ -113,8 +102,8 @@ def trained_export(request, tmp_path_factory) -> Path:
     """One trained SavedModel (not in a store); copy it into stores as versions, never change it.
 
     Trained once for every test process of a run (pytest-xdist's workers wait on a lock) and kept
-    in pytest's cache, keyed by the code and data that make it, so later runs reuse it; without
-    the cache plugin, in the run's shared temp directory."""
+    in pytest's cache, keyed by the code and data that make it, so the README's second pytest
+    phase and later runs reuse it; without the cache plugin, in the run's shared temp directory."""
     cache = getattr(request.config, "cache", None)
     root = (
         Path(cache.mkdir("quick-model")) if cache else tmp_path_factory.getbasetemp().parent / "quick-model"

@@ -1,24 +1,10 @@
 """Integration modules share a test process (pytest-xdist): one that leaves this process connected
 to its Ray would make every later module's ``ray.init`` fail. It is disconnected here, and the
-module that left it is named. Each module's cluster also holds the journey's ``ray stop`` off
-(tests/ray_stop_lock.py)."""
+module that left it is named."""
 
 import sys
 
 import pytest
-
-from tests import ray_stop_lock
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _ray_stop_waits_for_this_module(request, tmp_path_factory):
-    """Shared while the module runs (set up before its cluster, released after it is gone); the
-    journey, which runs ``ray stop``, takes it exclusively for its clean-up."""
-    if request.node.get_closest_marker("serial") or not request.node.get_closest_marker("integration"):
-        yield
-        return
-    with ray_stop_lock.holding(ray_stop_lock.lock_path(tmp_path_factory), exclusive=False):
-        yield
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -2,10 +2,8 @@
 
 The pipeline runs ``ray start``, two ``ray job submit`` trainings (smaller: --smoke-test),
 ``serve deploy``, the client, and is asked to leave the app running so the documentation's own
-serving commands (the tutorial, docs/tutorial/local-journey.md) can be run against it verbatim.
-The tutorial's clean-up commands end with ``ray stop``, which stops every Ray on the machine: they
-run at the end of this test process, once no other module's cluster is left (tests/ray_stop_lock.py),
-and then nothing of Ray may be left. The journey runs first, the other modules beside it.
+serving commands (the tutorial, docs/tutorial/local-journey.md) can be run against it verbatim; the
+module then stops everything with the tutorial's clean-up commands and checks nothing of Ray is left.
 """
 
 from __future__ import annotations
@@ -16,16 +14,16 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from client.pipeline import DASHBOARD_PORT, default_ports
+from client.pipeline import DASHBOARD_PORT, default_ports, running_ray_processes
 from ray_app import leftovers
 from ray_app.front_door import HAPROXY_HARD_STOP_AFTER_S
 from ray_app.ports import free_port, port_in_use
-from tests import doc_blocks, ray_stop_lock
-from tests.conftest import JOURNEY_SLICE, direct_ingress_ports
+from tests import doc_blocks
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.serial]  # its clean-up is `ray stop`
 
@@ -38,7 +36,6 @@ HAPROXY_STATE_PREFIX = "/tmp/mnist-ha-"  # ray_app.front_door.new_state_dir: the
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(direct_ingress_ports(JOURNEY_SLICE))  # its cluster lives beside this process's later ones
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # `python`, `ray`, `serve` of this venv
     env["RAY_AUTH_MODE"] = "token"
     return env
@@ -54,9 +51,12 @@ def _cleanup_commands(dashboard: str) -> list[str]:
     return [f"serve shutdown -y --address {dashboard}", "ray stop"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def journey(tmp_path_factory):
-    """The pipeline's run, its app left running; cleaned up when this test process ends."""
+    deadline = time.monotonic() + 60  # earlier modules' ray.shutdown() may still be finishing
+    while running_ray_processes() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not running_ray_processes(), f"a Ray cluster is already running: {running_ray_processes()}"
     defaults = (*default_ports(), DASHBOARD_PORT)
     default_ports_free = not any(port_in_use(port) for port in defaults)
     grpc_port, http_port = default_ports() if default_ports_free else (free_port(), free_port())
@@ -79,19 +79,17 @@ def journey(tmp_path_factory):
             "dashboard": dashboard.group(1) if dashboard else None,
         }
     finally:
-        # The README's clean-up commands (its step-by-step block ends with them), once no other
-        # module's cluster runs: `ray stop` would end it.
-        with ray_stop_lock.holding(ray_stop_lock.lock_path(tmp_path_factory), exclusive=True):
-            address = dashboard.group(1) if dashboard else f"http://127.0.0.1:{DASHBOARD_PORT}"
-            for command in _cleanup_commands(address):
-                subprocess.run(shlex.split(command), env=_env(), capture_output=True, timeout=120)
-            left = leftovers.wait_gone(leftovers.ray_processes, timeout_s=30)
-            # A stopping HAProxy finishes what is in flight first: gone by hard-stop-after at the latest.
-            haproxy = leftovers.wait_gone(
-                lambda: leftovers.haproxy_processes(HAPROXY_STATE_PREFIX),
-                timeout_s=HAPROXY_HARD_STOP_AFTER_S + 15,
-            )
-            leftovers.stop(left + haproxy)  # so a failure here does not cascade into later tests
+        # The README's clean-up commands (its step-by-step block ends with them).
+        address = dashboard.group(1) if dashboard else f"http://127.0.0.1:{DASHBOARD_PORT}"
+        for command in _cleanup_commands(address):
+            subprocess.run(shlex.split(command), env=_env(), capture_output=True, timeout=120)
+        left = leftovers.wait_gone(leftovers.ray_processes, timeout_s=30)
+        # A stopping HAProxy finishes what is in flight first: it is gone by hard-stop-after at the latest.
+        haproxy = leftovers.wait_gone(
+            lambda: leftovers.haproxy_processes(HAPROXY_STATE_PREFIX),
+            timeout_s=HAPROXY_HARD_STOP_AFTER_S + 15,
+        )
+        leftovers.stop(left + haproxy)  # so a failure here does not cascade into later tests
         assert not left, f"ray stop left Ray processes behind: {leftovers.describe(left)}"
         assert not haproxy, f"HAProxy left behind: {leftovers.describe(haproxy)}"
         busy = [port for port in (grpc_port, http_port) if port_in_use(port)]
@@ -208,9 +206,12 @@ def test_readme_set_up_commands_are_what_ci_runs():
     assert len(commands) == 2, commands
     main, tests = commands
     assert main.endswith(".venv/bin/python client/pipeline.py")  # what the journey fixture runs
-    # Two processes, one module per process at a time, in collection order: the journey first (its
-    # clean-up waits for the others' clusters: tests/ray_stop_lock.py), everything else beside it.
-    assert tests.endswith(".venv/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder")
+    # Two processes: the journey (its clean-up stops every Ray on the machine) beside the unit tests
+    # (which start none), then the other integration modules, one per process at a time.
+    assert tests.endswith(
+        '.venv/bin/pytest -q -n 2 --dist loadfile -m "serial or not integration" '
+        '&& .venv/bin/pytest -q -n 2 --dist loadfile -m "integration and not serial"'
+    )
     assert (
         "apt-get install -y -qq --no-install-recommends chromium chromium-driver redis-server" in tests
     )  # the browser test, the head-failure test
