@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -32,8 +33,6 @@ async def wait_for_async(
     condition: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.1
 ) -> float:
     """:func:`wait_for` inside a running event loop (the loop keeps running while it waits)."""
-    import asyncio
-
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
         if condition():

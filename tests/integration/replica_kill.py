@@ -12,6 +12,7 @@ after it must succeed, and HAProxy must notice within ``NOTICED_WITHIN_S``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import signal
@@ -61,16 +62,19 @@ class KillRun:
     @property
     def on_victim(self) -> list[Outcome]:
         """Failures the kill excuses: unanswered at the kill, sent before HAProxy could notice."""
-        return [o for o in self.failed if o.started_s <= self.noticed_s and o.ended_s >= self.killed_s]
+        noticed_s = self.noticed_s
+        return [o for o in self.failed if o.started_s <= noticed_s and o.ended_s >= self.killed_s]
 
     @property
     def unexcused(self) -> list[Outcome]:
-        return [o for o in self.failed if o not in self.on_victim]
+        excused = self.on_victim
+        return [o for o in self.failed if o not in excused]
 
     @property
     def after(self) -> list[Outcome]:
         """Requests sent once the victim was gone and HAProxy could know it."""
-        return [o for o in self.outcomes if o.started_s > self.noticed_s]
+        noticed_s = self.noticed_s
+        return [o for o in self.outcomes if o.started_s > noticed_s]
 
     @property
     def in_flight_at_kill(self) -> list[Outcome]:
@@ -78,9 +82,7 @@ class KillRun:
         return [o for o in self.failed if o.started_s <= self.killed_s <= o.ended_s]
 
     def summary(self) -> str:
-        codes: dict[str, int] = {}
-        for o in self.failed:
-            codes[o.code] = codes.get(o.code, 0) + 1
+        codes = dict(collections.Counter(o.code for o in self.failed))
         return (
             f"{len(self.outcomes)} requests, {len(self.after)} after the replica was gone "
             f"(exited {(self.gone_s - self.killed_s) * 1000:.0f} ms and noticed "

@@ -32,6 +32,10 @@ REAL_BINARY = shutil.which("tensorflow_model_server")  # before any test puts th
 
 @pytest.fixture
 def fake_binary_on_path(tmp_path, monkeypatch):
+    _stand_in_on_path(tmp_path, monkeypatch)
+
+
+def _stand_in_on_path(tmp_path, monkeypatch) -> None:
     install_fake_tfserving(tmp_path / "bin")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
 
@@ -43,8 +47,7 @@ def a_binary_on_path(request, tmp_path, monkeypatch):
         if REAL_BINARY is None:
             pytest.skip("tensorflow_model_server is not on PATH (install TF Serving to run this against it)")
         return
-    install_fake_tfserving(tmp_path / "bin")
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    _stand_in_on_path(tmp_path, monkeypatch)
 
 
 def _config(store, **kwargs) -> AppConfig:
