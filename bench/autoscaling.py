@@ -140,14 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    from ray_app import leftovers
+    from client.local import leftovers
+    from client.local.ports import free_port, with_free_side_ports
     from ray_app.config import AppConfig
     from ray_app.deployment import MnistServer
-    from ray_app.front_door import front_door_env, new_state_dir, node_cpus, with_free_side_ports
-    from ray_app.ports import free_port
+    from ray_app.front_door import front_door_env, node_cpus
 
     config = yaml.safe_load(CONFIG.read_text())
-    state_dir = new_state_dir()
+    state_dir = leftovers.new_state_dir()
     os.environ.pop("RAY_ADDRESS", None)
     os.environ.update(with_free_side_ports(front_door_env(node_cpus(), state_dir=state_dir)))
     grpc_port, http_port = free_port(), free_port()

@@ -59,7 +59,7 @@ from bench.dashboard.prometheus import prometheus, wait_scraped
 from bench.dashboard.queries import dashboard_targets
 from bench.dashboard.report import Evaluation, evaluate, markdown, plot
 from bench.dashboard.traffic import KINDS, Traffic, run_training
-from ray_app import leftovers
+from client.local import leftovers
 from ray_app.front_door import HAPROXY_SWITCH
 
 

@@ -25,9 +25,9 @@ import yaml
 from bench.loadgen import build_requests
 from bench.processes import start_server, stop_session
 from bench.variants import Running, Variant
-from ray_app import leftovers
-from ray_app.front_door import HAPROXY_SWITCH, front_door_env, new_state_dir, node_cpus, with_free_side_ports
-from ray_app.ports import free_port
+from client.local import leftovers
+from client.local.ports import free_port, with_free_side_ports
+from ray_app.front_door import HAPROXY_SWITCH, front_door_env, node_cpus
 
 REPO = Path(__file__).resolve().parent.parent
 SERVE_CONFIG = REPO / "serve_configs" / "local.yaml"
@@ -169,7 +169,7 @@ def serve_app(variant: Variant, args: argparse.Namespace, workdir: Path) -> Iter
         token_file.chmod(0o600)
     write_serve_config(variant, config_path, http_port, grpc_port, token_file)
     ray_tmp = Path(tempfile.mkdtemp(prefix="rb", dir="/tmp"))  # short: Ray's socket paths have a limit
-    state_dir = new_state_dir()
+    state_dir = leftovers.new_state_dir()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", HAPROXY_SWITCH)}
     door = {HAPROXY_SWITCH: "0"} if variant.front_door == "python-proxy" else {}
     env.update(front_door_env(node_cpus(), state_dir=state_dir, environ=door))

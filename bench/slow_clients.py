@@ -291,9 +291,9 @@ def _with_app(args: argparse.Namespace) -> dict[str, Any]:
 
     from bench.servers import serve_app
     from bench.variants import VARIANTS
+    from client.local.ports import free_port
     from ray_app.edge.config import EdgeConfig
     from ray_app.edge.supervisor import EdgeProcess
-    from ray_app.ports import free_port
 
     app_args = argparse.Namespace(
         model_name=args.model,

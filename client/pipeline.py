@@ -41,9 +41,9 @@ from pathlib import Path
 import psutil
 import yaml
 
-from ray_app import leftovers
-from ray_app.front_door import HAPROXY_SWITCH, front_door_env, new_state_dir, node_cpus
-from ray_app.ports import free_port, port_in_use
+from client.local import leftovers
+from client.local.ports import free_port, port_in_use
+from ray_app.front_door import HAPROXY_SWITCH, front_door_env, node_cpus
 
 REPO = Path(__file__).resolve().parent.parent
 SERVE_CONFIG = REPO / "serve_configs" / "local.yaml"
@@ -144,7 +144,7 @@ class Journey:
         """The front door's environment for ``ray start`` (ray_app.front_door), with this run's
         own HAProxy state directory; Ray's fixed ports for HAProxy's stats and metrics and the
         fallback proxy move to free ones only where something else holds them."""
-        self.haproxy_state_dir = new_state_dir()
+        self.haproxy_state_dir = leftovers.new_state_dir()
         front_door = front_door_env(node_cpus(), state_dir=self.haproxy_state_dir)
         if front_door.get(HAPROXY_SWITCH) == "1":
             for variable, default in _HAPROXY_DEFAULT_PORTS.items():

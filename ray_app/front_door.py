@@ -23,7 +23,6 @@ import os
 import shlex
 import stat
 import sys
-import tempfile
 from collections.abc import Mapping
 
 HAPROXY_SWITCH = "RAY_SERVE_ENABLE_HA_PROXY"
@@ -116,20 +115,6 @@ def front_door_env(
     return env
 
 
-# HAProxy refuses unix socket paths over 97 characters; Ray puts its sockets in
-# <state dir>/<56-character node id>/admin.sock, which leaves 97 - 68 = 29 for the directory.
-_MAX_STATE_DIR_CHARS = 97 - len("/") - 56 - len("/metrics.sock")
-
-
-def new_state_dir() -> str:
-    """A fresh, short directory for one run's HAProxy state (see :func:`front_door_env`)."""
-    path = tempfile.mkdtemp(prefix="mnist-ha-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    if len(path) > _MAX_STATE_DIR_CHARS:
-        os.rmdir(path)
-        raise RuntimeError(f"{path} is too long for HAProxy's socket paths (at most {_MAX_STATE_DIR_CHARS})")
-    return path
-
-
 def private_state_dir(uid: int | None = None, root: str = "/tmp") -> str:
     """This user's HAProxy state directory, ``/tmp/mnist-ha-<uid>``, mode 0700: Ray renders the
     admin socket in it ``mode 666 level admin`` (haproxy_templates.py, no switch), so the
@@ -161,16 +146,6 @@ SIDE_PORT_VARIABLES = (
     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
     "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
 )
-
-
-def with_free_side_ports(env: dict[str, str]) -> dict[str, str]:
-    """``env`` with free ports for HAProxy mode's side ports, so that several clusters (tests,
-    benchmarks) can run on one machine; unchanged in Python-proxy mode."""
-    if env.get(HAPROXY_SWITCH) == "1":
-        from ray_app.ports import free_port  # outside Serve's direct-ingress ranges
-
-        env.update({variable: str(free_port()) for variable in SIDE_PORT_VARIABLES})
-    return env
 
 
 def node_cpus() -> float:

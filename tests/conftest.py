@@ -21,7 +21,9 @@ def pytest_configure(config) -> None:
     directory of this run's own (leftover checks find its processes there) and free ports for its
     stats and metrics pages. ``RAY_SERVE_ENABLE_HA_PROXY=0`` runs the suite through Serve's
     Python proxy instead."""
-    from ray_app.front_door import front_door_env, new_state_dir, node_cpus, with_free_side_ports
+    from client.local.leftovers import new_state_dir
+    from client.local.ports import with_free_side_ports
+    from ray_app.front_door import front_door_env, node_cpus
 
     state_dir = new_state_dir()
     env = with_free_side_ports(front_door_env(node_cpus(), state_dir=state_dir))

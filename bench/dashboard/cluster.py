@@ -31,9 +31,9 @@ from bench.dashboard.common import (
     http_json,
 )
 from bench.dashboard.traffic import predict_request, raw, serialize
-from ray_app import leftovers
-from ray_app.front_door import front_door_env, new_state_dir, node_cpus, with_free_side_ports
-from ray_app.ports import free_port
+from client.local import leftovers
+from client.local.ports import free_port, with_free_side_ports
+from ray_app.front_door import front_door_env, node_cpus
 
 
 def publish_dir(source: Path, store: Path, version: int) -> None:
@@ -141,7 +141,7 @@ def local_ray(store: Path, workdir: Path) -> Iterator[Cluster]:
     import ray
 
     temp_dir = Path(tempfile.mkdtemp(prefix="rd", dir="/tmp"))  # short: Ray's socket paths have a limit
-    state_dir = new_state_dir()
+    state_dir = leftovers.new_state_dir()
     os.environ.pop("RAY_ADDRESS", None)
     os.environ.update(_ray_environment(store, state_dir))
     metrics_export_port, dashboard_port = free_port(), free_port()

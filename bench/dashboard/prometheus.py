@@ -18,7 +18,7 @@ import yaml
 
 from bench.dashboard.cluster import Cluster
 from bench.dashboard.common import HTTP_TIMEOUT_S, SCRAPE_INTERVAL_S, http_json, stop_process
-from ray_app.ports import free_port
+from client.local.ports import free_port
 
 
 def prometheus_config(sd_file: Path) -> str:

@@ -17,8 +17,8 @@ from typing import Any
 import psutil
 import yaml
 
-from ray_app import leftovers
-from ray_app.ports import free_port, port_in_use
+from client.local import leftovers
+from client.local.ports import free_port, port_in_use
 from tests.conftest import HAPROXY_STATE_DIR_VARIABLE
 
 LOCAL_CONFIG = Path(__file__).resolve().parents[2] / "serve_configs" / "local.yaml"

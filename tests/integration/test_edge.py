@@ -31,10 +31,10 @@ from tensorflow_serving.apis import (
 )
 
 from bench.slow_clients import SlowAttack, Target, normal_client
-from ray_app import leftovers
+from client.local import leftovers
+from client.local.ports import free_port, port_in_use
 from ray_app.edge.config import EdgeConfig
 from ray_app.edge.supervisor import EdgeProcess
-from ray_app.ports import free_port, port_in_use
 from ray_app.protocol.tensors import from_ndarray
 from tests.certs import CertificateAuthority
 from tests.conftest import publish_copy

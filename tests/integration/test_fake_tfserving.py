@@ -33,8 +33,8 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
+from client.local.ports import free_port
 from ray_app import model_store
-from ray_app.ports import free_port
 from tests.fake_tfserving import install_fake_tfserving
 from tests.fake_tfserving import server as fake_server
 from tests.polling import wait_for

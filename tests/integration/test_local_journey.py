@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from client.local import leftovers
+from client.local.ports import free_port, port_in_use
 from client.pipeline import DASHBOARD_PORT, default_ports, running_ray_processes
-from ray_app import leftovers
 from ray_app.front_door import HAPROXY_HARD_STOP_AFTER_S
-from ray_app.ports import free_port, port_in_use
 from tests import doc_blocks
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.serial]  # its clean-up is `ray stop`

@@ -30,8 +30,8 @@ import psutil
 import pytest
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from client.local.ports import free_port
 from ray_app import model_store
-from ray_app.ports import free_port
 from ray_app.protocol.tensors import from_ndarray
 from tests.conftest import publish_copy
 from tests.integration.cluster import LocalServe, local_serve, run_local_app

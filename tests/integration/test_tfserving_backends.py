@@ -14,11 +14,11 @@ import subprocess
 import numpy as np
 import pytest
 
+from client.local.ports import free_port
 from ray_app.backends import make_backend, resolve_kind
 from ray_app.backends.remote import RemoteBackend
 from ray_app.backends.tfserving import TFServingBackend
 from ray_app.config import AppConfig, TFServingOptions
-from ray_app.ports import free_port
 from ray_app.protocol.status import InvalidArgumentError, NotFoundError, UnavailableError
 from tests.conftest import publish_copy, tamper_with_weights
 from tests.fake_tfserving import install_fake_tfserving

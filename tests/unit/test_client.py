@@ -31,6 +31,7 @@ from tensorflow_serving.apis import predict_pb2
 from client import grpc_client
 from client.errors import ClientError, ExitCode
 from client.images import to_mnist_tensor
+from client.local.ports import free_port
 from client.messages import (
     InputMode,
     ModelTarget,
@@ -41,7 +42,6 @@ from client.messages import (
     rest_body,
     rest_path,
 )
-from ray_app.ports import free_port
 from ray_app.protocol.tensors import from_ndarray, to_ndarray
 
 REPO = Path(__file__).resolve().parents[2]

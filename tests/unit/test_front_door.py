@@ -18,10 +18,8 @@ from ray_app.front_door import (
     SIDE_PORT_VARIABLES,
     fallback_ports,
     front_door_env,
-    new_state_dir,
     node_cpus,
     private_state_dir,
-    with_free_side_ports,
 )
 from tests import doc_blocks
 
@@ -66,16 +64,6 @@ def test_one_switch_back_to_the_python_proxy() -> None:
     assert fallback_ports(env) == ()
 
 
-def test_a_run_gets_its_own_short_haproxy_state_dir() -> None:
-    state_dir = new_state_dir()
-    try:
-        env = front_door_env(2, state_dir=state_dir, environ={})
-        socket = env["RAY_SERVE_HAPROXY_SOCKET_PATH"]
-        assert socket.startswith(state_dir) and len(f"{state_dir}/{'0' * 56}/metrics.sock") <= 97
-    finally:
-        Path(state_dir).rmdir()
-
-
 def test_the_shell_form_prints_the_same_environment() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "ray_app.front_door", "--cpus", "8", "--cluster"],
@@ -111,14 +99,6 @@ def test_every_place_that_starts_ray_uses_it(tmp_path) -> None:
         shutil.rmtree(journey.haproxy_state_dir, ignore_errors=True)
 
 
-def test_side_ports_are_moved_to_free_ones_in_haproxy_mode_only() -> None:
-    haproxy = with_free_side_ports(front_door_env(2, state_dir="/tmp/x", environ={}))
-    ports = [int(haproxy[variable]) for variable in SIDE_PORT_VARIABLES]
-    assert len(set(ports)) == 4 and 8404 not in ports and 9101 not in ports
-    python_proxy = front_door_env(2, state_dir="/tmp/x", environ={HAPROXY_SWITCH: "0"})
-    assert with_free_side_ports(dict(python_proxy)) == python_proxy
-
-
 def test_haproxys_admin_socket_goes_into_a_directory_only_its_user_can_enter(tmp_path, capsys) -> None:
     """Ray renders the admin socket mode 666; the 0700 directory keeps other users out of it."""
     import os
@@ -144,32 +124,3 @@ def test_the_printed_front_door_puts_haproxys_sockets_in_the_private_directory(c
     socket_dir = os.path.dirname(exports["RAY_SERVE_HAPROXY_SOCKET_PATH"])
     assert socket_dir == front_door.private_state_dir()
     assert os.stat(socket_dir).st_mode & 0o077 == 0
-
-
-def test_free_ports_stay_out_of_serves_direct_ingress_ranges(monkeypatch):
-    """Serve hands those ports to replicas without checking them: a side port (or a test's port)
-    picked there collides with another cluster's replica."""
-    import socket
-
-    import ray_app.ports
-
-    offered = iter([30500, 40259, 41000, 52000, 30000, 53000])
-
-    class Socket:
-        def __init__(self, *args):
-            self.port = next(offered)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def bind(self, address):
-            pass
-
-        def getsockname(self):
-            return ("127.0.0.1", self.port)
-
-    monkeypatch.setattr(socket, "socket", Socket)
-    assert [ray_app.ports.free_port(), ray_app.ports.free_port()] == [52000, 53000]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from client import pipeline
+from client.local.ports import free_port
 from client.pipeline import Journey, PipelineConfig, _worth_echoing, parse_args, summary
-from ray_app.ports import free_port
 
 
 @pytest.mark.parametrize(

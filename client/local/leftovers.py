@@ -3,17 +3,36 @@
 ``ray stop`` ends Ray's processes by name, but HAProxy is not on its list: Serve kills it on a
 clean ``serve shutdown``, and a run killed any other way can leave it holding the serving ports
 (the next run's clients then reach a proxy with no replicas). Runs give HAProxy a state directory
-of their own (:func:`ray_app.front_door.front_door_env`), so they find exactly their own.
+of their own (:func:`new_state_dir`, given to :func:`ray_app.front_door.front_door_env`), so
+they find exactly their own.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections.abc import Iterable
 
 import psutil
 
 RAY_HEAD_PROCESSES = ("gcs_server", "raylet")
+
+
+# HAProxy refuses unix socket paths over 97 characters; Ray puts its sockets in
+# <state dir>/<56-character node id>/admin.sock, which leaves 97 - 68 = 29 for the directory.
+_MAX_STATE_DIR_CHARS = 97 - len("/") - 56 - len("/metrics.sock")
+STATE_DIR_PREFIX = "mnist-ha-"
+
+
+def new_state_dir() -> str:
+    """A fresh, short directory for one run's HAProxy state (``front_door_env(state_dir=...)``):
+    :func:`haproxy_processes` finds that run's HAProxy by it."""
+    path = tempfile.mkdtemp(prefix=STATE_DIR_PREFIX, dir="/tmp" if os.path.isdir("/tmp") else None)
+    if len(path) > _MAX_STATE_DIR_CHARS:
+        os.rmdir(path)
+        raise RuntimeError(f"{path} is too long for HAProxy's socket paths (at most {_MAX_STATE_DIR_CHARS})")
+    return path
 
 
 def _processes(match) -> list[psutil.Process]:
