@@ -28,6 +28,29 @@ def pytest_configure(config) -> None:
     state_dir = new_state_dir()
     env = with_free_side_ports(front_door_env(node_cpus(), state_dir=state_dir))
     os.environ.update(env, **{HAPROXY_STATE_DIR_VARIABLE: state_dir}, **_direct_ingress_ports())
+    # pytest-xdist hands out modules largest first by default (most tests); this suite orders
+    # them itself (pytest_collection_modifyitems), so xdist keeps the collection's order.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+# The modules that take longest (in this order: each is minutes of one pytest-xdist worker on the
+# 2-core CI machine; bench/README.md#the-test-suite-2026-12-02 has the figures).
+LONGEST_MODULES = (
+    "tests.integration.test_local_journey",
+    "tests.integration.test_training",
+    "tests.integration.test_training_resume",
+    "tests.integration.test_bench",
+    "tests.integration.test_autoscaling",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The longest modules first, longest first, then the others in the order collected: with
+    ``--dist loadfile``, each pytest-xdist worker starts on one of them and the many short modules
+    fill in beside, so no long module starts last and runs alone at the end."""
+    rank = {name: index for index, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: order kept within
 
 
 DIRECT_INGRESS_PORTS_PER_WORKER = 250
