@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -47,29 +48,47 @@ def scrape(ray_tmp: Path) -> str | None:
         return None
 
 
-def app_batch_counts(ray_tmp: Path) -> dict[str, float] | None:
-    """Images answered and backend calls made so far, from the app's own metrics (ray_app/metrics.py)."""
+def app_batch_counts(ray_tmp: Path) -> dict[str, Any] | None:
+    """Images answered and backend calls made so far, from the app's own metrics
+    (ray_app/metrics.py), and the images of each replica (Serve tags every sample with it)."""
     text = scrape(ray_tmp)
     if text is None:
         return None
-    totals = {"images": 0.0, "calls": 0.0}
+    totals: dict[str, Any] = {"images": 0.0, "calls": 0.0, "replica_images": {}}
     for line in text.splitlines():
         if line.startswith("ray_mnist_images_total{"):
-            totals["images"] += float(line.rsplit(" ", 1)[1])
+            value = float(line.rsplit(" ", 1)[1])
+            totals["images"] += value
+            replica = re.search(r'replica="([^"]*)"', line)
+            if replica:
+                key = replica.group(1)
+                totals["replica_images"][key] = totals["replica_images"].get(key, 0.0) + value
         elif line.startswith("ray_mnist_backend_latency_ms_count{"):
             totals["calls"] += float(line.rsplit(" ", 1)[1])
     return totals
 
 
-def batch_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, Any] | None:
-    """Backend calls between two reads and their mean size in images (exact: counters, not buckets)."""
+def batch_stats(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any] | None:
+    """Backend calls between two reads and their mean size in images (exact: counters, not
+    buckets), and each replica's share of the images, largest first (how evenly the front door
+    balanced)."""
     calls = after["calls"] - before["calls"]
     if calls <= 0:
         return None
-    return {
+    images = after["images"] - before["images"]
+    per_replica = [
+        count - before.get("replica_images", {}).get(replica, 0.0)
+        for replica, count in after.get("replica_images", {}).items()
+    ]
+    stats: dict[str, Any] = {
         "serve_batches": int(calls),
-        "serve_mean_batch_images": round((after["images"] - before["images"]) / calls, 2),
+        "serve_mean_batch_images": round(images / calls, 2),
     }
+    if images > 0 and per_replica:
+        stats["serve_replica_image_shares"] = sorted(
+            (round(n / images, 3) for n in per_replica), reverse=True
+        )
+    return stats
 
 
 def log_tail(path: Path, lines: int = 40) -> str:
