@@ -21,7 +21,8 @@ def test_one_replica_becomes_two_under_load_and_one_again_after_it(tmp_path, tra
         options = deployment_options(CONFIG)
         run_local_app(store, **{**options, "num_replicas": None})
         wait_for(lambda: replica_states().get("RUNNING", 0) == 1, 120, "one replica running")
-        figures = run_scaling(ports.grpc_address, lambda: replica_states().get("RUNNING", 0))
+        # 4 s of load on both replicas once the second runs (the benchmark keeps it 10 s, for its figures).
+        figures = run_scaling(ports.grpc_address, lambda: replica_states().get("RUNNING", 0), after_up_s=4)
     print(f"autoscaling: {figures}")
     assert figures["scale_up_s"] is not None, f"no second replica under load: {figures}"
     assert figures["scale_down_s"] is not None, f"not back to one replica after the load: {figures}"

@@ -22,6 +22,7 @@ import pytest
 from client.local import leftovers
 from client.local.ports import free_port, port_in_use
 from client.pipeline import DASHBOARD_PORT, default_ports, running_ray_processes
+from ray_app import model_store
 from ray_app.front_door import HAPROXY_HARD_STOP_AFTER_S
 from tests import doc_blocks
 
@@ -117,6 +118,46 @@ def test_pipeline_publishes_two_versions_and_the_client_reads_the_samples(journe
     v2 = json.loads((store / "2" / "assets.extra" / "metrics.json").read_text())
     assert v2["init_from"] and v2["init_from"].endswith("/1") and v2["workers"] == 2
     assert v2["test_accuracy"] >= 0.95
+
+
+def test_version_1_from_two_workers_learned_and_answers_in_both_signatures(journey):
+    """What the journey's first training published (3 epochs of the smoke set on 2 Ray Train
+    workers): learned well above what a broken distributed step or a wrong learning-rate scaling
+    gives, no stalled epoch, both signatures answering alike on digits it never saw, and TF
+    Serving's warm-up records readable."""
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from training.data import load_mnist
+
+    store = journey["run_dir"] / "models" / "mnist"
+    metrics = model_store.read_metrics(store, 1)
+    assert metrics["workers"] == 2 and metrics["test_accuracy"] >= 0.95
+    assert len(metrics["epoch_s"]) == 3
+    # A tf.data destructor stall shows up as a multi-second epoch on this small run.
+    assert max(metrics["epoch_s"]) < 4 * min(metrics["epoch_s"]) + 5, metrics["epoch_s"]
+
+    test = load_mnist().test
+    images, labels = test.images[-500:], test.labels[-500:]  # the smoke run evaluated the first 2,000
+    version_dir = model_store.version_path(store, 1)
+    loaded = tf.saved_model.load(str(version_dir))
+    assert {"serving_default", "predict_images"} <= set(loaded.signatures)
+    default = loaded.signatures["serving_default"](images=tf.constant(images))
+    assert default["probabilities"].shape == (500, 10) and default["classes"].dtype == tf.int64
+    np.testing.assert_allclose(default["probabilities"].numpy().sum(axis=1), 1.0, rtol=1e-5)
+    assert np.mean(default["classes"].numpy() == labels) >= 0.95
+    flat = tf.constant(images.reshape(-1, 784).astype(np.float32) / 255.0)
+    scores = loaded.signatures["predict_images"](images=flat)["scores"].numpy()
+    np.testing.assert_array_equal(np.argmax(scores, axis=1), default["classes"].numpy())
+
+    records = list(tf.data.TFRecordDataset(str(version_dir / "assets.extra" / "tf_serving_warmup_requests")))
+    signatures = set()
+    for raw in records:
+        log = prediction_log_pb2.PredictionLog.FromString(raw.numpy())
+        assert log.HasField("predict_log") and "images" in log.predict_log.request.inputs
+        signatures.add(log.predict_log.request.model_spec.signature_name)
+    assert signatures == {"serving_default", "predict_images"}
 
 
 def _shape(command: str) -> tuple[tuple[str, ...], frozenset[str], tuple[str, ...], frozenset[str]]:

@@ -1,32 +1,25 @@
 """Ray Train for real: a 2-worker run (the distributed path) loses its workers after epoch 1,
-resumes, and publishes a version that loads and predicts correctly; the gate publishes nothing
-below its bar. The 1-worker path, and a job whose driver is lost: test_training_resume.py.
+resumes, and publishes once; the gate publishes nothing below its bar. The 1-worker path, and a
+job whose driver is lost: test_training_resume.py. What a 2-worker run learns, and the signatures
+and warm-up records it exports: the journey's version 1 (test_local_journey.py).
 
 One local Ray cluster is shared by the module; each run uses the CLI's ``main()``.
 """
 
-import json
-
-import numpy as np
 import psutil
 import pytest
-import tensorflow as tf
-from tensorflow_serving.apis import prediction_log_pb2
 
 from ray_app import model_store
 from tests.integration.cluster import local_ray
 from tests.integration.training_runs import train_workers_killed_after_epoch_1
 from training import arguments, robustness, train
-from training.data import load_mnist
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-# 15,000 images x 2 epochs (234 steps of 2 x 64): 96.9-97.0 % on the smoke test set, measured (and
-# the same within 0.5 % as one worker with the same global batch, 2026-12-01); well above what a
-# broken distributed step or a wrong learning-rate scaling gives.
-TRAIN_EXAMPLES = 15_000
+# Small: this run is about losing workers and resuming (what it learns is the journey's to check).
+# 8,192 images x 2 epochs, 64 steps of 2 x 64 each: epoch 2 lasts long enough for the kill to land in it.
+TRAIN_EXAMPLES = 8192
 EPOCHS = 2
-SMOKE_ACCURACY = 0.95
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +43,7 @@ def runs(ray_cluster, store):
     """Version 1 from 2 workers, which lose their Ray Train workers to SIGKILL after epoch 1 and
     resume from its checkpoint."""
     # Per-worker batch 64 and learning rate 5e-4: the global batch (2 x 64) and rate (2 x 5e-4) of
-    # a 1-worker run's defaults, so the same number of steps (batch normalisation's moving
-    # statistics need a few hundred).
+    # a 1-worker run's defaults.
     argv = [
         "--model_path", str(store), "--smoke-test", "--max-train-examples", str(TRAIN_EXAMPLES),
         "--epochs", str(EPOCHS), "--seed", "1", "--num-workers", "2", "--batch-size", "64",
@@ -100,30 +92,6 @@ def test_robustness_figures_are_in_metrics(published):
     assert metrics["robustness"]["overall"] > 0.5  # a smoke model reads most of them already
 
 
-def test_two_workers_learn_and_do_not_stall(published):
-    metrics = _metrics(published, 1)
-    assert metrics["test_accuracy"] >= SMOKE_ACCURACY
-    assert len(metrics["epoch_s"]) == EPOCHS
-    # A tf.data destructor stall shows up as a multi-second epoch on this small run.
-    assert max(metrics["epoch_s"]) < 4 * min(metrics["epoch_s"]) + 5, metrics["epoch_s"]
-
-
-def test_both_signatures_predict_real_test_digits(published):
-    test = load_mnist().test
-    images, labels = test.images[-500:], test.labels[-500:]  # digits the smoke run never evaluated on
-    loaded = tf.saved_model.load(str(model_store.version_path(published, 1)))
-    assert {"serving_default", "predict_images"} <= set(loaded.signatures)
-
-    default = loaded.signatures["serving_default"](images=tf.constant(images))
-    assert default["probabilities"].shape == (500, 10) and default["classes"].dtype == tf.int64
-    np.testing.assert_allclose(default["probabilities"].numpy().sum(axis=1), 1.0, rtol=1e-5)
-    assert np.mean(default["classes"].numpy() == labels) >= 0.95
-
-    flat = tf.constant(images.reshape(-1, 784).astype(np.float32) / 255.0)
-    scores = loaded.signatures["predict_images"](images=flat)["scores"].numpy()
-    np.testing.assert_array_equal(np.argmax(scores, axis=1), default["classes"].numpy())
-
-
 def test_lost_workers_resume_from_epoch_1_and_publish_once(runs, published):
     """The run lost its Ray Train workers (SIGKILL) after epoch 1's checkpoint: Ray Train started
     new ones, which went on from that checkpoint; one version, no staging left behind."""
@@ -135,22 +103,6 @@ def test_lost_workers_resume_from_epoch_1_and_publish_once(runs, published):
     assert not [p for p in published.iterdir() if p.name.startswith(".staging")]
     for pid in killed:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-
-
-def test_metrics_and_warmup_records_are_parseable(published):
-    version_dir = model_store.version_path(published, 1)
-    metrics = json.loads((version_dir / "assets.extra" / "metrics.json").read_text())
-    for key in ("test_accuracy", "test_loss", "epochs", "workers", "data_source", "git_commit", "created_at"):
-        assert key in metrics
-    records = list(tf.data.TFRecordDataset(str(version_dir / "assets.extra" / "tf_serving_warmup_requests")))
-    assert records
-    signatures = set()
-    for raw in records:
-        log = prediction_log_pb2.PredictionLog.FromString(raw.numpy())
-        assert log.HasField("predict_log")
-        signatures.add(log.predict_log.request.model_spec.signature_name)
-        assert "images" in log.predict_log.request.inputs
-    assert signatures == {"serving_default", "predict_images"}
 
 
 def test_gate_refuses_and_publishes_nothing(published, capsys):
@@ -167,6 +119,8 @@ def test_gate_refuses_and_publishes_nothing(published, capsys):
             "latest",
             "--min-accuracy",
             "0.9999",
+            "--robustness-per-category",
+            "5",
         ]
     )
     assert code == train.EXIT_GATE_REFUSED
