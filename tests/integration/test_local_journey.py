@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
 BIN = Path(sys.executable).parent
 SAMPLES = json.loads((REPO / "data" / "samples.json").read_text())
-HAPROXY_STATE_PREFIX = "/tmp/mnist-ha-"  # ray_app.front_door.new_state_dir: the pipeline's HAProxy state
+HAPROXY_STATE_PREFIX = "/tmp/mnist-ha-"  # client.local.leftovers.new_state_dir: the pipeline's HAProxy state
 
 
 def _env() -> dict[str, str]:
