@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
 BIN = Path(sys.executable).parent
 SAMPLES = json.loads((REPO / "data" / "samples.json").read_text())
-HAPROXY_STATE_PREFIX = "/tmp/mnist-ha-"  # client.local.leftovers.new_state_dir: the pipeline's HAProxy state
+# Where the pipeline's HAProxy keeps its state (client.local.leftovers.new_state_dir).
+HAPROXY_STATE_PREFIX = f"/tmp/{leftovers.STATE_DIR_PREFIX}"
 
 
 def _env() -> dict[str, str]:
