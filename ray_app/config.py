@@ -104,6 +104,17 @@ class Limits(_Strict):
         "offload_threads threads instead of the event loop Serve's servers share with us",
     )
     offload_threads: int = Field(default=1, ge=1, description="threads for that work, per replica")
+    offload_process_min_bytes: int = Field(
+        default=256 * 1024,
+        ge=0,
+        description="REST bodies above this size are decoded in the replica's decoding processes, "
+        "where their parse cannot hold the replica's GIL",
+    )
+    offload_processes: int = Field(
+        default=1,
+        ge=0,
+        description="decoding processes per replica, at the lowest CPU priority (0: none, threads only)",
+    )
 
     @model_validator(mode="after")
     def _budget_holds_one_request(self) -> Limits:

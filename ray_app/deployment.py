@@ -131,6 +131,7 @@ class MnistServer:
         self._backend.observer = self._metrics
         await self._backend.start()
         self._predictor = Predictor(app_config, self._backend, metrics=self._metrics)
+        self._predictor.start_offloading()
         logger.info(
             "serving %r from %s with the %s backend; versions %s",
             app_config.model_name,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ray_app import declared as declared_checks
 from ray_app.backends.base import Backend, VersionState
 from ray_app.batcher import Batcher, BatchItem
 from ray_app.budget import ByteBudget
@@ -24,8 +25,6 @@ from ray_app.decode_pool import DecodePool
 from ray_app.metrics import AppMetrics
 from ray_app.offload import Offloader
 from ray_app.protocol.names import IMAGE_BYTES_INPUT, IMAGE_BYTES_SIGNATURE, IMAGES_INPUT, SERVING_DEFAULT
-from ray_app.protocol.status import ResourceExhaustedError
-from ray_app.protocol.tensors import STRING, element_count
 from ray_app.signatures import IMAGE_BYTES_SPEC, SignatureSpec, lookup
 from ray_app.versions import VersionRouter
 
@@ -79,7 +78,12 @@ class Predictor:
         self._batcher = Batcher(backend, config.backend_timeout_s, metrics)
         limits = config.limits
         self.inflight_bytes = ByteBudget(limits.max_inflight_bytes, limits.retry_after_s)
-        self._offloader = Offloader(limits.offload_threads, limits.offload_min_bytes)
+        self._offloader = Offloader(
+            limits.offload_threads,
+            limits.offload_min_bytes,
+            limits.offload_processes,
+            limits.offload_process_min_bytes,
+        )
 
     # -- configuration -------------------------------------------------------------------------
     def reconfigure(self, live: LiveConfig) -> None:
@@ -96,6 +100,15 @@ class Predictor:
         """``fn(*args)``: CPU work on ``size_bytes`` of request content, off the event loop unless
         it is small (``ray_app.offload``)."""
         return await self._offloader.run(size_bytes, fn, *args)
+
+    async def offload_isolated(self, size_bytes: int, fn, *args):
+        """As :meth:`offload`, in a decoding process when large (``fn``, its arguments and its
+        result pickle)."""
+        return await self._offloader.run_isolated(size_bytes, fn, *args)
+
+    def start_offloading(self) -> None:
+        """Spawns the replica's decoding processes (at its start, not on the first large body)."""
+        self._offloader.start()
 
     # -- versions (ray_app.versions) ------------------------------------------------------------
     @property
@@ -118,13 +131,20 @@ class Predictor:
             specs[IMAGE_BYTES_SIGNATURE] = IMAGE_BYTES_SPEC
         return specs
 
+    def resolve_model(
+        self, model_name: str, version: int | None = None, label: str | None = None
+    ) -> tuple[int, bool]:
+        """The version that answers, and whether the client named it: TF Serving's NOT_FOUND /
+        FAILED_PRECONDITION answers, before any input is read."""
+        self.check_model(model_name, version)
+        return self.resolve_version(version, label)
+
     def resolve(
         self, model_name: str, version: int | None = None, label: str | None = None, signature_name: str = ""
     ) -> Target:
         """Which version and signature answer: TF Serving's NOT_FOUND / INVALID_ARGUMENT /
         FAILED_PRECONDITION answers, before any input is read."""
-        self.check_model(model_name, version)
-        resolved, pinned = self.resolve_version(version, label)
+        resolved, pinned = self.resolve_model(model_name, version, label)
         signature = signature_name or SERVING_DEFAULT
         spec = lookup(self.signatures(resolved), signature)
         return Target(self.config.model_name, resolved, pinned, signature, spec)
@@ -136,43 +156,15 @@ class Predictor:
         declared: Mapping[str, tuple[int, tuple[int, ...]]],
         output_filter: Sequence[str],
     ) -> None:
-        """TF Serving's checks on what a request declares, then the limits, before decoding anything.
-
-        ``declared`` maps each input alias to its ``(DataType, shape)``. Besides the signature
-        (names, dtypes, shapes, output filter) it enforces at most ``max_images_per_request``
-        examples, and that no input decodes to more than ``max_request_bytes`` (a one-value
-        fill or a huge declared shape): RESOURCE_EXHAUSTED.
-        """
-        spec, signature = target.spec, target.signature_name
-        spec.check_input_names(list(declared))
-        for alias in sorted(declared):
-            tf_dtype, shape = declared[alias]
-            spec.check_input(signature, alias, tf_dtype, shape)
-            self._check_size(alias, spec.inputs[alias].dtype, shape)
-        spec.batch_size(signature, {alias: shape for alias, (_, shape) in declared.items()})
-        spec.check_output_filter(output_filter)
-
-    def _check_size(self, alias: str, dtype: np.dtype | None, shape: Sequence[int]) -> None:
-        limits = self.config.limits
-        if shape and shape[0] > limits.max_images_per_request:
-            raise ResourceExhaustedError(
-                f"{shape[0]} images in one request; the limit is {limits.max_images_per_request}",
-                "max_images_per_request",
-            )
-        if dtype is not None and dtype != STRING:
-            need = element_count(shape) * dtype.itemsize
-            if need > limits.max_request_bytes:
-                raise ResourceExhaustedError(
-                    f"input {alias!r} of shape {list(shape)} would take {need} bytes to decode; "
-                    f"the limit is max_request_bytes ({limits.max_request_bytes})",
-                    "max_request_bytes",
-                )
+        """TF Serving's checks on what a request declares, then the limits, before decoding
+        anything (``ray_app.declared.check_declared``)."""
+        declared_checks.check_declared(
+            target.spec, target.signature_name, declared, output_filter, self.config.limits
+        )
 
     def max_elements(self, dtype: np.dtype) -> int:
         """The most elements one decoded input of ``dtype`` may have (see :meth:`check_declared`)."""
-        if dtype == STRING:
-            return self.config.limits.max_images_per_request
-        return self.config.limits.max_request_bytes // np.dtype(dtype).itemsize
+        return declared_checks.max_elements(dtype, self.config.limits)
 
     # -- inference -----------------------------------------------------------------------------
     async def predict(self, request: InferenceRequest, deadline_s: float | None = None) -> InferenceResult:
@@ -204,7 +196,7 @@ class Predictor:
         else:
             size = target.spec.check_inputs(target.signature_name, inputs)
             for alias, array in inputs.items():
-                self._check_size(alias, array.dtype, array.shape)
+                declared_checks.check_size(alias, array.dtype, array.shape, self.config.limits)
             target.spec.check_output_filter(output_filter)
         run_signature, run_inputs = target.signature_name, dict(inputs)
         if run_signature == IMAGE_BYTES_SIGNATURE:

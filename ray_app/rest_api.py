@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from google.protobuf import json_format
 
-from ray_app import grpc_api, json_tensor, rest_bodies
-from ray_app.predictor import InferenceResult, Predictor
-from ray_app.protocol.status import InvalidArgumentError
+from ray_app import grpc_api, rest_bodies, rest_inputs
+from ray_app.predictor import InferenceResult, Predictor, Target
+from ray_app.protocol.status import ServingError
 from ray_app.rest_routes import Route
-from ray_app.signatures import SignatureNotFoundError
+from ray_app.signatures import SignatureSpec, lookup
 
 
 def _output_bytes(result: InferenceResult) -> int:
@@ -30,44 +30,26 @@ async def predict(
 ) -> tuple[str, int, str]:
     """``:predict``: the JSON answer, the version that ran and the signature.
 
-    The body's outline (composites, rows, each input's shape) is checked against the limits and
-    the signature before any conversion; parsing, conversion and rendering of large bodies run
-    off the event loop (``Predictor.offload``). ``deadline_s``: see ``Predictor.run``.
+    The body's outline (composites, rows, each input's shape) is checked against the limits and the
+    signature before any conversion (``ray_app.rest_inputs``); a large body is decoded in the
+    replica's decoding process and rendered off the event loop (``ray_app.offload``).
+    ``deadline_s``: see ``Predictor.run``.
     """
-    limits = predictor.config.limits
-    document, signature = await predictor.offload(
-        len(body), rest_bodies.object_and_signature, body, limits.max_json_composites
-    )
     try:
-        target = predictor.resolve(where.model_name, where.version, where.label, signature)
-    except SignatureNotFoundError as exc:
-        raise InvalidArgumentError(
-            f'Serving signature name: "{exc.signature}" not found in signature def'
-        ) from None
-    if not target.spec.inputs:
-        raise InvalidArgumentError(f"Failed to get input map for signature: {signature or 'DEFAULT'}")
-    has_rows, has_columns = "instances" in document, "inputs" in document
-    if has_rows and has_columns:
-        raise rest_bodies.format_error(
-            body, "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist "
-        )
-    if has_rows:
-        values = rest_bodies.instances(body, document["instances"], target.spec, limits)
-    elif has_columns:
-        values = rest_bodies.columns(document["inputs"], target.spec)
-    else:
-        raise InvalidArgumentError("Missing 'inputs' or 'instances' key")
-    declared = {
-        alias: (target.spec.inputs[alias].tf_dtype, json_tensor.outline(value))
-        for alias, value in values.items()
-    }
-    predictor.check_declared(target, declared, ())
-    inputs = await predictor.offload(
-        len(body), rest_bodies.convert, target.spec, values, predictor.max_elements
+        version, pinned = predictor.resolve_model(where.model_name, where.version, where.label)
+        signatures = predictor.signatures(version)
+        for_decoding: dict[str, SignatureSpec] | ServingError = {
+            name: spec.for_decoding() for name, spec in signatures.items()
+        }
+    except ServingError as exc:  # answered once the body is parsed, as TF Serving does
+        for_decoding = exc
+    decoded = await predictor.offload_isolated(
+        len(body), rest_inputs.decode, body, for_decoding, predictor.config.limits
     )
-    del document, values  # the parsed document can be freed while the model runs
-    result = await predictor.run(target, inputs, declared_checked=True, deadline_s=deadline_s)
-    text = await predictor.offload(_output_bytes(result), rest_bodies.to_json, result.outputs, has_rows)
+    spec = lookup(signatures, decoded.signature_name)
+    target = Target(predictor.config.model_name, version, pinned, decoded.signature_name, spec)
+    result = await predictor.run(target, decoded.inputs, declared_checked=True, deadline_s=deadline_s)
+    text = await predictor.offload(_output_bytes(result), rest_bodies.to_json, result.outputs, decoded.rows)
     return text, result.version, result.signature_name
 
 

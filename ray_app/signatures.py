@@ -17,7 +17,7 @@ reproduced; ours name the input and the expected shape, with the same code).
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -88,6 +88,11 @@ class SignatureSpec:
             method_name=signature_def.method_name,
             signature_def=signature_def,
         )
+
+    def for_decoding(self) -> SignatureSpec:
+        """The spec without the model's SignatureDef: what decoding a request needs, and cheap to
+        send to another process (unpickling the SignatureDef there would import TensorFlow)."""
+        return replace(self, signature_def=None)
 
     def to_signature_def(self) -> meta_graph_pb2.SignatureDef:
         """The SignatureDef metadata answers show: the model's own when known."""

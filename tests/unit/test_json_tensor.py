@@ -50,7 +50,9 @@ ATTACKS = {
 
 
 def _predictor() -> Predictor:
-    predictor = Predictor(AppConfig(), StaticBackend(versions=(1,)), rng=random.Random(0))
+    """Decoding in this process (no decoding processes), where tracemalloc sees what it costs."""
+    config = AppConfig(limits={"offload_processes": 0})
+    predictor = Predictor(config, StaticBackend(versions=(1,)), rng=random.Random(0))
     predictor.reconfigure(LiveConfig())
     return predictor
 

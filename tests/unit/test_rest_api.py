@@ -192,6 +192,14 @@ def test_model_version_and_label_errors() -> None:
     )
 
 
+def test_a_malformed_body_is_reported_before_an_unknown_model() -> None:
+    """TF Serving asks for the model's signatures (``get_tensorinfo_map``) only once the document
+    is parsed and names its signature, so a malformed body to an unknown model gets the JSON error."""
+    assert _error(b"{not json", Route("predict", "other")).message.startswith("JSON Parse error")
+    assert _error(b"[1]", Route("predict", "mnist", 5)).message == "JSON Value: [1] Is not object"
+    assert _error({"instances": [1]}, Route("predict", "mnist", 5)).code is StatusCode.NOT_FOUND
+
+
 def test_status_and_metadata_json_as_tf_serving_writes_them() -> None:
     status = json.loads(rest_api.status(_predictor(), Route("status", "mnist", 2)))
     assert status == {
