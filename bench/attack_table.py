@@ -99,8 +99,16 @@ def _grpc_raw(channel: grpc.Channel, payload: bytes, timeout_s: float = 30.0) ->
 
 
 # -- what is measured beside each attack ---------------------------------------------------------
+def _rss(process: psutil.Process) -> int:
+    try:
+        return process.memory_info().rss
+    except psutil.Error:  # ended meanwhile
+        return 0
+
+
 class ReplicaMemory:
-    """Samples the RSS of the given replica processes every 20 ms, in a thread."""
+    """Samples the RSS of the given replica processes (each with its children) every 20 ms, in a
+    thread."""
 
     def __init__(self, pids: list[int]) -> None:
         self._processes = [psutil.Process(pid) for pid in pids]
@@ -112,10 +120,12 @@ class ReplicaMemory:
         self._thread = threading.Thread(target=self._sample, name="rss", daemon=True)
 
     def rss(self) -> dict[int, int]:
+        """Each replica's RSS with its children's (its decoding process: ``ray_app.offload``)."""
         now = {}
         for process in self._processes:
             with contextlib.suppress(psutil.Error):
-                now[process.pid] = process.memory_info().rss
+                tree = [process, *process.children(recursive=True)]
+                now[process.pid] = sum(_rss(member) for member in tree)
         return now
 
     def _sample(self) -> None:
@@ -199,9 +209,8 @@ class NormalClient:
 
 # -- the table -----------------------------------------------------------------------------------
 def attacks(http_port: int, channel: grpc.Channel) -> dict[str, Callable[[], str]]:
-    """Each attack of the table as a callable that sends it once and returns its answer."""
-    from bench.slow_clients import Target, attack_in_another_process
-
+    """Each request attack of the table as a callable that sends it once and returns its answer
+    (the slow connections are ``slow_connections``)."""
     table: dict[str, Callable[[], str]] = {}
     bodies = rest_bodies()
     for name, body in bodies.items():
@@ -222,44 +231,107 @@ def attacks(http_port: int, channel: grpc.Channel) -> dict[str, Callable[[], str
             thread.join()
         return ", ".join(f"{answers.count(a)}x {a}" for a in sorted(set(answers)))
 
-    table[f"{CONCURRENT_BODIES} concurrent REST bodies of 7 MiB (the first kind)"] = concurrent
-
-    def slow() -> str:
-        target = Target("127.0.0.1", http_port)
-        with attack_in_another_process(target, SLOW_CONNECTIONS, "http", SLOW_HOLD_S) as counters:
-            time.sleep(SLOW_HOLD_S + 0.5)
-        return f"held {SLOW_HOLD_S:g} s; {json.dumps(counters)}"
-
-    table[f"{SLOW_CONNECTIONS} HTTP connections sending headers and 1 byte of a 1,000-byte body"] = slow
+    table[CONCURRENT_NAME] = concurrent
     return table
 
 
-def measure(grpc_target: str, http_port: int, replica_pids: list[int], repeat: int) -> dict:
+CONCURRENT_NAME = f"{CONCURRENT_BODIES} concurrent REST bodies of 7 MiB (the first kind)"
+SLOW_NAME = f"{SLOW_CONNECTIONS} HTTP connections sending headers and 1 byte of a 1,000-byte body"
+
+
+def slow_connections(http_port: int) -> str:
+    from bench.slow_clients import Target, attack_in_another_process
+
+    target = Target("127.0.0.1", http_port)
+    with attack_in_another_process(target, SLOW_CONNECTIONS, "http", SLOW_HOLD_S) as counters:
+        time.sleep(SLOW_HOLD_S + 0.5)
+    return f"held {SLOW_HOLD_S:g} s; {json.dumps(counters)}"
+
+
+# The attacker's process: one per run, the table built once in it.
+_ATTACKS: dict[str, Callable[[], str]] = {}
+
+
+def _start_attacker(http_port: int, grpc_target: str) -> None:
+    channel = grpc.insecure_channel(grpc_target, options=[("grpc.max_send_message_length", -1)])
+    _ATTACKS.update(attacks(http_port, channel))
+
+
+def _send_attack(name: str) -> tuple[str, float, float]:
+    start = time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process of the machine
+    answer = _ATTACKS[name]()
+    return answer, start, time.monotonic()
+
+
+class Attacker:
+    """The attacks, sent from a process of their own. An attacker is another client (another
+    machine): in the measuring process, its threads would take the normal client's GIL, and their
+    Python time would read as the server's. It still shares this machine's cores."""
+
+    def __init__(self, http_port: int, grpc_target: str) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self._pool = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_attacker,
+            initargs=(http_port, grpc_target),
+        )
+        self.http_port = http_port
+
+    def send(self, name: str) -> tuple[str, float, float]:
+        """Sends one attack; its answer, and when it started and ended (time.monotonic)."""
+        if name == SLOW_NAME:
+            start = time.monotonic()
+            return slow_connections(self.http_port), start, time.monotonic()
+        return self._pool.submit(_send_attack, name).result(timeout=600)
+
+    def __enter__(self) -> Attacker:
+        self._pool.submit(time.monotonic).result(timeout=120)  # started, its payloads built
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def attack_names() -> list[str]:
+    """The table's rows, in its order."""
+    bodies = list(rest_bodies())
+    return [*bodies, "gRPC uint8 input sent as 7M int_val varints", CONCURRENT_NAME, SLOW_NAME]
+
+
+def measure(
+    grpc_target: str, http_port: int, replica_pids: list[int], repeat: int, only: str | None = None
+) -> dict:
     from bench.loadgen import build_requests
 
     request = build_requests("mnist", 1, count=1)[0][0].SerializeToString()
+    names = [name for name in attack_names() if only is None or only.lower() in name.lower()]
     results: dict[str, Any] = {}
-    with grpc.insecure_channel(grpc_target) as channel, ReplicaMemory(replica_pids) as memory:
-        with NormalClient(channel, request) as normal:
-            time.sleep(2.0)  # warm-up
-            start = time.monotonic()
-            time.sleep(QUIET_S)
-            results["none (the normal client alone)"] = {"normal": normal.between(start, time.monotonic())}
-            for name, send in attacks(http_port, channel).items():
-                runs = []
-                for _ in range(repeat):
-                    with memory.growth() as grown:
-                        start = time.monotonic()
-                        answer = send()
-                        end = time.monotonic()
-                    runs.append({"answer": answer, "time_s": round(end - start, 2), **grown,
-                                 "normal": normal.between(start, end)})  # fmt: skip
-                    time.sleep(1.0)
-                results[name] = _summary(runs)
-                print(f"  {name}: {results[name]['summary']}", flush=True)
-            start = time.monotonic()
-            time.sleep(QUIET_S)
-            results["none, after the attacks"] = {"normal": normal.between(start, time.monotonic())}
+    with (
+        Attacker(http_port, grpc_target) as attacker,
+        grpc.insecure_channel(grpc_target) as channel,
+        ReplicaMemory(replica_pids) as memory,
+        NormalClient(channel, request) as normal,
+    ):
+        time.sleep(2.0)  # warm-up
+        start = time.monotonic()
+        time.sleep(QUIET_S)
+        results["none (the normal client alone)"] = {"normal": normal.between(start, time.monotonic())}
+        for name in names:
+            runs = []
+            for _ in range(repeat):
+                with memory.growth() as grown:
+                    answer, start, end = attacker.send(name)
+                runs.append({"answer": answer, "time_s": round(end - start, 2), **grown,
+                             "normal": normal.between(start, end)})  # fmt: skip
+                time.sleep(1.0)
+            results[name] = _summary(runs)
+            print(f"  {name}: {results[name]['summary']}", flush=True)
+        start = time.monotonic()
+        time.sleep(QUIET_S)
+        results["none, after the attacks"] = {"normal": normal.between(start, time.monotonic())}
     return results
 
 
@@ -290,6 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-name", default="mnist")
     parser.add_argument("--variants", nargs="+", default=["ray-haproxy", "ray-haproxy-edge"])
     parser.add_argument("--repeat", type=int, default=3, help="times each attack is sent")
+    parser.add_argument("--only", default=None, help="only the attacks whose name holds this text")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -312,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
             if running.edge_pids is not None:  # the edge's own HTTP port is where clients go
                 http_port = running.notes["edge_http_port"]
             results["variants"][name] = measure(
-                running.target, http_port, replica_pids(running.sid), args.repeat
+                running.target, http_port, replica_pids(running.sid), args.repeat, args.only
             )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -4,7 +4,9 @@ The replica's request path (``MnistServer.Predict`` / ``rest_v1`` of ``ray_app.d
 predictor, the byte budget, the offload threads) runs on one event loop, as it does beside Serve's
 own servers with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``; the model is a stand-in that answers at once
 (this measures what request handling costs the loop, not the model). Variants: no attackers; the
-attackers with offloading on (``offload_min_bytes`` 64 KiB); offloading off (everything inline).
+attackers with large bodies decoded in the decoding process (``offload_processes`` 1, bodies of
+256 KiB and more), on the offload threads only (``offload_min_bytes`` 64 KiB), or everything
+inline.
 
     .venv/bin/python -m bench.loop_stall --seconds 10 --attackers 4
 """
@@ -95,7 +97,7 @@ class _Context:
         return []
 
 
-def _server(offload_min_bytes: int):
+def _server(offload_min_bytes: int, processes: int):
     from ray import serve
 
     from ray_app.deployment import MnistServer
@@ -104,10 +106,15 @@ def _server(offload_min_bytes: int):
 
     replica = type("Replica", (), {"_deployment_config": type("C", (), {"max_ongoing_requests": 1024})()})()
     serve.get_replica_context = lambda: replica  # @serve.batch outside a replica (as the unit tests do)
-    limits = {"offload_min_bytes": offload_min_bytes, "max_inflight_bytes": 64 * MiB}
+    limits = {
+        "offload_min_bytes": offload_min_bytes,
+        "offload_processes": processes,
+        "max_inflight_bytes": 64 * MiB,
+    }
     cls = MnistServer.func_or_class
     server = cls.__new__(cls)
     server._metrics = AppMetrics("mnist")
+    server._auth = None  # tokens off, as in local.yaml
     server._predictor = Predictor(AppConfig(limits=limits), _InstantModel(), rng=random.Random(0))
     server._predictor.reconfigure(LiveConfig())
     return cls, server
@@ -131,8 +138,12 @@ def _rest_request(body: bytes) -> Request:
     return Request(scope, receive)
 
 
-async def _run(seconds: float, attackers: int, body: bytes | None, offload_min_bytes: int) -> dict:
-    cls, server = _server(offload_min_bytes)
+async def _run(
+    seconds: float, attackers: int, body: bytes | None, offload_min_bytes: int, processes: int
+) -> dict:
+    cls, server = _server(offload_min_bytes, processes)
+    server._predictor.start_offloading()
+    await asyncio.sleep(2.0 if processes else 0.0)  # the decoding process started
     raw = predict_pb2.PredictRequest(
         model_spec={"name": "mnist"}, inputs={"images": from_ndarray(np.zeros((1, 28, 28), np.uint8))}
     ).SerializeToString()
@@ -172,12 +183,16 @@ def main(argv: list[str] | None = None) -> None:
         "| attack bodies | offload | normal 1-image gRPC p50 / p99 ms | normal requests | attack requests |"
     )
     print("|---|---|---|---|---|")
-    variants = [("none", None, 64 * 1024)]
+    off = 1 << 40
+    variants = [("none", None, 64 * 1024, 0, "-")]
     for name, body in ATTACK_BODIES.items():
-        variants += [(name, body, 64 * 1024), (name, body, 1 << 40)]
-    for name, body, offload in variants:
-        result = asyncio.run(_run(args.seconds, args.attackers, body, offload))
-        where = "-" if body is None else ("on (>= 64 KiB)" if offload < 1 << 40 else "off (inline)")
+        variants += [
+            (name, body, 64 * 1024, 1, "process (>= 256 KiB)"),
+            (name, body, 64 * 1024, 0, "threads (>= 64 KiB)"),
+            (name, body, off, 0, "off (inline)"),
+        ]
+    for name, body, offload, processes, where in variants:
+        result = asyncio.run(_run(args.seconds, args.attackers, body, offload, processes))
         print(
             f"| {name} x{args.attackers if body else 0} | {where} | {result['p50_ms']:.2f} / {result['p99_ms']:.2f} "
             f"| {result['requests']} | {result['attack_requests']} |",
