@@ -216,7 +216,7 @@ def attacks(http_port: int, channel: grpc.Channel) -> dict[str, Callable[[], str
     for name, body in bodies.items():
         table[name] = lambda body=body: _post(http_port, body)
     int_val = grpc_int_val_request()
-    table["gRPC uint8 input sent as 7M int_val varints"] = lambda: _grpc_raw(channel, int_val)
+    table[INT_VAL_NAME] = lambda: _grpc_raw(channel, int_val)
     first = next(iter(bodies.values()))
 
     def concurrent() -> str:
@@ -235,6 +235,7 @@ def attacks(http_port: int, channel: grpc.Channel) -> dict[str, Callable[[], str
     return table
 
 
+INT_VAL_NAME = "gRPC uint8 input sent as 7M int_val varints"
 CONCURRENT_NAME = f"{CONCURRENT_BODIES} concurrent REST bodies of 7 MiB (the first kind)"
 SLOW_NAME = f"{SLOW_CONNECTIONS} HTTP connections sending headers and 1 byte of a 1,000-byte body"
 
@@ -298,7 +299,7 @@ class Attacker:
 def attack_names() -> list[str]:
     """The table's rows, in its order."""
     bodies = list(rest_bodies())
-    return [*bodies, "gRPC uint8 input sent as 7M int_val varints", CONCURRENT_NAME, SLOW_NAME]
+    return [*bodies, INT_VAL_NAME, CONCURRENT_NAME, SLOW_NAME]
 
 
 def measure(

@@ -29,3 +29,13 @@ def test_the_grpc_attack_is_a_uint8_image_with_extra_int_vals():
     tensor = request.inputs["images"]
     assert [d.size for d in tensor.tensor_shape.dim] == [1, 28, 28]
     assert len(tensor.int_val) == 1000
+
+
+def test_the_table_rows_are_the_attacks_sent_from_the_attacker_process_and_the_slow_connections() -> None:
+    import grpc
+
+    from bench.attack_table import SLOW_NAME, attack_names, attacks
+
+    with grpc.insecure_channel("127.0.0.1:1") as channel:  # never used: nothing is sent
+        sent = attacks(1, channel)
+    assert [*sent, SLOW_NAME] == attack_names()
