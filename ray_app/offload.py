@@ -33,20 +33,20 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
+from ray_app.parent_death import die_with_parent
 from ray_app.protocol.status import ResourceExhaustedError
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 PROCESS_NICE = 19  # the lowest priority: a large body's decoding gives way to everything else
-_PR_SET_PDEATHSIG = 1
 
 
 def _start_child(parent_pid: int) -> None:
     """A decoding process's start: it ends with the replica, even one killed with SIGKILL
     (``PR_SET_PDEATHSIG``), and runs at the lowest priority."""
     if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        die_with_parent(signal.SIGKILL)
     if os.getppid() != parent_pid:  # the replica ended before the line above
         os._exit(0)
     with contextlib.suppress(OSError):

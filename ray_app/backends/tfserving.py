@@ -15,8 +15,6 @@ when the replica shuts down. With ``num_gpus: 1`` on the replica, each child own
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import functools
 import logging
 import os
 import shutil
@@ -24,13 +22,14 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 from ray_app import model_store
 from ray_app.backends.base import desired_versions
 from ray_app.backends.remote import RemoteBackend
 from ray_app.config import AppConfig
+from ray_app.parent_death import parent_death_hook
 from ray_app.protocol.protos import model_management_pb2, model_server_config_pb2
 from ray_app.protocol.status import UnavailableError
 
@@ -51,13 +50,6 @@ def model_server_config(config: AppConfig, specific_versions: Iterable[int]):
     server_config = model_server_config_pb2.ModelServerConfig()
     server_config.model_config_list.config.append(model)
     return server_config
-
-
-def _die_with_parent_hook() -> Callable[[], None]:
-    """The child's ``preexec_fn``: PR_SET_PDEATHSIG, so no server is orphaned if the replica dies.
-    libc is loaded here, in the parent: between fork and exec the child only makes the call."""
-    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    return functools.partial(prctl, 1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def build_command(config: AppConfig, binary: str, socket_path: Path, config_file: Path) -> list[str]:
@@ -120,7 +112,8 @@ class TFServingBackend(RemoteBackend):
         self._config_file.write_text(str(model_server_config(self._config, self._specific)))
         command = build_command(self._config, binary, socket_path, self._config_file)
         logger.info("starting %s", " ".join(command))
-        hook = _die_with_parent_hook()  # fork+exec of a large replica process: off the event loop
+        hook = parent_death_hook(signal.SIGTERM)  # no server orphaned if the replica dies
+        # fork+exec of a large replica process: off the event loop
         self._process = await asyncio.to_thread(subprocess.Popen, command, preexec_fn=hook)
         if self._channel is not None:
             await self._channel.close()

