@@ -75,9 +75,7 @@ class Offloader:
     """Runs ``fn(*args)`` inline when ``size_bytes`` is small, else on its own threads, or (with
     :meth:`run_isolated`, larger still) in its own processes."""
 
-    def __init__(
-        self, threads: int, min_bytes: int, processes: int = 0, process_min_bytes: int | None = None
-    ) -> None:
+    def __init__(self, threads: int, min_bytes: int, processes: int = 0, process_min_bytes: int = 0) -> None:
         self.min_bytes = min_bytes
         self.process_min_bytes = process_min_bytes
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="offload")
@@ -109,7 +107,7 @@ class Offloader:
         """``fn(*args)`` in a decoding process when ``size_bytes`` is at least
         ``process_min_bytes``, else as :meth:`run`. ``fn`` is a module-level function whose
         arguments, result and exceptions pickle."""
-        if not self._processes or self.process_min_bytes is None or size_bytes < self.process_min_bytes:
+        if not self._processes or size_bytes < self.process_min_bytes:
             return await self.run(size_bytes, fn, *args)
         self.start()
         pool = self._process_pool
