@@ -10,8 +10,9 @@ the parse. Two ways off the loop, by size:
   request.
 - a REST body above ``offload_process_min_bytes`` is decoded in the replica's decoding processes
   (``offload_processes``, spawned at start). Their parse holds no lock of the replica's, and they
-  run at the lowest CPU priority (nice 19), so on a busy node small requests go first. A process
-  that dies (a body that ran it out of memory) fails only its request, and is replaced.
+  run at the lowest CPU priority (nice 19 and Linux's ``SCHED_IDLE``, below every nice level), so
+  on a busy node small requests go first. A process that dies (a body that ran it out of memory)
+  fails only its request, and is replaced.
 
 The queue in front of both pools is bounded by the in-flight byte budget (``ray_app.budget``):
 every queued item holds its request's reservation. bench/README.md measures both.
@@ -44,13 +45,17 @@ PROCESS_NICE = 19  # the lowest priority: a large body's decoding gives way to e
 
 def _start_child(parent_pid: int) -> None:
     """A decoding process's start: it ends with the replica, even one killed with SIGKILL
-    (``PR_SET_PDEATHSIG``), and runs at the lowest priority."""
+    (``PR_SET_PDEATHSIG``), and runs at the lowest priority: nice 19, and ``SCHED_IDLE``, whose
+    scheduler weight is a fifth of nice 19's (3 against 15; nice 15, a Ray worker's, is 36), so
+    it gets CPU time mostly when nothing else wants it (measured in bench/README.md)."""
     if sys.platform.startswith("linux"):
         die_with_parent(signal.SIGKILL)
     if os.getppid() != parent_pid:  # the replica ended before the line above
         os._exit(0)
     with contextlib.suppress(OSError):
         os.nice(max(0, PROCESS_NICE - os.nice(0)))
+    with contextlib.suppress(OSError, AttributeError):  # Linux: below every nice level
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def _call_in_child(fn: Callable[..., T], *args: Any) -> T:
