@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import http.client
 import json
+import os
 import statistics
 import tempfile
 import threading
@@ -253,7 +254,9 @@ def slow_connections(http_port: int) -> str:
 _ATTACKS: dict[str, Callable[[], str]] = {}
 
 
-def _start_attacker(http_port: int, grpc_target: str) -> None:
+def _start_attacker(http_port: int, grpc_target: str, nice: int = 0) -> None:
+    if nice:
+        os.nice(nice)
     channel = grpc.insecure_channel(grpc_target, options=[("grpc.max_send_message_length", -1)])
     _ATTACKS.update(attacks(http_port, channel))
 
@@ -267,9 +270,11 @@ def _send_attack(name: str) -> tuple[str, float, float]:
 class Attacker:
     """The attacks, sent from a process of their own. An attacker is another client (another
     machine): in the measuring process, its threads would take the normal client's GIL, and their
-    Python time would read as the server's. It still shares this machine's cores."""
+    Python time would read as the server's. It still shares this machine's cores; ``nice`` (a
+    diagnostic, not the table's way) lowers its priority, to see how much of what the normal
+    client feels is the attacker's own CPU, which another machine would pay."""
 
-    def __init__(self, http_port: int, grpc_target: str) -> None:
+    def __init__(self, http_port: int, grpc_target: str, nice: int = 0) -> None:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
@@ -277,7 +282,7 @@ class Attacker:
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_attacker,
-            initargs=(http_port, grpc_target),
+            initargs=(http_port, grpc_target, nice),
         )
         self.http_port = http_port
 
@@ -303,7 +308,12 @@ def attack_names() -> list[str]:
 
 
 def measure(
-    grpc_target: str, http_port: int, replica_pids: list[int], repeat: int, only: str | None = None
+    grpc_target: str,
+    http_port: int,
+    replica_pids: list[int],
+    repeat: int,
+    only: str | None = None,
+    attacker_nice: int = 0,
 ) -> dict:
     from bench.loadgen import build_requests
 
@@ -311,7 +321,7 @@ def measure(
     names = [name for name in attack_names() if only is None or only.lower() in name.lower()]
     results: dict[str, Any] = {}
     with (
-        Attacker(http_port, grpc_target) as attacker,
+        Attacker(http_port, grpc_target, attacker_nice) as attacker,
         grpc.insecure_channel(grpc_target) as channel,
         ReplicaMemory(replica_pids) as memory,
         NormalClient(channel, request) as normal,
@@ -364,6 +374,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=["ray-haproxy", "ray-haproxy-edge"])
     parser.add_argument("--repeat", type=int, default=3, help="times each attack is sent")
     parser.add_argument("--only", default=None, help="only the attacks whose name holds this text")
+    parser.add_argument(
+        "--attacker-nice",
+        type=int,
+        default=0,
+        help="diagnostic: the attacker's process at this nice increment (0: the table's way)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -377,7 +393,12 @@ def main(argv: list[str] | None = None) -> None:
         ready_timeout_s=240.0,
         keep_ray_tmp=False,
     )
-    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "repeat": args.repeat, "variants": {}}
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "repeat": args.repeat,
+        "attacker_nice": args.attacker_nice,
+        "variants": {},
+    }
     for name in args.variants:
         print(f"{name}:", flush=True)
         workdir = Path(tempfile.mkdtemp(prefix="attack-table-"))
@@ -386,7 +407,12 @@ def main(argv: list[str] | None = None) -> None:
             if running.edge_pids is not None:  # the edge's own HTTP port is where clients go
                 http_port = running.notes["edge_http_port"]
             results["variants"][name] = measure(
-                running.target, http_port, replica_pids(running.sid), args.repeat, args.only
+                running.target,
+                http_port,
+                replica_pids(running.sid),
+                args.repeat,
+                args.only,
+                args.attacker_nice,
             )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
