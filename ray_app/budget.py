@@ -1,15 +1,18 @@
 """The in-flight byte budget of one replica: request bytes held at once, HTTP and gRPC together.
 
-Each request reserves its size before its body is read or its message parsed (HTTP: the declared
-``Content-Length``, or ``max_request_bytes`` when a chunked body declares none; gRPC: the message
-length) and returns it when answered. A request that does not fit is refused at once with
+A gRPC message reserves its length before it is parsed (it has arrived whole). An HTTP body pays
+for its bytes as they arrive (:meth:`ByteBudget.metered`), so a request that declares a large
+``Content-Length`` and then sends little holds only what it sent: a few slow uploads cannot take
+the budget from everyone else. Its declared length is still checked first against what is free
+(:meth:`ByteBudget.check_free`): a body that could not fit is refused before a byte is read. What
+is held is returned when the request is answered. A request that does not fit is refused with
 RESOURCE_EXHAUSTED (HTTP 429) and ``Retry-After``: a client retries later, the replica's memory
 stays bounded by the budget times what a byte may cost to parse (docs/limits.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 from ray_app.protocol.status import ResourceExhaustedError
@@ -25,9 +28,8 @@ class ByteBudget:
         self.retry_after_s = retry_after_s
         self.in_use = 0
 
-    @contextmanager
-    def hold(self, size: int) -> Iterator[None]:
-        """Reserve ``size`` bytes for the ``with`` block; RESOURCE_EXHAUSTED when they do not fit."""
+    def check_free(self, size: int) -> None:
+        """RESOURCE_EXHAUSTED unless ``size`` more bytes fit now (nothing is reserved)."""
         size = max(0, int(size))
         if size and self.in_use + size > self.max_bytes:
             raise ResourceExhaustedError(
@@ -36,8 +38,38 @@ class ByteBudget:
                 LIMIT_NAME,
                 retry_after_s=self.retry_after_s,
             )
+
+    @contextmanager
+    def hold(self, size: int) -> Iterator[None]:
+        """Reserve ``size`` bytes for the ``with`` block; RESOURCE_EXHAUSTED when they do not fit."""
+        size = max(0, int(size))
+        self.check_free(size)
         self.in_use += size
         try:
             yield
         finally:
             self.in_use -= size
+
+    @contextmanager
+    def metered(
+        self, stream: AsyncIterator[bytes], declared_bytes: int = 0
+    ) -> Iterator[AsyncIterator[bytes]]:
+        """``stream`` paying for each chunk as it arrives (RESOURCE_EXHAUSTED at the first that does
+        not fit); everything it paid is returned when the ``with`` block ends. Before the first
+        chunk is awaited, ``declared_bytes`` (the body's ``Content-Length``) must be free: a body
+        that could not fit is refused before a byte of it is read."""
+        held = 0
+
+        async def paying() -> AsyncIterator[bytes]:
+            nonlocal held
+            self.check_free(declared_bytes)
+            async for chunk in stream:
+                self.check_free(len(chunk))
+                self.in_use += len(chunk)
+                held += len(chunk)
+                yield chunk
+
+        try:
+            yield paying()
+        finally:
+            self.in_use -= held

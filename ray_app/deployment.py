@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -253,12 +254,13 @@ class MnistServer:
                 answer = Response(rest_api.metadata(self._predictor, where), media_type=_JSON)
                 self._observe("rest", method, started_s, answer)
                 return answer
-            limit = self._predictor.config.limits.max_request_bytes
-            with self._predictor.inflight_bytes.hold(request_body.reserved_bytes(request.headers, limit)):
+            limit, budget = self._predictor.config.limits.max_request_bytes, self._predictor.inflight_bytes
+            declared = request_body.declared_bytes(request.headers, limit)
+            with budget.metered(request.stream(), declared) as stream:  # held as they arrive, not as declared
                 if where.kind == "predict" and uploads.is_multipart(request.headers.get("content-type")):
-                    text, version, signature = await self._upload_predict(request, where, deadline_s)
+                    text, version, signature = await self._upload_predict(request, where, stream, deadline_s)
                 else:
-                    body = await request_body.read_body(request.headers, request.stream(), limit)
+                    body = await request_body.read_body(request.headers, stream, limit)
                     if where.kind != "predict":
                         rest_api.examples_request(self._predictor, where, body)
                     text, version, signature = await rest_api.predict(
@@ -270,10 +272,12 @@ class MnistServer:
         self._observe("rest", method, started_s, text, version, signature)
         return Response(text, media_type=_JSON, headers={MODEL_VERSION_HEADER: str(version)})
 
-    async def _upload_predict(self, request: Request, where: Any, deadline_s: float) -> tuple[str, int, str]:
+    async def _upload_predict(
+        self, request: Request, where: Any, stream: AsyncIterator[bytes], deadline_s: float
+    ) -> tuple[str, int, str]:
         """Multipart image files -> ``predict_image_bytes`` (our addition; see ``ray_app.uploads``)."""
         self._predictor.check_model(where.model_name)  # before reading the body
-        images = await uploads.read_images(request.headers, request.stream(), self._predictor.config.limits)
+        images = await uploads.read_images(request.headers, stream, self._predictor.config.limits)
         result = await self._predictor.predict(
             uploads.image_request(where.model_name, images, where.version, where.label), deadline_s=deadline_s
         )
@@ -285,9 +289,9 @@ class MnistServer:
     async def rest_v2(self, request: Request) -> Response:
         started_s = time.perf_counter()
         raw_path = (request.scope.get("raw_path") or request.url.path.encode()).decode("latin-1")
-        answer = await oip_rest.handle(
-            self._predictor, request.method, raw_path, request.headers, request.stream()
-        )
+        declared = request_body.declared_or_zero(request.headers)  # a bad one: oip_rest's own error
+        with self._predictor.inflight_bytes.metered(request.stream(), declared) as stream:
+            answer = await oip_rest.handle(self._predictor, request.method, raw_path, request.headers, stream)
         if answer.error is not None:
             _log_unexpected(answer.error)
         outcome = answer.error if answer.error is not None else answer

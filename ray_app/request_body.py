@@ -24,12 +24,19 @@ def check_declared_length(headers: Mapping[str, str], max_bytes: int) -> None:
         )
 
 
-def reserved_bytes(headers: Mapping[str, str], max_bytes: int) -> int:
-    """What a body may hold, for the in-flight budget before it is read: its declared
-    ``Content-Length`` (checked first), or ``max_bytes`` when it declares none (chunked)."""
+def declared_bytes(headers: Mapping[str, str], max_bytes: int) -> int:
+    """A body's declared ``Content-Length`` (checked first against ``max_bytes``), 0 when it
+    declares none (chunked): what the in-flight budget must have free before the body is read."""
     check_declared_length(headers, max_bytes)
     declared = headers.get("content-length")
-    return int(declared) if declared is not None else max_bytes
+    return int(declared) if declared is not None else 0
+
+
+def declared_or_zero(headers: Mapping[str, str]) -> int:
+    """The declared ``Content-Length`` when it is a number, else 0 (for the in-flight budget only:
+    the body's reader refuses a malformed one with its own error)."""
+    declared = (headers.get("content-length") or "").strip()
+    return int(declared) if declared.isascii() and declared.isdigit() else 0
 
 
 async def limited(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:

@@ -77,12 +77,19 @@ def _server(max_inflight_bytes: int) -> object:
     return server
 
 
-def _rest(body: bytes, received: list[int], release: asyncio.Event | None = None) -> Request:
+def _rest(
+    body: bytes, received: list[int], release: asyncio.Event | None = None, sent_first: int = 0
+) -> Request:
+    """A REST request whose body arrives in two chunks, ``sent_first`` bytes and the rest; with
+    ``release``, the rest waits for it (a slow client)."""
+    chunks = [body[:sent_first], body[sent_first:]] if sent_first else [body]
+
     async def receive():
         received.append(1)
-        if release is not None:
+        if release is not None and len(received) == len(chunks):
             await release.wait()
-        return {"type": "http.request", "body": body, "more_body": False}
+        chunk = chunks[len(received) - 1]
+        return {"type": "http.request", "body": chunk, "more_body": len(received) < len(chunks)}
 
     scope = {
         "type": "http",
@@ -104,11 +111,12 @@ def test_requests_beyond_the_budget_are_refused_before_being_read_or_parsed() ->
 
     async def main():
         release, slow_received = asyncio.Event(), []
-        slow = asyncio.ensure_future(
-            cls.rest_v1(server, _rest(body, slow_received, release), "models/mnist:predict")
+        slow = asyncio.ensure_future(  # all but the last byte of its body arrive, then it waits
+            cls.rest_v1(server, _rest(body, slow_received, release, len(body) - 1), "models/mnist:predict")
         )
-        while not slow_received:  # the first request holds its share while its body arrives
+        while len(slow_received) < 2:  # the first request holds what arrived while the rest is awaited
             await asyncio.sleep(0)
+        assert server._predictor.inflight_bytes.in_use == len(body) - 1
         refused_received: list[int] = []
         refused = await cls.rest_v1(server, _rest(body, refused_received), "models/mnist:predict")
         context = _Context()
@@ -128,6 +136,76 @@ def test_requests_beyond_the_budget_are_refused_before_being_read_or_parsed() ->
     assert context.trailing == [("request_id", "r1"), ("retry-after", "1")]
     assert not refused_grpc.outputs
     assert answered.status_code == 200 and after.status_code == 200  # freed once answered
+    assert server._predictor.inflight_bytes.in_use == 0
+
+
+def test_a_body_that_declares_much_and_sends_little_holds_only_what_arrived() -> None:
+    """Slow uploads cannot take the budget from everyone else: one that declares a body as large as
+    the whole budget and sends a byte of it holds one byte; other requests are answered."""
+    cls = MnistServer.func_or_class
+    body = json.dumps({"instances": IMAGE.tolist()}).encode()
+    raw = predict_pb2.PredictRequest(model_spec={"name": "mnist"}, inputs={"images": from_ndarray(IMAGE)})
+    server = _server(max_inflight_bytes=3000)
+    declared = b'{"instances": ' + b" " * (3000 - 15) + b"}"  # a valid body of exactly the budget
+
+    async def main():
+        release, slow_received = asyncio.Event(), []
+        slow = asyncio.ensure_future(
+            cls.rest_v1(server, _rest(declared, slow_received, release, 1), "models/mnist:predict")
+        )
+        while len(slow_received) < 2:
+            await asyncio.sleep(0)
+        held = server._predictor.inflight_bytes.in_use
+        others = [await cls.rest_v1(server, _rest(body, []), "models/mnist:predict") for _ in range(3)]
+        context = _Context()
+        answered_grpc = await cls.Predict(server, raw.SerializeToString(), context)
+        release.set()
+        await slow
+        return held, others, context, answered_grpc
+
+    held, others, context, answered_grpc = run_on_replica_loop(main())
+    assert held == 1
+    assert [answer.status_code for answer in others] == [200, 200, 200]
+    assert context.code is None and answered_grpc.outputs
+    assert server._predictor.inflight_bytes.in_use == 0
+
+
+def test_open_inference_protocol_bodies_share_the_budget() -> None:
+    """``/v2`` infer bodies are held in the same budget as TF Serving's: refused before being read
+    while the budget is full, answered once it is free."""
+    cls = MnistServer.func_or_class
+    body = json.dumps({"instances": IMAGE.tolist()}).encode()
+    infer = json.dumps(
+        {
+            "inputs": [
+                {"name": "images", "shape": [1, 28, 28], "datatype": "UINT8", "data": IMAGE.ravel().tolist()}
+            ]
+        }
+    ).encode()
+    server = _server(max_inflight_bytes=len(body) + len(infer) - 2)
+
+    def v2(received: list[int]) -> Request:
+        request = _rest(infer, received)
+        request.scope["path"], request.scope["raw_path"] = "/v2/models/mnist/infer", b"/v2/models/mnist/infer"
+        return request
+
+    async def main():
+        release, slow_received = asyncio.Event(), []
+        slow = asyncio.ensure_future(
+            cls.rest_v1(server, _rest(body, slow_received, release, len(body) - 1), "models/mnist:predict")
+        )
+        while len(slow_received) < 2:
+            await asyncio.sleep(0)
+        refused_received: list[int] = []
+        refused = await cls.rest_v2(server, v2(refused_received))
+        release.set()
+        await slow
+        return refused, refused_received, await cls.rest_v2(server, v2([]))
+
+    refused, refused_received, answered = run_on_replica_loop(main())
+    assert refused.status_code == 429 and "max_inflight_bytes" in json.loads(refused.body)["error"]
+    assert refused_received == []
+    assert answered.status_code == 200, answered.body
     assert server._predictor.inflight_bytes.in_use == 0
 
 

@@ -58,6 +58,13 @@ def test_haproxy_and_direct_ingress_are_the_default() -> None:
     assert largest < GRPC_MAX_MESSAGE_BYTES == int(env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"]) < 2**31 - 1
 
 
+def test_haproxy_never_replays_a_request_a_replica_may_have_died_of() -> None:
+    """Connection failures only (nothing reached a replica): not ``empty-response``, which would
+    replay a request that killed its replica (out of memory) onto the next one (docs/limits.md)."""
+    for env in (front_door_env(2, environ={}), front_door_env(8, cluster=True, environ={})):
+        assert env["RAY_SERVE_HAPROXY_RETRY_ON"] == "conn-failure"
+
+
 def test_one_switch_back_to_the_python_proxy() -> None:
     env = front_door_env(2, environ={HAPROXY_SWITCH: "0"})
     assert env[HAPROXY_SWITCH] == "0" and "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in env
