@@ -24,7 +24,7 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -227,9 +227,14 @@ def _one_image_request(model: str) -> Any:
 
 
 def normal_client(
-    channel: grpc.Channel, request: Any, duration_s: float, timeout_s: float = 5.0
+    channel: grpc.Channel,
+    request: Any,
+    duration_s: float,
+    timeout_s: float = 5.0,
+    metadata: Sequence[tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """1-image Predicts one after another for ``duration_s``: latency percentiles and failures."""
+    """1-image Predicts one after another for ``duration_s`` (with ``metadata``, e.g. a token):
+    latency percentiles and failures."""
     predict = channel.unary_unary(
         _PREDICT_PATH, request_serializer=lambda m: m.SerializeToString(), response_deserializer=lambda b: b
     )
@@ -239,7 +244,7 @@ def normal_client(
     while time.monotonic() < end:
         started = time.monotonic()
         try:
-            predict(request, timeout=timeout_s)
+            predict(request, timeout=timeout_s, metadata=metadata)
             latencies_s.append(time.monotonic() - started)
         except grpc.RpcError as exc:
             failures[exc.code().name] += 1

@@ -18,7 +18,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -124,9 +124,11 @@ def kill_a_replica_under_load(
     clients: int,
     warm_s: float = 3.0,
     replacement_timeout_s: float = 120.0,
+    metadata: Sequence[tuple[str, str]] | None = None,
 ) -> KillRun:
-    """``clients`` threads call Predict over their own channel; the lowest-pid replica is SIGKILLed
-    after ``warm_s``; traffic goes on until Serve has replaced it and for ``warm_s`` more."""
+    """``clients`` threads call Predict over their own channel (with ``metadata``, e.g. a token);
+    the lowest-pid replica is SIGKILLed after ``warm_s``; traffic goes on until Serve has replaced
+    it and for ``warm_s`` more."""
     wait_for(lambda: len(replica_pids()) == 2, replacement_timeout_s, "two replicas running")
     outcomes: list[Outcome] = []
     stop = threading.Event()
@@ -137,7 +139,7 @@ def kill_a_replica_under_load(
             while not stop.is_set():
                 started_s = time.monotonic()
                 try:
-                    stub.Predict(request, timeout=30)
+                    stub.Predict(request, timeout=30, metadata=metadata)
                     code = "OK"
                 except grpc.RpcError as exc:
                     code = exc.code().name

@@ -1,14 +1,17 @@
 """The edge (ray_app/edge) in front of the app's front door, for real: slow clients, TLS, mutual TLS,
 certificate rotation, a version rollout and a replica kill through it.
 
-One local Ray serves serve_configs/local.yaml's deployment (2 replicas) for the module; each test
-starts the edges it needs (HAProxy, ~0.1 s) on free ports and checks they are gone afterwards.
+One local Ray serves serve_configs/local.yaml's deployment (2 replicas) for the module, with bearer
+tokens on (as gpu.yaml has them): every client here sends one, so the front door's guarantees are
+shown with TLS and tokens on together. Each test starts the edges it needs (HAProxy, ~0.1 s) on
+free ports and checks they are gone afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -52,6 +55,9 @@ REPO = Path(__file__).resolve().parents[2]
 TEST = load_mnist().test
 REST_PREDICT = "/v1/models/mnist:predict"
 REST_BODY = json.dumps({"instances": TEST.images[:1].tolist()})
+TOKEN = "edge-test-token-0123456789"
+METADATA = [("authorization", f"Bearer {TOKEN}")]  # what stock gRPC clients add
+HEADERS = {"Authorization": f"Bearer {TOKEN}"}  # what stock HTTP clients add
 
 
 def _predict_request() -> predict_pb2.PredictRequest:
@@ -63,11 +69,13 @@ def _predict_request() -> predict_pb2.PredictRequest:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, trained_export):
-    store = tmp_path_factory.mktemp("store") / "mnist"
+    work = tmp_path_factory.mktemp("store")
+    store, tokens = work / "mnist", work / "tokens"
+    tokens.write_text(f"{TOKEN}\n")
     publish_copy(trained_export, store, 1)
     with local_serve() as ports:
-        run_local_app(store, args={"poll_interval_s": 0.5})
-        yield {"ports": ports, "store": store, "export": trained_export}
+        run_local_app(store, args={"poll_interval_s": 0.5, "auth": {"token_file": str(tokens)}})
+        yield {"ports": ports, "store": store, "export": trained_export, "tokens": tokens}
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +148,10 @@ def test_half_sent_requests_on_both_ports_leave_normal_clients_alone(app, tmp_pa
                 while not stop.is_set():
                     try:
                         answer = session.post(
-                            f"http://127.0.0.1:{config.http_port}{REST_PREDICT}", data=REST_BODY, timeout=5
+                            f"http://127.0.0.1:{config.http_port}{REST_PREDICT}",
+                            data=REST_BODY,
+                            headers=HEADERS,
+                            timeout=5,
                         )
                         answer.raise_for_status()
                         rest["ok"] += 1
@@ -148,12 +159,14 @@ def test_half_sent_requests_on_both_ports_leave_normal_clients_alone(app, tmp_pa
                         rest["failed"].append(repr(exc))
 
         with grpc.insecure_channel(f"127.0.0.1:{config.grpc_port}") as channel:
-            normal_client(channel, _predict_request(), 1.0)  # connected before the crowd arrives
+            normal_client(channel, _predict_request(), 1.0, metadata=METADATA)  # connected before the crowd
             with http_attack.running(), grpc_attack.running():
                 time.sleep(1.0)
                 thread = threading.Thread(target=rest_client, daemon=True)
                 thread.start()
-                grpc_result = normal_client(channel, _predict_request(), 8.0, timeout_s=5.0)
+                grpc_result = normal_client(
+                    channel, _predict_request(), 8.0, timeout_s=5.0, metadata=METADATA
+                )
                 stop.set()
                 thread.join(timeout=10)
     print(f"beside the crowd: gRPC {grpc_result}, REST ok {rest['ok']}; attacks {vars(http_attack)}")
@@ -198,7 +211,9 @@ def test_connections_beyond_the_per_source_bound_are_refused(app, tmp_path) -> N
             assert _refused(config.http_port), "the 9th connection from one address was served"
             held.pop().close()
             time.sleep(0.5)
-            answer = requests.get(f"http://127.0.0.1:{config.http_port}/v1/models/mnist", timeout=5)
+            answer = requests.get(
+                f"http://127.0.0.1:{config.http_port}/v1/models/mnist", headers=HEADERS, timeout=5
+            )
             assert answer.status_code == 200  # a place freed: served again
         finally:
             for sock in held:
@@ -245,18 +260,22 @@ def _grpc_tls(port: int, pki, client: str | None = None) -> grpc.Channel:
     return grpc.secure_channel(f"localhost:{port}", credentials)
 
 
-def _stock_predict(channel: grpc.Channel) -> int:
+def _stock_predict(channel: grpc.Channel, metadata: list | None = METADATA) -> int:
     response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
-        _predict_request(), timeout=30
+        _predict_request(), timeout=30, metadata=metadata
     )
     return response.model_spec.version.value
 
 
-def _our_client(*argv: str) -> subprocess.CompletedProcess:
+def _our_client(*argv: str, token: str | None = TOKEN) -> subprocess.CompletedProcess:
+    """client/grpc_client.py, its token from ``$MNIST_TOKEN`` (``--token-file`` where a test says so)."""
+    env = {k: v for k, v in os.environ.items() if k != "MNIST_TOKEN"} | (
+        {"MNIST_TOKEN": token} if token else {}
+    )
     return subprocess.run(
         [sys.executable, "client/grpc_client.py", "--image", "data/0.png", "--host", "localhost",
          "--timeout-s", "30", "--json", *argv],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
 
 
@@ -267,17 +286,20 @@ def test_stock_clients_and_ours_over_tls_and_plaintext_refused(app, pki, tmp_pat
         with _grpc_tls(config.grpc_port, pki) as channel:
             assert _stock_predict(channel) in (1, 2)  # 2 once the rollout test has published it
             status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
-                get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "mnist"}), timeout=30
+                get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "mnist"}),
+                timeout=30,
+                metadata=METADATA,
             )
             assert status.model_version_status[0].state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
         https = f"https://localhost:{config.http_port}"
-        answer = requests.post(https + REST_PREDICT, data=REST_BODY, verify=ca, timeout=30)
+        answer = requests.post(https + REST_PREDICT, data=REST_BODY, headers=HEADERS, verify=ca, timeout=30)
         assert answer.status_code == 200 and len(answer.json()["predictions"]) == 1
         page = requests.get(https + "/", verify=ca, timeout=30)  # the web page (its fetches are relative)
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         if shutil.which("curl"):  # in the cluster image and on CI machines; not a Python dependency
             curl = subprocess.run(
-                ["curl", "-sS", "--fail", "--cacert", ca, https + "/v1/models/mnist"],
+                ["curl", "-sS", "--fail", "--cacert", ca, "-H", f"Authorization: Bearer {TOKEN}",
+                 https + "/v1/models/mnist"],
                 capture_output=True, text=True, timeout=60,
             )  # fmt: skip
             assert curl.returncode == 0, curl.stderr
@@ -286,6 +308,19 @@ def test_stock_clients_and_ours_over_tls_and_plaintext_refused(app, pki, tmp_pat
             ours = _our_client("--ca-cert", ca, *argv)
             assert ours.returncode == 0, ours.stderr
             assert json.loads(ours.stdout)["predictions"][0]["digit"] == 0  # data/0.png
+            from_file = _our_client("--ca-cert", ca, "--token-file", str(app["tokens"]), *argv, token=None)
+            assert from_file.returncode == 0, from_file.stderr
+        # Refused over TLS: no token, or a wrong one (stock clients and ours, both ports).
+        with _grpc_tls(config.grpc_port, pki) as channel:
+            for metadata in (None, [("authorization", "Bearer guess")]):
+                with pytest.raises(grpc.RpcError) as refused:
+                    _stock_predict(channel, metadata)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        unauthenticated = requests.post(https + REST_PREDICT, data=REST_BODY, verify=ca, timeout=30)
+        assert unauthenticated.status_code == 401 and "error" in unauthenticated.json()
+        for argv in (["--port", str(config.grpc_port)], ["--rest", "--port", str(config.http_port)]):
+            tokenless = _our_client("--ca-cert", ca, *argv, token=None)
+            assert tokenless.returncode != 0 and "Predicted Digit" not in tokenless.stdout
         # Refused: plaintext to a TLS port, and a server certificate the client does not trust.
         with grpc.insecure_channel(f"127.0.0.1:{config.grpc_port}") as plain:
             with pytest.raises(grpc.RpcError) as refused:
@@ -307,7 +342,8 @@ def test_mutual_tls_accepts_our_clients_only(app, pki, tmp_path) -> None:
     with edge_command(config, tmp_path):
         with _grpc_tls(config.grpc_port, pki, "client") as channel:
             assert _stock_predict(channel) in (1, 2)
-        assert requests.post(https, data=REST_BODY, verify=ca, cert=client, timeout=30).status_code == 200
+        answer = requests.post(https, data=REST_BODY, headers=HEADERS, verify=ca, cert=client, timeout=30)
+        assert answer.status_code == 200
         for argv in (["--port", str(config.grpc_port)], ["--rest", "--port", str(config.http_port)]):
             ours = _our_client("--ca-cert", ca, "--client-cert", client[0], "--client-key", client[1], *argv)
             assert ours.returncode == 0, ours.stderr
@@ -319,7 +355,7 @@ def test_mutual_tls_accepts_our_clients_only(app, pki, tmp_path) -> None:
                 assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, who
             cert = (str(pki[who].cert), str(pki[who].key)) if who else None
             with pytest.raises((requests.exceptions.SSLError, requests.ConnectionError)):
-                requests.post(https, data=REST_BODY, verify=ca, cert=cert, timeout=10)
+                requests.post(https, data=REST_BODY, headers=HEADERS, verify=ca, cert=cert, timeout=10)
         ours = _our_client("--ca-cert", ca, "--port", str(config.grpc_port))
         assert ours.returncode != 0
 
@@ -364,7 +400,7 @@ def test_certificate_rotation_fails_no_request(app, pki, tmp_path, how) -> None:
                 try:
                     _stock_predict(channel)
                     s.post(f"https://localhost:{config.http_port}{REST_PREDICT}", data=REST_BODY,
-                           verify=str(both), timeout=30).raise_for_status()  # fmt: skip
+                           headers=HEADERS, verify=str(both), timeout=30).raise_for_status()  # fmt: skip
                     answered[0] += 1
                 except (grpc.RpcError, requests.RequestException) as exc:
                     failures.append(repr(exc))
@@ -412,7 +448,7 @@ def test_new_version_rolls_out_through_the_tls_edge_without_failures(app, pki, t
             while not stop.is_set():
                 try:
                     answer = session.post(f"https://localhost:{config.http_port}{REST_PREDICT}", data=REST_BODY,
-                                          verify=str(pki["ca"].cert), timeout=30)  # fmt: skip
+                                          headers=HEADERS, verify=str(pki["ca"].cert), timeout=30)  # fmt: skip
                     answer.raise_for_status()
                     seen.append(int(answer.headers["X-Model-Version"]))
                 except requests.RequestException as exc:
@@ -440,7 +476,7 @@ def test_killing_a_replica_behind_the_tls_edge_fails_no_later_request(app, pki, 
     config = _config(app, tls=_tls(pki))
     with running_edge(config, tmp_path / "edge"):
         run = kill_a_replica_under_load(
-            lambda: _grpc_tls(config.grpc_port, pki), _predict_request(), clients=4
+            lambda: _grpc_tls(config.grpc_port, pki), _predict_request(), clients=4, metadata=METADATA
         )
     print(f"replica kill through the TLS edge: {run.summary()}")
     assert_only_the_victims_requests_failed(run, clients=4)

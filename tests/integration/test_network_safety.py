@@ -1,8 +1,11 @@
 """Safe on a network (docs/security.md), on one running app behind the front door:
 
 * bearer tokens hold through the front door and directly at a replica's own direct-ingress
-  ports, on gRPC and REST, and a rotated token file takes effect without a redeploy;
-* a version altered after publishing into another valid SavedModel is never served;
+  ports, on gRPC and REST, and a rotated token file takes effect without a redeploy; Serve's
+  health probe stays open; refusals are counted by reason; the web page sends the token typed
+  into it;
+* a version altered after publishing into another valid SavedModel is never served, and the
+  refusal is counted;
 * every socket the app's processes listen on is on loopback or in the documented allow-list,
   and HAProxy's admin socket is not writable by other users.
 """
@@ -25,6 +28,8 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from ray_app.protocol.tensors import from_ndarray
 from tests.conftest import HAPROXY_STATE_DIR_VARIABLE, publish_copy, tamper_with_weights
+from tests.integration import prometheus
+from tests.integration.browser import chromium, needs_browser, text, wait
 from tests.integration.cluster import cluster_processes, local_serve, run_local_app
 from tests.polling import wait_for
 from training.data import load_mnist
@@ -127,6 +132,50 @@ def test_tokens_are_required_through_the_front_door(app) -> None:
     assert page.status == 200
 
 
+def test_the_health_probe_stays_open_and_refusals_are_counted_by_reason(app) -> None:
+    _ready(app)
+    ports = app["ports"]
+    with urllib.request.urlopen(f"{ports.http}/-/healthz", timeout=30) as probe:  # no token
+        assert probe.status == 200
+    assert _grpc_predict(ports.grpc_address, None)[0] == "UNAUTHENTICATED"  # missing
+    assert _grpc_predict(ports.grpc_address, "guess")[0] == "UNAUTHENTICATED"  # wrong
+    assert _http(f"{ports.http}/v1/models/mnist", None)[0] == 401  # missing
+    request = urllib.request.Request(f"{ports.http}/v1/models/mnist", headers={"Authorization": "Basic eDp5"})
+    with pytest.raises(urllib.error.HTTPError) as malformed:
+        urllib.request.urlopen(request, timeout=30)
+    assert malformed.value.code == 401
+
+    def counted(text: str) -> set[tuple[str, str]]:
+        return {
+            (labels["protocol"], labels["reason"])
+            for labels, value in prometheus.samples(text, "ray_mnist_auth_refusals_total")
+            if value >= 1 and labels.get("model") == "mnist"
+        }
+
+    wanted = {("grpc", "missing"), ("grpc", "wrong"), ("rest", "missing"), ("rest", "malformed")}
+    text = prometheus.scrape_until(lambda text: wanted <= counted(text))
+    assert wanted <= counted(text), sorted(counted(text))
+
+
+@needs_browser
+def test_the_web_page_sends_the_token_typed_into_it(app, tmp_path) -> None:
+    """Without a token the page says why it cannot answer; with the token typed in, it reads 0.png."""
+    from selenium.webdriver.common.keys import Keys
+
+    _ready(app)
+    image = str(Path(__file__).resolve().parents[2] / "data" / "0.png")
+    with chromium(tmp_path / "chromium-profile") as browser:
+        browser.get(app["ports"].http + "/")
+        wait(browser, lambda b: "authentication required" in text(b, "#panel-status"))
+        browser.find_element("id", "file").send_keys(image)
+        wait(browser, lambda b: text(b, "#status").startswith("Error 401"))
+        browser.find_element("id", "token").send_keys(TOKEN, Keys.TAB)  # TAB: the field's change event
+        wait(browser, lambda b: b.find_elements("css selector", "#versions tbody tr[data-version]"))
+        browser.find_element("id", "file").send_keys(image)
+        wait(browser, lambda b: text(b, "#status").startswith("Answered in"))
+        assert text(browser, "#digit") == "0"
+
+
 @pytest.mark.skipif(not HAPROXY_MODE, reason="direct ingress exists only in HAProxy mode")
 def test_tokens_are_required_at_a_replicas_own_ports(app) -> None:
     """HAProxy forwards to these; anyone who can reach them must still show a token."""
@@ -195,6 +244,14 @@ def test_a_version_altered_after_publishing_is_never_served(app) -> None:
     assert "IntegrityError" in statuses["2"]["status"]["error_message"]
     for _ in range(10):
         assert _grpc_predict(app["ports"].grpc_address, TOKEN) == ("OK", 1)
+
+    def counted(text: str) -> bool:
+        return any(
+            labels.get("version") == "2" and labels.get("reason") == "IntegrityError" and value >= 1
+            for labels, value in prometheus.samples(text, "ray_mnist_version_load_failures_total")
+        )
+
+    assert counted(prometheus.scrape_until(counted)), "the refused version was not counted"
 
 
 # -- C: nothing listens that should not ---------------------------------------------------------------------

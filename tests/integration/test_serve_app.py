@@ -8,7 +8,6 @@ no Ray, replica or HAProxy process and no port of it may be left (tests/integrat
 import base64
 import concurrent.futures
 import json
-import re
 import threading
 import time
 import urllib.error
@@ -18,7 +17,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import ray
 import tensorflow as tf
 import yaml
 from PIL import Image
@@ -35,6 +33,7 @@ from tensorflow_serving.apis import (
 
 from ray_app.config import AppConfig
 from tests.conftest import publish_copy
+from tests.integration import prometheus
 from tests.integration.cluster import local_serve, run_local_app
 from training.data import load_mnist
 
@@ -390,24 +389,6 @@ def test_overload_gets_resource_exhausted_and_429_quickly(served):
     assert status == 200  # still healthy afterwards
 
 
-def _scrape_metrics() -> str:
-    node = next(n for n in ray.nodes() if n["Alive"])
-    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-    with urllib.request.urlopen(url, timeout=30) as answer:
-        return answer.read().decode()
-
-
-def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
-    """(labels, value) of every sample of metric ``name`` in Prometheus' text format."""
-    found = []
-    for line in text.splitlines():
-        match = re.match(rf"^{re.escape(name)}\{{(.*)\}} (\S+)$", line)
-        if match:
-            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(1)))
-            found.append((labels, float(match.group(2))))
-    return found
-
-
 def test_metrics_endpoint_counts_requests_by_version_signature_and_code(served):
     """Real requests, then Ray's Prometheus endpoint on the node: the app's counters moved, labelled."""
     stub = _stub(served)
@@ -425,7 +406,7 @@ def test_metrics_endpoint_counts_requests_by_version_signature_and_code(served):
     def wanted(text: str) -> bool:
         ok = [
             labels
-            for labels, value in _samples(text, "ray_mnist_requests_total")
+            for labels, value in prometheus.samples(text, "ray_mnist_requests_total")
             if labels.get("version") == "1"
             and labels.get("signature") == "serving_default"
             and value >= 3
@@ -433,35 +414,30 @@ def test_metrics_endpoint_counts_requests_by_version_signature_and_code(served):
             and labels.get("code") == "OK"
             and labels.get("model") == "mnist"
         ]
-        return bool(ok) and bool(_samples(text, "ray_mnist_requests_rejected_total"))
+        return bool(ok) and bool(prometheus.samples(text, "ray_mnist_requests_rejected_total"))
 
-    deadline, text = time.monotonic() + 60, ""
-    while time.monotonic() < deadline:  # Ray exports custom metrics every few seconds
-        text = _scrape_metrics()
-        if wanted(text):
-            break
-        time.sleep(2)
+    text = prometheus.scrape_until(wanted)
     assert wanted(text), text[-3000:]
-    requests = _samples(text, "ray_mnist_requests_total")
+    requests = prometheus.samples(text, "ray_mnist_requests_total")
     assert any(tags["code"] == "NOT_FOUND" and tags["version"] == "" for tags, _ in requests)
     assert any(
         tags["protocol"] == "rest" and tags["method"] == "predict" and tags["version"] == "1"
         for tags, _ in requests
     )
     assert any(tags["application"] == "mnist" and tags["deployment"] == "MnistServer" for tags, _ in requests)
-    images = _samples(text, "ray_mnist_images_total")
+    images = prometheus.samples(text, "ray_mnist_images_total")
     assert any(tags["version"] == "1" and v >= 17 for tags, v in images)  # 3 x 5 over gRPC + 2 over REST
     (rejected,) = [
         v
-        for tags, v in _samples(text, "ray_mnist_requests_rejected_total")
+        for tags, v in prometheus.samples(text, "ray_mnist_requests_rejected_total")
         if tags["limit"] == "max_images_per_request"
     ]
     assert rejected >= 1
-    batches = _samples(text, "ray_mnist_batch_size_images_count")
+    batches = prometheus.samples(text, "ray_mnist_batch_size_images_count")
     assert any(
         tags["version"] == "1" and tags["signature"] == "serving_default" and v >= 1 for tags, v in batches
     )
-    loaded = _samples(text, "ray_mnist_versions_loaded")
+    loaded = prometheus.samples(text, "ray_mnist_versions_loaded")
     assert any(tags["version"] == "1" and tags["state"] == "AVAILABLE" and v == 1 for tags, v in loaded)
-    assert _samples(text, "ray_mnist_request_latency_ms_bucket")
-    assert _samples(text, "ray_mnist_backend_latency_ms_bucket")
+    assert prometheus.samples(text, "ray_mnist_request_latency_ms_bucket")
+    assert prometheus.samples(text, "ray_mnist_backend_latency_ms_bucket")

@@ -1,8 +1,7 @@
 """The web page and multipart uploads, on the real app deployed on a local Ray.
 
-HTTP checks use urllib; the page itself runs in a real headless Chromium (Debian's ``chromium``
-and ``chromium-driver``, driven by Selenium; nothing is downloaded at test time). Browser tests
-skip only when those two programs are missing. Screenshots go to the test's tmp dir and, when
+HTTP checks use urllib; the page itself runs in a real headless Chromium
+(``tests/integration/browser.py``). Screenshots go to the test's tmp dir and, when
 ``MNIST_ARTIFACTS_DIR`` is set, are copied there.
 """
 
@@ -25,19 +24,13 @@ from urllib3.filepost import encode_multipart_formdata
 
 from ray_app import model_store
 from tests import doc_blocks
+from tests.integration.browser import chromium, needs_browser, text, wait
 from tests.integration.cluster import local_serve, run_local_app
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-needs_browser = pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER),
-    reason="headless browser test needs Debian's chromium and chromium-driver "
-    "(apt-get install chromium chromium-driver); .ci/run installs them",
-)
 # Small limits, so that each one can be crossed with small requests.
 LIMITS = {
     "max_request_bytes": 64 * 1024,
@@ -47,7 +40,6 @@ LIMITS = {
 }
 LABELS = {"stable": 1, "canary": 2}
 CANARY_PERCENT = 25.0
-WAIT_S = 30
 
 
 def _publish(export_dir: Path, store: Path, version: int) -> None:
@@ -209,53 +201,20 @@ def test_page_static_files_and_panel_json(app):
 # -- the page in a real browser -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1100,1080",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    # An explicit driver path: Selenium Manager (which may download drivers) is never started.
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(WAIT_S)
-    yield driver
-    driver.quit()
+    with chromium(tmp_path_factory.mktemp("chromium-profile")) as driver:
+        yield driver
 
 
 def _open(browser, app):
     browser.get(app["url"] + "/")
-    _wait(browser, lambda b: b.find_elements("css selector", "#versions tbody tr[data-version]"))
-
-
-def _wait(browser, condition, timeout_s: float = WAIT_S):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(browser, timeout_s, poll_frequency=0.1).until(condition)
-
-
-def _text(browser, css: str) -> str:
-    return browser.find_element("css selector", css).text
+    wait(browser, lambda b: b.find_elements("css selector", "#versions tbody tr[data-version]"))
 
 
 def _answer(browser) -> tuple[int, int, list[str]]:
     """(digit, version, bar labels) once the page shows an answer."""
-    _wait(browser, lambda b: _text(b, "#status").startswith("Answered in"))
-    digit = int(_text(browser, "#digit"))
-    version = int(_text(browser, "#answered-by").removeprefix("answered by version "))
+    wait(browser, lambda b: text(b, "#status").startswith("Answered in"))
+    digit = int(text(browser, "#digit"))
+    version = int(text(browser, "#answered-by").removeprefix("answered by version "))
     bars = [bar.get_attribute("data-digit") for bar in browser.find_elements("css selector", "#bars .bar")]
     return digit, version, bars
 
@@ -362,14 +321,14 @@ def test_panel_shows_a_new_version_its_labels_and_the_canary_share(app, browser,
     _open(browser, app)
     if not (app["store"] / "2").exists():
         _publish(app["export"], app["store"], 2)
-    _wait(browser, lambda b: b.find_elements("css selector", "#versions tr[data-version='2']"))
+    wait(browser, lambda b: b.find_elements("css selector", "#versions tr[data-version='2']"))
     row = browser.find_element("css selector", "#versions tr[data-version='2']")
     assert "canary" in row.text and "new" in row.text and f"{CANARY_PERCENT:g} %" in row.text
     assert "%" in row.find_elements("css selector", "td")[3].text  # test accuracy from metrics.json
     stable = browser.find_element("css selector", "#versions tr[data-version='1']").text
     assert "stable" in stable and f"{100 - CANARY_PERCENT:g} %" in stable
-    assert f"Canary share: {CANARY_PERCENT:g} %" in _text(browser, "#routing")
-    assert "New since this page opened: version 2" in _text(browser, "#panel-status")
+    assert f"Canary share: {CANARY_PERCENT:g} %" in text(browser, "#routing")
+    assert "New since this page opened: version 2" in text(browser, "#panel-status")
 
     Select(browser.find_element("id", "target")).select_by_value("version:2")
     browser.find_element("id", "auto").click()  # predict only on the button
@@ -378,7 +337,7 @@ def test_panel_shows_a_new_version_its_labels_and_the_canary_share(app, browser,
     browser.find_element("id", "predict").click()
     digit, version, bars = _answer(browser)
     assert version == 2 and len(bars) == 10 and 0 <= digit <= 9
-    _wait(
+    wait(
         browser,
         lambda b: "answered" in b.find_element("css selector", "tr[data-version='2']").get_attribute("class"),
     )
@@ -391,11 +350,11 @@ def test_panel_shows_a_new_version_its_labels_and_the_canary_share(app, browser,
 def test_problems_are_shown_on_the_page(app, browser, tmp_path):
     _open(browser, app)
     browser.find_element("id", "predict").click()  # nothing drawn yet: no request
-    assert _text(browser, "#status") == "Draw a digit first (or drop an image)."
+    assert text(browser, "#status") == "Draw a digit first (or drop an image)."
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("just text")
     browser.find_element("id", "file").send_keys(str(not_an_image))
-    _wait(browser, lambda b: _text(b, "#status").startswith("Error 400: image 0:"))
+    wait(browser, lambda b: text(b, "#status").startswith("Error 400: image 0:"))
     assert "error" in browser.find_element("id", "status").get_attribute("class")
     severe = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert len(severe) == 1 and "status of 400" in severe[0], severe  # only the refused upload
