@@ -20,6 +20,7 @@ import contextlib
 import http.client
 import json
 import os
+import socket
 import statistics
 import tempfile
 import threading
@@ -37,6 +38,9 @@ ATTACK_BYTES = 7 * 1024 * 1024
 CONCURRENT_BODIES = 16
 SLOW_CONNECTIONS = 300
 SLOW_HOLD_S = 3.0
+SLOW_UPLOADS = 16  # 8 per replica: 64 MiB declared against a budget of 32 MiB each
+SLOW_UPLOAD_DECLARED_BYTES = 8 * 1024 * 1024  # local.yaml's max_request_bytes
+SLOW_UPLOAD_SENT_BYTES = 1024
 SAMPLE_EVERY_S = 0.02
 QUIET_S = 5.0
 _PREDICT = "/tensorflow.serving.PredictionService/Predict"
@@ -233,12 +237,43 @@ def attacks(http_port: int, channel: grpc.Channel) -> dict[str, Callable[[], str
         return ", ".join(f"{answers.count(a)}x {a}" for a in sorted(set(answers)))
 
     table[CONCURRENT_NAME] = concurrent
+    table[SLOW_UPLOADS_NAME] = lambda: slow_uploads(http_port)
     return table
+
+
+def slow_uploads(http_port: int) -> str:
+    """Connections that each declare the largest body and send 1 KiB of it, held open: if the
+    declared lengths took the in-flight budget, every other request would be refused meanwhile."""
+    head = (
+        b"POST " + _REST_PATH.encode() + b" HTTP/1.1\r\nHost: attack\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % SLOW_UPLOAD_DECLARED_BYTES
+    )
+    start = b'{"instances": ['
+    part = start + b"0," * ((SLOW_UPLOAD_SENT_BYTES - len(start)) // 2)
+    held = []
+    try:
+        for _ in range(SLOW_UPLOADS):
+            sock = socket.create_connection(("127.0.0.1", http_port), timeout=5)
+            held.append(sock)
+            sock.sendall(head + part)
+        time.sleep(SLOW_HOLD_S)
+        answered = 0
+        for sock in held:
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                answered += bool(sock.recv(1))  # an early answer (or b"": closed)
+        return f"held {SLOW_HOLD_S:g} s; {answered} answered early"
+    finally:
+        for sock in held:
+            sock.close()
 
 
 INT_VAL_NAME = "gRPC uint8 input sent as 7M int_val varints"
 CONCURRENT_NAME = f"{CONCURRENT_BODIES} concurrent REST bodies of 7 MiB (the first kind)"
 SLOW_NAME = f"{SLOW_CONNECTIONS} HTTP connections sending headers and 1 byte of a 1,000-byte body"
+SLOW_UPLOADS_NAME = (
+    f"{SLOW_UPLOADS} HTTP uploads declaring 8 MiB, sending 1 KiB of it, held {SLOW_HOLD_S:g} s"
+)
 
 
 def slow_connections(http_port: int) -> str:
@@ -304,7 +339,7 @@ class Attacker:
 def attack_names() -> list[str]:
     """The table's rows, in its order."""
     bodies = list(rest_bodies())
-    return [*bodies, INT_VAL_NAME, CONCURRENT_NAME, SLOW_NAME]
+    return [*bodies, INT_VAL_NAME, CONCURRENT_NAME, SLOW_UPLOADS_NAME, SLOW_NAME]
 
 
 def measure(

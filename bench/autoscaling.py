@@ -64,21 +64,24 @@ def run_scaling(
     deadline_s: float = 10.0,
 ) -> dict[str, Any]:
     """Load ``grpc_target`` with ``clients`` single-image Predicts until ``running()`` (replicas
-    RUNNING) reaches 2 and ``after_up_s`` more; stop; wait for 1. Returns the figures."""
+    RUNNING) reaches 2 and ``after_up_s`` more; then all but one client stop, and that one goes on
+    (light load, below the scaling target) until one replica is left, so the replica that Serve
+    takes away is drained with traffic still coming. Returns the figures."""
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
     from bench.loadgen import build_requests
 
     requests, _ = build_requests(model, 1)
     outcomes: list[tuple[float, float, str]] = []  # (sent, done) since the load started, code
-    stop = threading.Event()
+    stop, stop_light = threading.Event(), threading.Event()
     started = time.monotonic()
 
     def client(index: int) -> None:
+        done = stop_light if index == 0 else stop  # client 0 stays through the scale-down
         with grpc.insecure_channel(grpc_target) as channel:
             predict = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict
             n = index
-            while not stop.is_set():
+            while not done.is_set():
                 sent = time.monotonic() - started
                 try:
                     predict(requests[n % len(requests)], timeout=deadline_s)
@@ -91,16 +94,24 @@ def run_scaling(
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     for thread in threads:
         thread.start()
+    down_s = None
     try:
         up_s = _wait(lambda: running() >= 2, up_timeout_s)
         if up_s is not None:
             time.sleep(after_up_s)
+        stop.set()
+        for thread in threads[1:]:
+            thread.join(timeout=deadline_s + 5)
+        load_s = time.monotonic() - started
+        if up_s is not None:
+            down_s = _wait(lambda: running() == 1, down_timeout_s)
+            time.sleep(1.0)  # the light client's requests just after the drained replica has gone
     finally:
         stop.set()
+        stop_light.set()
         for thread in threads:
             thread.join(timeout=deadline_s + 5)
-    load_s = time.monotonic() - started
-    down_s = _wait(lambda: running() == 1, down_timeout_s) if up_s is not None else None
+    light = [o for o in outcomes if o[0] >= load_s]
 
     def rate(start_s: float, end_s: float) -> float | None:
         done = [o for o in outcomes if o[2] == "OK" and start_s <= o[1] < end_s]
@@ -115,6 +126,8 @@ def run_scaling(
         "scale_up_s": None if up_s is None else round(up_s, 1),
         "scale_down_s": None if down_s is None else round(down_s, 1),
         "load_s": round(load_s, 1),
+        "requests_during_scale_down": len(light),
+        "failed_during_scale_down": sum(o[2] != "OK" for o in light),
         # one replica: from 2 s in (warm) to the second replica; two: the last after_up_s - 2 s
         "img_per_s_one_replica": rate(2.0, up_s) if up_s else None,
         "img_per_s_two_replicas": rate(up_s + 2.0, load_s) if up_s else None,

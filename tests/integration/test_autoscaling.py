@@ -1,5 +1,6 @@
 """Serve's autoscaling through the front door: serve_configs/autoscaling.yaml's deployment goes
-from 1 replica to 2 under steady load and back to 1 after it, and no request fails on the way
+from 1 replica to 2 under steady load and back to 1 under light load after it (so the replica taken
+away drains with traffic still coming), and no request fails on the way
 (the load and the figures: bench/autoscaling.py, shared with the benchmark)."""
 
 from __future__ import annotations
@@ -27,3 +28,4 @@ def test_one_replica_becomes_two_under_load_and_one_again_after_it(tmp_path, tra
     assert figures["scale_up_s"] is not None, f"no second replica under load: {figures}"
     assert figures["scale_down_s"] is not None, f"not back to one replica after the load: {figures}"
     assert figures["requests"] > 0 and figures["failed"] == 0, figures
+    assert figures["requests_during_scale_down"] > 50, figures  # a replica drained under traffic
