@@ -11,16 +11,23 @@ from collections.abc import AsyncIterator, Mapping
 from ray_app.protocol.status import InvalidArgumentError, ResourceExhaustedError
 
 
+def _as_bytes(declared: str) -> int | None:
+    """A ``Content-Length`` value as a number of bytes, None when it is not one (ASCII digits only:
+    ``"²".isdigit()`` is True too)."""
+    return int(declared) if declared.isascii() and declared.strip().isdigit() else None
+
+
 def check_declared_length(headers: Mapping[str, str], max_bytes: int) -> None:
     """Refuse a body whose declared ``Content-Length`` is over the limit (or not a number)."""
     declared = headers.get("content-length")
     if declared is None:
         return
-    if not (declared.isascii() and declared.strip().isdigit()):  # "²".isdigit() is True too
+    size = _as_bytes(declared)
+    if size is None:
         raise InvalidArgumentError(f"Content-Length must be a number of bytes, got {declared!r}")
-    if int(declared) > max_bytes:
+    if size > max_bytes:
         raise ResourceExhaustedError(
-            f"request body is {int(declared)} bytes; the limit is {max_bytes}", "max_request_bytes"
+            f"request body is {size} bytes; the limit is {max_bytes}", "max_request_bytes"
         )
 
 
@@ -28,15 +35,14 @@ def declared_bytes(headers: Mapping[str, str], max_bytes: int) -> int:
     """A body's declared ``Content-Length`` (checked first against ``max_bytes``), 0 when it
     declares none (chunked): what the in-flight budget must have free before the body is read."""
     check_declared_length(headers, max_bytes)
-    declared = headers.get("content-length")
-    return int(declared) if declared is not None else 0
+    return declared_or_zero(headers)
 
 
 def declared_or_zero(headers: Mapping[str, str]) -> int:
     """The declared ``Content-Length`` when it is a number, else 0 (for the in-flight budget only:
     the body's reader refuses a malformed one with its own error)."""
-    declared = (headers.get("content-length") or "").strip()
-    return int(declared) if declared.isascii() and declared.isdigit() else 0
+    declared = headers.get("content-length")
+    return (_as_bytes(declared) if declared is not None else None) or 0
 
 
 async def limited(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
