@@ -146,7 +146,7 @@ def test_a_body_that_declares_much_and_sends_little_holds_only_what_arrived() ->
     body = json.dumps({"instances": IMAGE.tolist()}).encode()
     raw = predict_pb2.PredictRequest(model_spec={"name": "mnist"}, inputs={"images": from_ndarray(IMAGE)})
     server = _server(max_inflight_bytes=3000)
-    declared = b'{"instances": ' + b" " * (3000 - 15) + b"}"  # declares the whole budget (never completed)
+    declared = b'{"instances": ' + b" " * (3000 - 15) + b"}"  # declares the whole budget; completed last
 
     async def main():
         release, slow_received = asyncio.Event(), []
