@@ -288,10 +288,13 @@ class MnistServer:
     @http_app.api_route("/v2/{path:path}", methods=_METHODS, include_in_schema=False)
     async def rest_v2(self, request: Request) -> Response:
         started_s = time.perf_counter()
+        deadline_s = deadlines.http_deadline_s(request.headers, self._predictor.config.request_timeout_s)
         raw_path = (request.scope.get("raw_path") or request.url.path.encode()).decode("latin-1")
         declared = request_body.declared_or_zero(request.headers)  # a bad one: oip_rest's own error
         with self._predictor.inflight_bytes.metered(request.stream(), declared) as stream:
-            answer = await oip_rest.handle(self._predictor, request.method, raw_path, request.headers, stream)
+            answer = await oip_rest.handle(
+                self._predictor, request.method, raw_path, request.headers, stream, deadline_s
+            )
         if answer.error is not None:
             _log_unexpected(answer.error)
         outcome = answer.error if answer.error is not None else answer

@@ -55,7 +55,7 @@ async def _predict(predictor: Predictor, raw: bytes, deadline_s: float) -> Any:
 
 
 async def _model_infer(predictor: Predictor, raw: bytes, deadline_s: float) -> Any:
-    return await oip_grpc.model_infer(predictor, raw)
+    return await oip_grpc.model_infer(predictor, raw, deadline_s)
 
 
 def _no_reload(predictor: Predictor, raw: bytes) -> None:

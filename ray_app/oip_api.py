@@ -252,10 +252,17 @@ def check_declared(
 
 
 async def infer(
-    predictor: Predictor, target: Target, arrays: Mapping[str, np.ndarray], outputs: Sequence[str]
+    predictor: Predictor,
+    target: Target,
+    arrays: Mapping[str, np.ndarray],
+    outputs: Sequence[str],
+    deadline_s: float | None = None,
 ) -> InferenceResult:
-    """Run decoded inputs through the shared batcher (already checked by :func:`check_declared`)."""
-    return await predictor.run(target, dict(arrays), list(outputs), declared_checked=True)
+    """Run decoded inputs through the shared batcher (already checked by :func:`check_declared`);
+    ``deadline_s``: when the caller stops waiting (``Predictor.run``)."""
+    return await predictor.run(
+        target, dict(arrays), list(outputs), declared_checked=True, deadline_s=deadline_s
+    )
 
 
 def ordered_outputs(result: InferenceResult, requested: Sequence[str]) -> list[tuple[str, np.ndarray]]:

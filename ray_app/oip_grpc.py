@@ -63,7 +63,8 @@ def model_metadata(predictor: Predictor, raw: bytes):
     return response
 
 
-async def model_infer(predictor: Predictor, raw: bytes):
+async def model_infer(predictor: Predictor, raw: bytes, deadline_s: float | None = None):
+    """``ModelInfer``; ``deadline_s``: the call's (``ray_app.deadlines``), into the batch."""
     request = _parse(predictor, "ModelInferRequest", raw)
     target = oip_api.resolve(predictor, request.model_name, request.model_version)
     declared = [
@@ -91,7 +92,7 @@ async def model_infer(predictor: Predictor, raw: bytes):
             arrays[item.name] = oip_tensors.from_contents(
                 item.name, item.datatype, item.shape, tensor.contents
             )
-    result = await oip_api.infer(predictor, target, arrays, requested)
+    result = await oip_api.infer(predictor, target, arrays, requested, deadline_s)
     response = messages().ModelInferResponse(
         model_name=request.model_name, model_version=str(result.version), id=request.id
     )

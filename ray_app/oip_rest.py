@@ -91,8 +91,10 @@ async def handle(
     raw_path: str,
     headers: Mapping[str, str],
     stream: AsyncIterator[bytes],
+    deadline_s: float | None = None,
 ) -> Answer:
-    """Answer one request under ``/v2``; every error becomes its ``{"error": ...}`` answer."""
+    """Answer one request under ``/v2``; every error becomes its ``{"error": ...}`` answer.
+    ``deadline_s``: when the caller stops waiting (``ray_app.deadlines``), for an infer."""
     method = "unknown"
     try:
         if raw_path == "/v2":
@@ -126,7 +128,7 @@ async def handle(
                 raise InvalidArgumentError("Model version not ready")  # Triton's text, 400
             return Answer(200, method=method)
         _only(http_method, "POST")
-        return await _infer(predictor, name, version, headers, stream)
+        return await _infer(predictor, name, version, headers, stream, deadline_s)
     except Exception as exc:
         return error_answer(exc, method)
 
@@ -233,7 +235,12 @@ def _outputs(document: Mapping[str, Any]) -> list[tuple[str, bool | None]]:
 
 
 async def _infer(
-    predictor: Predictor, name: str, version: str, headers: Mapping[str, str], stream: AsyncIterator[bytes]
+    predictor: Predictor,
+    name: str,
+    version: str,
+    headers: Mapping[str, str],
+    stream: AsyncIterator[bytes],
+    deadline_s: float | None,
 ) -> Answer:
     target = oip_api.resolve(predictor, name, version)  # before reading the body
     body = await request_body.read_body(headers, stream, predictor.config.limits.max_request_bytes)
@@ -280,7 +287,7 @@ async def _infer(
         else:
             arrays[d.name] = oip_tensors.from_raw(d.name, d.datatype, d.shape, section)
 
-    result = await oip_api.infer(predictor, target, arrays, output_names)
+    result = await oip_api.infer(predictor, target, arrays, output_names, deadline_s)
     wants_binary = dict(requested)
     out_json, raws = [], []
     for output, value in oip_api.ordered_outputs(result, output_names):

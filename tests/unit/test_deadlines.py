@@ -5,16 +5,20 @@ min(remaining, backend_timeout_s)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 
 import numpy as np
 import pytest
+from tritonclient.grpc import service_pb2
 
-from ray_app import deadlines
+from ray_app import deadlines, grpc_methods, oip_rest
 from ray_app.config import AppConfig, LiveConfig
 from ray_app.predictor import InferenceRequest, Predictor
+from ray_app.protocol.protos import predict_pb2
 from ray_app.protocol.status import DeadlineExceededError
+from ray_app.protocol.tensors import from_ndarray
 from tests.unit.conftest import run_on_replica_loop
 from tests.unit.static_backend import StaticBackend
 
@@ -102,3 +106,49 @@ def test_deadlines_come_from_the_request_or_the_configured_timeout() -> None:
         pytest.approx(4, abs=1)
     )
     assert deadlines.grpc_deadline_s(object(), 30) - now == pytest.approx(30, abs=1)  # Ray 2.60's context
+
+
+class _Body:
+    """An HTTP body that has fully arrived (what Starlette's ``request.stream()`` yields)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    async def __aiter__(self):
+        yield self.body
+
+
+def _tf_serving_predict(predictor: Predictor, deadline_s: float):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "mnist"
+    request.inputs["images"].CopyFrom(from_ndarray(IMAGE, tensor_content=True))
+    return grpc_methods.METHODS["Predict"].handle(predictor, request.SerializeToString(), deadline_s)
+
+
+def _oip_grpc_infer(predictor: Predictor, deadline_s: float):
+    request = service_pb2.ModelInferRequest(model_name="mnist")
+    request.inputs.add(name="images", datatype="UINT8", shape=list(IMAGE.shape))
+    request.raw_input_contents.append(IMAGE.tobytes())
+    return grpc_methods.METHODS["ModelInfer"].handle(predictor, request.SerializeToString(), deadline_s)
+
+
+async def _oip_rest_infer(predictor: Predictor, deadline_s: float):
+    document = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 28, 28], "data": [0] * 784}]}
+    body = json.dumps(document).encode()
+    headers = {"content-length": str(len(body))}
+    answer = await oip_rest.handle(
+        predictor, "POST", "/v2/models/mnist/infer", headers, _Body(body), deadline_s
+    )
+    assert answer.status == 200, answer.body
+    return answer
+
+
+@pytest.mark.parametrize("call", [_tf_serving_predict, _oip_grpc_infer, _oip_rest_infer])
+def test_every_protocols_infer_carries_the_callers_deadline_to_the_backend(call) -> None:
+    backend = _GatedBackend()
+    backend.gate.set()  # an idle model: the call runs at once
+    predictor = Predictor(AppConfig(backend_timeout_s=10), backend, rng=random.Random(0))
+    predictor.reconfigure(LiveConfig(max_batch_size=8, batch_wait_timeout_s=0.0))
+    run_on_replica_loop(call(predictor, time.monotonic() + 3))
+    assert len(backend.timeouts) == 1
+    assert 2 < backend.timeouts[0] <= 3  # the 3 s the caller gave, not backend_timeout_s (10 s)
