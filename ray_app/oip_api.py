@@ -22,6 +22,8 @@ from importlib import metadata as package_metadata
 
 import numpy as np
 
+from ray_app import declared as declared_checks
+from ray_app.config import Limits
 from ray_app.predictor import InferenceResult, Predictor, Target
 from ray_app.protocol import oip_tensors
 from ray_app.protocol.names import SERVING_DEFAULT
@@ -196,10 +198,11 @@ def _shape_text(shape: Sequence[int | None]) -> str:
 
 
 def check_declared(
-    predictor: Predictor, target: Target, name: str, inputs: Sequence[DeclaredInput], outputs: Sequence[str]
+    limits: Limits, target: Target, name: str, inputs: Sequence[DeclaredInput], outputs: Sequence[str]
 ) -> None:
-    """Triton's checks on the declared inputs and requested outputs, then the predictor's (signature,
-    ``max_images_per_request``, ``max_request_bytes``) and BYTES element counts: before any decode."""
+    """Triton's checks on the declared inputs and requested outputs, then TF Serving's (signature,
+    ``max_images_per_request``, ``max_request_bytes``) and BYTES element counts: before any decode.
+    A pure function of the target's signature and the limits (it also runs in a decoding process)."""
     spec = target.spec
     names = [item.name for item in inputs]
     for item in inputs:
@@ -239,14 +242,15 @@ def check_declared(
     declared = {
         item.name: (dtype_of_numpy(oip_tensors.DATATYPES[item.datatype]), item.shape) for item in inputs
     }
-    predictor.check_declared(target, declared, list(outputs))
+    declared_checks.check_declared(target.spec, target.signature_name, declared, list(outputs), limits)
+    most = declared_checks.max_elements(STRING, limits)
     for item in inputs:
         if oip_tensors.DATATYPES[item.datatype] == STRING:
             count = oip_tensors.element_count(item.shape)
-            if count > predictor.max_elements(STRING):
+            if count > most:
                 raise ResourceExhaustedError(
                     f"input '{item.name}' holds {count} BYTES elements; the limit is "
-                    f"max_images_per_request ({predictor.max_elements(STRING)})",
+                    f"max_images_per_request ({most})",
                     "max_images_per_request",
                 )
 

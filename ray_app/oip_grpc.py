@@ -72,7 +72,7 @@ async def model_infer(predictor: Predictor, raw: bytes, deadline_s: float | None
         for item in request.inputs
     ]
     requested = [output.name for output in request.outputs]
-    oip_api.check_declared(predictor, target, request.model_name, declared, requested)
+    oip_api.check_declared(predictor.config.limits, target, request.model_name, declared, requested)
     use_raw = len(request.raw_input_contents) > 0
     if use_raw and len(request.raw_input_contents) != len(request.inputs):
         raise InvalidArgumentError(  # Triton's text (src/grpc/infer_handler.cc)

@@ -12,7 +12,9 @@ inputs with ``parameters.binary_data_size``, in input order; outputs answered bi
 ``outputs[i].parameters.binary_data`` or the request's ``parameters.binary_data_output`` says
 so). The body is read within ``max_request_bytes`` (``ray_app.request_body``: ``Content-Length``
 first); the header's inputs are checked against the signature and the limits, and each binary
-section's declared size against the bytes received, before any tensor is decoded.
+section's declared size against the bytes received, before any tensor is decoded. A large header
+is parsed, checked and decoded in the replica's decoding process (``ray_app.offload``), as TF
+Serving's REST bodies are, so that its parse does not hold the event loop.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ import json
 import re
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 from ray_app import oip_api, request_body
-from ray_app.predictor import Predictor
+from ray_app.config import Limits
+from ray_app.predictor import Predictor, Target
 from ray_app.protocol import oip_tensors
 from ray_app.protocol.status import (
     InvalidArgumentError,
@@ -234,6 +239,67 @@ def _outputs(document: Mapping[str, Any]) -> list[tuple[str, bool | None]]:
     return requested
 
 
+@dataclass(frozen=True)
+class _Decoded:
+    """What :func:`decode_infer` makes of an infer request's JSON header (pickles: it may come back
+    from a decoding process)."""
+
+    request_id: str
+    requested: list[tuple[str, bool | None]]
+    binary_default: bool
+    inputs: list[oip_api.DeclaredInput]
+    arrays: list[np.ndarray | None]  # each JSON input's data, decoded; None: a binary section
+    sections: list[tuple[int, int] | None]  # each binary section's (start, end) after the header
+
+
+def decode_infer(header: bytes, binary_bytes: int, target: Target, name: str, limits: Limits) -> _Decoded:
+    """Parse an infer request's JSON header, check what it declares (Triton's checks, then the
+    signature and the limits), check each binary section's size against the ``binary_bytes``
+    received after the header, then decode the JSON ``data`` of each input to its datatype, in
+    that order. A pure function of its arguments, so that a large header is decoded in the
+    replica's decoding process (``ray_app.offload``)."""
+    document = _parse_header(header)
+    inputs = _inputs(document)
+    requested = _outputs(document)
+    parameters = _member(document, "parameters", dict, "", default={})
+    binary_default = parameters.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise InvalidArgumentError("Unable to parse 'binary_data_output'")
+    request_id = document.get("id", "")
+    if not isinstance(request_id, str):
+        raise InvalidArgumentError("Unable to parse 'id'")
+    output_names = [output for output, _ in requested]
+    declared = [item.declared for item in inputs]
+    oip_api.check_declared(limits, target, name, declared, output_names)
+
+    offset, sections = 0, []
+    for item in inputs:  # every section's size against the bytes received, before any decode
+        if item.binary_bytes is None:
+            sections.append(None)
+            continue
+        if binary_bytes == 0 and item.binary_bytes:
+            raise InvalidArgumentError(
+                "must specify valid 'Infer-Header-Content-Length' in request header and "
+                "'binary_data_size' when passing inputs in binary data format"
+            )
+        if offset + item.binary_bytes > binary_bytes:
+            raise InvalidArgumentError(
+                f"unexpected size for input '{item.declared.name}', expecting "
+                f"{offset + item.binary_bytes - binary_bytes} additional bytes for model '{name}'"
+            )
+        sections.append((offset, offset + item.binary_bytes))
+        offset += item.binary_bytes
+    if offset != binary_bytes:
+        raise InvalidArgumentError(f"unexpected additional input data for model '{name}'")
+    arrays = [
+        None
+        if section is not None
+        else oip_tensors.from_json(item.declared.name, item.declared.datatype, item.declared.shape, item.data)
+        for item, section in zip(inputs, sections)
+    ]
+    return _Decoded(request_id, requested, binary_default, declared, arrays, sections)
+
+
 async def _infer(
     predictor: Predictor,
     name: str,
@@ -245,47 +311,22 @@ async def _infer(
     target = oip_api.resolve(predictor, name, version)  # before reading the body
     body = await request_body.read_body(headers, stream, predictor.config.limits.max_request_bytes)
     split = header_length(headers, len(body))
-    view = memoryview(body)
-    document = _parse_header(view[:split])
-    inputs = _inputs(document)
-    requested = _outputs(document)
-    parameters = _member(document, "parameters", dict, "", default={})
-    binary_default = parameters.get("binary_data_output", False)
-    if not isinstance(binary_default, bool):
-        raise InvalidArgumentError("Unable to parse 'binary_data_output'")
-    request_id = document.get("id", "")
-    if not isinstance(request_id, str):
-        raise InvalidArgumentError("Unable to parse 'id'")
-    output_names = [output for output, _ in requested]
-    oip_api.check_declared(predictor, target, name, [item.declared for item in inputs], output_names)
-
-    binary, offset = view[split:], 0
-    sections = []
-    for item in inputs:  # every section's size against the bytes received, before any decode
-        if item.binary_bytes is None:
-            sections.append(None)
-            continue
-        if split == len(body) and item.binary_bytes:
-            raise InvalidArgumentError(
-                "must specify valid 'Infer-Header-Content-Length' in request header and "
-                "'binary_data_size' when passing inputs in binary data format"
-            )
-        if offset + item.binary_bytes > len(binary):
-            raise InvalidArgumentError(
-                f"unexpected size for input '{item.declared.name}', expecting "
-                f"{offset + item.binary_bytes - len(binary)} additional bytes for model '{name}'"
-            )
-        sections.append(binary[offset : offset + item.binary_bytes])
-        offset += item.binary_bytes
-    if offset != len(binary):
-        raise InvalidArgumentError(f"unexpected additional input data for model '{name}'")
+    json_header = body if split == len(body) else body[:split]
+    for_decoding = replace(target, spec=target.spec.for_decoding())  # pickles without TensorFlow
+    decoded = await predictor.offload_isolated(
+        split, decode_infer, json_header, len(body) - split, for_decoding, name, predictor.config.limits
+    )
+    binary = memoryview(body)[split:]
     arrays = {}
-    for item, section in zip(inputs, sections):
-        d = item.declared
+    for d, array, section in zip(decoded.inputs, decoded.arrays, decoded.sections):
         if section is None:
-            arrays[d.name] = oip_tensors.from_json(d.name, d.datatype, d.shape, item.data)
+            arrays[d.name] = array
         else:
-            arrays[d.name] = oip_tensors.from_raw(d.name, d.datatype, d.shape, section)
+            arrays[d.name] = oip_tensors.from_raw(
+                d.name, d.datatype, d.shape, binary[section[0] : section[1]]
+            )
+    requested, request_id, binary_default = decoded.requested, decoded.request_id, decoded.binary_default
+    output_names = [output for output, _ in requested]
 
     result = await oip_api.infer(predictor, target, arrays, output_names, deadline_s)
     wants_binary = dict(requested)

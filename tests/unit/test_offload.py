@@ -19,11 +19,11 @@ import numpy as np
 import psutil
 import pytest
 
-from ray_app import grpc_api, json_tensor, rest_api, rest_routes
+from ray_app import grpc_api, json_tensor, oip_rest, rest_api, rest_routes
 from ray_app.config import AppConfig, LiveConfig
 from ray_app.offload import Offloader
 from ray_app.predictor import Predictor
-from ray_app.protocol import tensors
+from ray_app.protocol import oip_tensors, tensors
 from ray_app.protocol.protos import meta_graph_pb2, predict_pb2
 from ray_app.protocol.status import ResourceExhaustedError, ServingError
 from ray_app.protocol.tensors import from_ndarray
@@ -184,6 +184,60 @@ def test_a_body_decoded_in_a_process_gets_the_same_answer_as_here(body: bytes) -
             answers.append((type(exc), exc.message, getattr(exc, "limit", None)))
         finally:
             predictor.close()
+    assert answers[0] == answers[1]
+
+
+def _v2_infer(images: int, **changes) -> bytes:
+    item = {"name": "images", "datatype": "UINT8", "shape": [images, 28, 28], "data": [7] * (images * 784)}
+    return json.dumps({"inputs": [{**item, **changes}]}).encode()
+
+
+def _v2_answer(predictor: Predictor, body: bytes) -> tuple[int, bytes]:
+    class Body:
+        async def __aiter__(self):
+            yield body
+
+    headers = {"content-length": str(len(body))}
+    answer = run_on_replica_loop(
+        oip_rest.handle(predictor, "POST", "/v2/models/mnist/infer", headers, Body())
+    )
+    return answer.status, answer.body
+
+
+@pytest.mark.parametrize("images", [1, 64])  # ~3 kB (inline) and ~150 kB (offloaded)
+def test_open_inference_protocol_json_is_decoded_off_the_loop_unless_small(monkeypatch, images: int) -> None:
+    decoded = _spy(monkeypatch, oip_tensors, "from_json")
+    body = _v2_infer(images)
+    status, answer = _v2_answer(_predictor(), body)
+    assert status == 200, answer
+    assert json.loads(answer)["outputs"][0]["shape"][0] == images
+    expected = threading.current_thread().name if len(body) < 64 * 1024 else "offload"
+    assert [name.split("_")[0] for name in decoded] == [expected]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _v2_infer(200),
+        _v2_infer(200, data=[0.5] * (200 * 784 - 1) + [None]),
+        _v2_infer(200, datatype="FP32"),
+        _v2_infer(2000, data=[0] * 200_000),
+    ],
+    ids=["answered", "a null", "another datatype", "more images than allowed"],
+)
+def test_an_open_inference_protocol_body_decoded_in_a_process_gets_the_same_answer(monkeypatch, body) -> None:
+    """/v2 JSON as TF Serving's REST bodies: decoded in the decoding process when large (never
+    here), with the same answer, or the same error (status and Triton's text)."""
+    assert len(body) > 256 * 1024
+    decoded_here, answers = _spy(monkeypatch, oip_tensors, "from_json"), []
+    for processes in (0, 1):
+        predictor = _predictor(offload_processes=processes, offload_process_min_bytes=256 * 1024)
+        calls_before = len(decoded_here)
+        try:
+            answers.append(_v2_answer(predictor, body))
+        finally:
+            predictor.close()
+    assert len(decoded_here) == calls_before  # the decoding process's run decoded nothing here
     assert answers[0] == answers[1]
 
 
