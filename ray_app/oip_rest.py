@@ -248,8 +248,7 @@ class _Decoded:
     requested: list[tuple[str, bool | None]]
     binary_default: bool
     inputs: list[oip_api.DeclaredInput]
-    arrays: list[np.ndarray | None]  # each JSON input's data, decoded; None: a binary section
-    sections: list[tuple[int, int] | None]  # each binary section's (start, end) after the header
+    contents: list[np.ndarray | slice]  # each input's JSON data decoded, or its binary section's place
 
 
 def decode_infer(header: bytes, binary_bytes: int, target: Target, name: str, limits: Limits) -> _Decoded:
@@ -287,17 +286,17 @@ def decode_infer(header: bytes, binary_bytes: int, target: Target, name: str, li
                 f"unexpected size for input '{item.declared.name}', expecting "
                 f"{offset + item.binary_bytes - binary_bytes} additional bytes for model '{name}'"
             )
-        sections.append((offset, offset + item.binary_bytes))
+        sections.append(slice(offset, offset + item.binary_bytes))
         offset += item.binary_bytes
     if offset != binary_bytes:
         raise InvalidArgumentError(f"unexpected additional input data for model '{name}'")
-    arrays = [
-        None
+    contents = [
+        section
         if section is not None
         else oip_tensors.from_json(item.declared.name, item.declared.datatype, item.declared.shape, item.data)
         for item, section in zip(inputs, sections)
     ]
-    return _Decoded(request_id, requested, binary_default, declared, arrays, sections)
+    return _Decoded(request_id, requested, binary_default, declared, contents)
 
 
 async def _infer(
@@ -318,13 +317,11 @@ async def _infer(
     )
     binary = memoryview(body)[split:]
     arrays = {}
-    for d, array, section in zip(decoded.inputs, decoded.arrays, decoded.sections):
-        if section is None:
-            arrays[d.name] = array
+    for d, content in zip(decoded.inputs, decoded.contents):
+        if isinstance(content, slice):
+            arrays[d.name] = oip_tensors.from_raw(d.name, d.datatype, d.shape, binary[content])
         else:
-            arrays[d.name] = oip_tensors.from_raw(
-                d.name, d.datatype, d.shape, binary[section[0] : section[1]]
-            )
+            arrays[d.name] = content
     requested, request_id, binary_default = decoded.requested, decoded.request_id, decoded.binary_default
     output_names = [output for output, _ in requested]
 

@@ -33,3 +33,15 @@ def replica_context(monkeypatch):
     context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=1024))
     monkeypatch.setattr(serve, "get_replica_context", lambda: context)
     return context
+
+
+class ArrivedBody:
+    """An HTTP body that has fully arrived, as Starlette's ``request.stream()`` yields it: one
+    chunk. Remembers whether anything read it."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body, self.read = body, False
+
+    async def __aiter__(self):
+        self.read = True
+        yield self.body

@@ -19,7 +19,7 @@ from ray_app.predictor import InferenceRequest, Predictor
 from ray_app.protocol.protos import predict_pb2
 from ray_app.protocol.status import DeadlineExceededError
 from ray_app.protocol.tensors import from_ndarray
-from tests.unit.conftest import run_on_replica_loop
+from tests.unit.conftest import ArrivedBody, run_on_replica_loop
 from tests.unit.static_backend import StaticBackend
 
 pytestmark = pytest.mark.usefixtures("replica_context")
@@ -108,16 +108,6 @@ def test_deadlines_come_from_the_request_or_the_configured_timeout() -> None:
     assert deadlines.grpc_deadline_s(object(), 30) - now == pytest.approx(30, abs=1)  # Ray 2.60's context
 
 
-class _Body:
-    """An HTTP body that has fully arrived (what Starlette's ``request.stream()`` yields)."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-
-    async def __aiter__(self):
-        yield self.body
-
-
 def _tf_serving_predict(predictor: Predictor, deadline_s: float):
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "mnist"
@@ -137,7 +127,7 @@ async def _oip_rest_infer(predictor: Predictor, deadline_s: float):
     body = json.dumps(document).encode()
     headers = {"content-length": str(len(body))}
     answer = await oip_rest.handle(
-        predictor, "POST", "/v2/models/mnist/infer", headers, _Body(body), deadline_s
+        predictor, "POST", "/v2/models/mnist/infer", headers, ArrivedBody(body), deadline_s
     )
     assert answer.status == 200, answer.body
     return answer

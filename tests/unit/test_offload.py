@@ -28,7 +28,7 @@ from ray_app.protocol.protos import meta_graph_pb2, predict_pb2
 from ray_app.protocol.status import ResourceExhaustedError, ServingError
 from ray_app.protocol.tensors import from_ndarray
 from ray_app.signatures import SignatureSpec, TensorSpec
-from tests.unit.conftest import run_on_replica_loop
+from tests.unit.conftest import ArrivedBody, run_on_replica_loop
 from tests.unit.static_backend import StaticBackend
 
 pytestmark = pytest.mark.usefixtures("replica_context")
@@ -193,13 +193,9 @@ def _v2_infer(images: int, **changes) -> bytes:
 
 
 def _v2_answer(predictor: Predictor, body: bytes) -> tuple[int, bytes]:
-    class Body:
-        async def __aiter__(self):
-            yield body
-
     headers = {"content-length": str(len(body))}
     answer = run_on_replica_loop(
-        oip_rest.handle(predictor, "POST", "/v2/models/mnist/infer", headers, Body())
+        oip_rest.handle(predictor, "POST", "/v2/models/mnist/infer", headers, ArrivedBody(body))
     )
     return answer.status, answer.body
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from ray_app import oip_rest
 from ray_app.config import AppConfig, LiveConfig
 from ray_app.predictor import Predictor
-from tests.unit.conftest import run_on_replica_loop
+from tests.unit.conftest import ArrivedBody, run_on_replica_loop
 from tests.unit.static_backend import StaticBackend, fake_probabilities
 
 pytestmark = pytest.mark.usefixtures("replica_context")
@@ -32,22 +32,11 @@ def _predictor(backend: StaticBackend | None = None, limits: dict | None = None,
     return predictor
 
 
-class _Stream:
-    """The body's chunks; remembers whether anything read them."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body, self.read = body, False
-
-    async def __aiter__(self):
-        self.read = True
-        yield self.body
-
-
 def _call(
     method: str, path: str, body: bytes = b"", headers: dict | None = None, predictor=None, stream=None
 ) -> oip_rest.Answer:
     headers = {"content-length": str(len(body)), **{k.lower(): v for k, v in (headers or {}).items()}}
-    stream = stream or _Stream(body)
+    stream = stream or ArrivedBody(body)
     return run_on_replica_loop(oip_rest.handle(predictor or _predictor(), method, path, headers, stream))
 
 
@@ -129,13 +118,13 @@ def test_routes_health_and_metadata() -> None:
 
 
 def test_an_unknown_model_is_answered_before_the_body_is_read() -> None:
-    stream = _Stream(b"{}")
+    stream = ArrivedBody(b"{}")
     answer = _call("POST", "/v2/models/other/infer", b"{}", stream=stream)
     assert answer.status == 404 and not stream.read
 
 
 def test_bodies_over_the_limit_are_refused_before_reading() -> None:
-    stream = _Stream(b"x")
+    stream = ArrivedBody(b"x")
     answer = _call(
         "POST",
         "/v2/models/mnist/infer",
