@@ -64,7 +64,7 @@ def journey(tmp_path_factory):
     grpc_port, http_port = default_ports() if default_ports_free else (free_port(), free_port())
     run_dir = tmp_path_factory.mktemp("journey") / "run"
     argv = [
-        sys.executable, "client/pipeline.py", "--smoke-test", "--epochs", "3", "--epochs-v2", "1",
+        sys.executable, "client/pipeline.py", "--smoke-test", "--epochs", "2", "--epochs-v2", "1",
         "--run-dir", str(run_dir), "--grpc-port", str(grpc_port), "--http-port", str(http_port),
         "--keep-running", "--step-timeout-s", "600",
     ]  # fmt: skip
@@ -122,7 +122,7 @@ def test_pipeline_publishes_two_versions_and_the_client_reads_the_samples(journe
 
 
 def test_version_1_from_two_workers_learned_and_answers_in_both_signatures(journey):
-    """What the journey's first training published (3 epochs of the smoke set on 2 Ray Train
+    """What the journey's first training published (2 epochs of the smoke set on 2 Ray Train
     workers): learned well above what a broken distributed step or a wrong learning-rate scaling
     gives, no stalled epoch, both signatures answering alike on digits it never saw, and TF
     Serving's warm-up records readable."""
@@ -135,7 +135,7 @@ def test_version_1_from_two_workers_learned_and_answers_in_both_signatures(journ
     store = journey["run_dir"] / "models" / "mnist"
     metrics = model_store.read_metrics(store, 1)
     assert metrics["workers"] == 2 and metrics["test_accuracy"] >= 0.95
-    assert len(metrics["epoch_s"]) == 3
+    assert len(metrics["epoch_s"]) == 2
     # A tf.data destructor stall shows up as a multi-second epoch on this small run.
     assert max(metrics["epoch_s"]) < 4 * min(metrics["epoch_s"]) + 5, metrics["epoch_s"]
 
