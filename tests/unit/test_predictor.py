@@ -159,8 +159,8 @@ def test_unknown_model_too_many_images_and_bad_image_bytes(store):
 
 def _the_graphs_own_answer_to_an_empty_batch(version_dir):
     """What the SavedModel itself does with an empty batch on this machine: its outputs' shapes, or
-    the error it raises. It depends on the CPU's kernels: oneDNN's convolution refuses an empty
-    batch on some CPUs and answers it with empty outputs on others."""
+    the error it raises. It depends on the machine: with the same pinned TensorFlow, earlier hosts
+    raised INVALID_ARGUMENT from one of the CNN's kernels, and an AMD EPYC host answers empty outputs."""
     import tensorflow as tf
 
     signature = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
