@@ -115,6 +115,11 @@ def front_door_env(
     return env
 
 
+# HAProxy's state directory in the cluster image, made mode 0700 by .ci/docker/Dockerfile: KubeRay
+# starts Ray itself (no `eval` of our lines first), so its ConfigMap names this one.
+IMAGE_STATE_DIR = "/var/lib/mnist-ha"
+
+
 def private_state_dir(uid: int | None = None, root: str = "/tmp") -> str:
     """This user's HAProxy state directory, ``/tmp/mnist-ha-<uid>``, mode 0700: Ray renders the
     admin socket in it ``mode 666 level admin`` (haproxy_templates.py, no switch), so the
@@ -163,9 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ray_app.front_door", description=main.__doc__)
     parser.add_argument("--cpus", type=float, default=None, help="the node's CPUs (default: this machine's)")
     parser.add_argument("--cluster", action="store_true", help="Ray's 30 s drain (multi-node clusters)")
+    parser.add_argument(
+        "--state-dir",
+        default=None,
+        help="HAProxy's state directory on the nodes that will use these lines, made there beforehand "
+        f"with mode 0700 (the image's {IMAGE_STATE_DIR}, for KubeRay's ConfigMap); default: this "
+        "user's private directory on this machine, made and checked now",
+    )
     args = parser.parse_args(argv)
     cpus = args.cpus if args.cpus is not None else node_cpus()
-    env = front_door_env(cpus, cluster=args.cluster, state_dir=private_state_dir())
+    state_dir = args.state_dir or private_state_dir()  # --state-dir: another machine's, not checked here
+    env = front_door_env(cpus, cluster=args.cluster, state_dir=state_dir)
     for name, value in env.items():
         print(f"export {name}={shlex.quote(value)}")
     return 0

@@ -131,3 +131,17 @@ def test_the_printed_front_door_puts_haproxys_sockets_in_the_private_directory(c
     socket_dir = os.path.dirname(exports["RAY_SERVE_HAPROXY_SOCKET_PATH"])
     assert socket_dir == front_door.private_state_dir()
     assert os.stat(socket_dir).st_mode & 0o077 == 0
+
+
+def test_the_front_door_can_name_another_machines_state_directory(capsys, tmp_path, monkeypatch) -> None:
+    """``--state-dir`` (KubeRay's ConfigMap, generated away from the pods): that directory, used
+    as given, and this machine's private one is neither made nor checked."""
+    from ray_app import front_door
+
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    monkeypatch.setattr(front_door, "private_state_dir", lambda: pytest.fail("made this machine's directory"))
+    front_door.main(["--cpus", "3", "--cluster", "--state-dir", "/var/lib/mnist-ha"])
+    exports = dict(
+        line.removeprefix("export ").split("=", 1) for line in capsys.readouterr().out.splitlines()
+    )
+    assert exports == front_door.front_door_env(3, cluster=True, state_dir="/var/lib/mnist-ha", environ={})

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from ray_app.config import AppConfig, LiveConfig
-from ray_app.front_door import front_door_env
+from ray_app.front_door import IMAGE_STATE_DIR, front_door_env
 from training import arguments, retention
 
 REPO = Path(__file__).resolve().parents[2]
@@ -214,9 +214,23 @@ def test_serving_pods_get_the_front_doors_environment_for_their_size():
             "envFrom"
         ]
     smallest = min(_cpus(template) for template in templates)
-    assert config_map["data"] == front_door_env(smallest, cluster=True, environ={}), (
-        f"regenerate common.yaml's ConfigMap: python -m ray_app.front_door --cluster --cpus {smallest:g}"
+    assert config_map["data"] == front_door_env(
+        smallest, cluster=True, state_dir=IMAGE_STATE_DIR, environ={}
+    ), (
+        "regenerate common.yaml's ConfigMap: python -m ray_app.front_door --cluster "
+        f"--cpus {smallest:g} --state-dir {IMAGE_STATE_DIR}"
     )
+
+
+def test_haproxys_admin_socket_is_in_a_directory_the_image_makes_private():
+    """Ray renders the admin socket ``mode 666 level admin``; KubeRay starts Ray itself, so the
+    ConfigMap puts HAProxy's state in the image's directory, which the Dockerfile makes mode 0700
+    (KubeRay's default would be Ray's shared ``/tmp/haproxy-serve``)."""
+    data = _one("ConfigMap")["data"]
+    for variable in ("RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"):
+        assert os.path.dirname(data[variable]) == IMAGE_STATE_DIR
+    dockerfile = (REPO / ".ci" / "docker" / "Dockerfile").read_text()
+    assert re.search(rf"^RUN install -d -m 0700 {re.escape(IMAGE_STATE_DIR)}$", dockerfile, re.MULTILINE)
 
 
 def _store_mounts(template: dict[str, Any]) -> list[dict[str, Any]]:
