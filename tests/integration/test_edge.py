@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 import requests
 import yaml
@@ -46,6 +48,7 @@ from tests.integration.replica_kill import (
     assert_only_the_victims_requests_failed,
     kill_a_replica_under_load,
 )
+from tests.integration.sockets import listening
 from tests.polling import wait_for
 from training.data import load_mnist
 
@@ -332,6 +335,26 @@ def test_stock_clients_and_ours_over_tls_and_plaintext_refused(app, pki, tmp_pat
             requests.get(https + "/v1/models/mnist", verify=str(pki["other"].cert), timeout=10)
         untrusted = _our_client("--tls", "--port", str(config.grpc_port))  # system CAs only
         assert untrusted.returncode != 0 and "cannot reach" in untrusted.stderr
+
+
+def test_the_edge_listens_on_its_two_ports_only_and_keeps_its_sockets_private(app, pki, tmp_path) -> None:
+    """Issue 16, item 3, for the edge's own processes (the supervisor, HAProxy's master and
+    workers): TCP on the two configured ports of ``bind_host`` and nothing else (no stats page, no
+    exporter), and unix sockets only in its 0700 state directory, each mode 600."""
+    config = _config(app, tls=_tls(pki))
+    with edge_command(config, tmp_path) as pid_file:
+        supervisor = psutil.Process(int(pid_file.read_text()))
+        inet, unix = listening([supervisor, *supervisor.children(recursive=True)])
+        state_dir = tmp_path / "state"
+        print("edge listens on:", sorted(inet), sorted(map(str, unix)))
+        assert inet == {(config.bind_host, config.grpc_port), (config.bind_host, config.http_port)}
+        # HAProxy binds `<name>.<pid>.tmp` and renames it into place: psutil reports the bound name.
+        assert unix and all(path.parent == state_dir for path in unix), unix
+        sockets = [path for path in state_dir.iterdir() if stat.S_ISSOCK(path.lstat().st_mode)]
+        assert {path.name for path in sockets} >= {"admin.sock", "master.sock"}
+        assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+        for path in sockets:
+            assert stat.S_IMODE(path.lstat().st_mode) & 0o077 == 0, f"{path} is open to other users"
 
 
 def test_mutual_tls_accepts_our_clients_only(app, pki, tmp_path) -> None:

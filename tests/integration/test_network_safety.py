@@ -16,7 +16,6 @@ import contextlib
 import ipaddress
 import json
 import os
-import stat
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -31,6 +30,7 @@ from tests.conftest import HAPROXY_STATE_DIR_VARIABLE, publish_copy, tamper_with
 from tests.integration import prometheus
 from tests.integration.browser import chromium, needs_browser, text, wait
 from tests.integration.cluster import cluster_processes, local_serve, run_local_app
+from tests.integration.sockets import writable_by_other_users
 from tests.polling import wait_for
 from training.data import load_mnist
 
@@ -328,12 +328,4 @@ def test_haproxys_admin_socket_is_not_writable_by_other_users() -> None:
     sockets = list(state_dir.rglob("admin.sock"))
     assert sockets, f"no admin socket under {state_dir}"
     for path in sockets:
-        assert not _writable_by_others(path), f"{path} can be written by other users"
-
-
-def _writable_by_others(path: Path) -> bool:
-    """Whether a user other than the owner (and not in its group) can connect to / write ``path``:
-    the file needs o+w and every directory above it o+x."""
-    if not path.lstat().st_mode & stat.S_IWOTH:
-        return False
-    return all(parent.stat().st_mode & stat.S_IXOTH for parent in path.parents)
+        assert not writable_by_other_users(path), f"{path} can be written by other users"
