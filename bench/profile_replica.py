@@ -162,14 +162,14 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
                     recorder.kill()
                     recorder.wait()
             thread.join()
-        cpu_s = sum(cpu_s(pid) - cpu_before[pid] for pid in pids)
+        busy_s = sum(cpu_s(pid) - cpu_before[pid] for pid in pids)
     if failures:
         raise RuntimeError(f"py-spy failed: {failures[0]}")
     if "requests_ok" not in load:
         raise RuntimeError("the load generator did not finish (see the messages above)")
     counts, total = shares("\n".join(path.read_text() for path in outputs.values()))
     requests = load["requests_ok"]
-    cpu_ms_per_request = 1000.0 * cpu_s / max(requests, 1)
+    cpu_ms_per_request = 1000.0 * busy_s / max(requests, 1)
     rows = [
         {
             "owner": owner,
