@@ -133,7 +133,7 @@ def test_the_printed_front_door_puts_haproxys_sockets_in_the_private_directory(c
     assert os.stat(socket_dir).st_mode & 0o077 == 0
 
 
-def test_the_front_door_can_name_another_machines_state_directory(capsys, tmp_path, monkeypatch) -> None:
+def test_the_front_door_can_name_another_machines_state_directory(capsys, monkeypatch) -> None:
     """``--state-dir`` (KubeRay's ConfigMap, generated away from the pods): that directory, used
     as given, and this machine's private one is neither made nor checked."""
     from ray_app import front_door
