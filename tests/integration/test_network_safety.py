@@ -30,7 +30,7 @@ from tests.conftest import HAPROXY_STATE_DIR_VARIABLE, publish_copy, tamper_with
 from tests.integration import prometheus
 from tests.integration.browser import chromium, needs_browser, text, wait
 from tests.integration.cluster import cluster_processes, local_serve, run_local_app
-from tests.integration.sockets import writable_by_other_users
+from tests.integration.sockets import listening, writable_by_other_users
 from tests.polling import wait_for
 from training.data import load_mnist
 
@@ -105,14 +105,13 @@ def _ready(app) -> None:
 
 
 def _replica_listeners(node_id: str) -> list[int]:
-    ports = []
+    replicas = []
     for process in cluster_processes(node_id):
         with contextlib.suppress(psutil.NoSuchProcess):
             if (process.cmdline() or [""])[0].startswith(REPLICA_TITLE):
-                for connection in process.net_connections(kind="inet"):
-                    if connection.status == psutil.CONN_LISTEN:
-                        ports.append(connection.laddr.port)
-    return sorted(set(ports))
+                replicas.append(process)
+    inet, _ = listening(replicas)
+    return sorted({port for _, port in inet})
 
 
 # -- B: tokens wherever a request can enter ------------------------------------------------------------
