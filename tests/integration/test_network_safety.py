@@ -16,6 +16,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -114,6 +115,20 @@ def _replica_listeners(node_id: str) -> list[int]:
     return sorted({port for _, port in inet})
 
 
+def _haproxy_server_ports(node_id: str) -> set[int]:
+    """The ports HAProxy forwards to: the ``server`` lines of the node's config, the fallback
+    proxy's ``backup`` lines left out. A replica also listens on random ports (its core worker's and
+    Serve's inter-deployment gRPC servers, bound to port 0), which can fall inside the
+    direct-ingress ranges, so a port's range alone does not say what answers there."""
+    where = Path(os.environ["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"])
+    config = (where.parent / node_id / where.name).read_text()  # haproxy.py's _per_node
+    return {
+        int(match["port"])
+        for match in re.finditer(r"^\s*server\s+\S+\s+\S+:(?P<port>\d+)(?P<rest>.*)$", config, re.MULTILINE)
+        if "backup" not in match["rest"].split()
+    }
+
+
 # -- B: tokens wherever a request can enter ------------------------------------------------------------
 def test_tokens_are_required_through_the_front_door(app) -> None:
     _ready(app)
@@ -181,7 +196,8 @@ def test_tokens_are_required_at_a_replicas_own_ports(app) -> None:
     from ray.serve._private import constants
 
     _ready(app)
-    listening = _replica_listeners(app["node"])
+    forwarded_to = _haproxy_server_ports(app["node"])
+    listening = [port for port in _replica_listeners(app["node"]) if port in forwarded_to]
     http_range = range(
         constants.RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, constants.RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT
     )
@@ -190,7 +206,9 @@ def test_tokens_are_required_at_a_replicas_own_ports(app) -> None:
     )
     http_ports = [p for p in listening if p in http_range]
     grpc_ports = [p for p in listening if p in grpc_range]
-    assert http_ports and grpc_ports, f"replica listens on {listening}"
+    assert http_ports and grpc_ports, (
+        f"HAProxy forwards to {sorted(forwarded_to)}, replica listens on {listening}"
+    )
     for port in http_ports:
         assert _http(f"http://127.0.0.1:{port}/v1/models/mnist:predict", None, PREDICT_BODY)[0] == 401
         assert _http(f"http://127.0.0.1:{port}/v1/models/mnist", TOKEN)[0] == 200
