@@ -82,6 +82,13 @@ class Limits(_Strict):
         description="image-bytes requests decoding or waiting for it; beyond, new ones are refused "
         "(tensor requests are unaffected)",
     )
+    max_execution_batch_size: int = Field(
+        default=128,
+        gt=0,
+        description="images per model call of the embedded backend: a larger batch or request runs in "
+        "slices of this many, so the model's activations stay bounded (TF Serving's "
+        "max_execution_batch_size; docs/limits.md)",
+    )
     max_json_composites: int = Field(
         default=65_536,
         gt=0,
