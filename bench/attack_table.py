@@ -66,6 +66,18 @@ def rest_bodies() -> dict[str, bytes]:
     }
 
 
+def largest_valid_body(images: int = 1024, value_bytes: int = 10) -> bytes:
+    """A body the server must answer in full: ``images`` uint8 28x28 digits (local.yaml's
+    ``max_images_per_request``), each value written as ``255`` padded with spaces to
+    ``value_bytes`` with its comma, so the body comes near ``max_request_bytes`` (8 MiB) while its
+    lists stay under ``max_json_composites``: the most a valid REST request can make a replica
+    parse, hold and run."""
+    value = b"255" + b" " * (value_bytes - 4)
+    row = b"[" + b",".join([value] * 28) + b"]"
+    image = b"[" + b",".join([row] * 28) + b"]"
+    return b'{"instances": [' + b",".join([image] * images) + b"]}"
+
+
 def grpc_int_val_request(count: int = 7_000_000) -> bytes:
     """A Predict whose uint8 ``[1,28,28]`` input carries ``count`` ``int_val`` varints (~7 MB)."""
     from ray_app.protocol.protos import predict_pb2, types_pb2
@@ -213,6 +225,17 @@ class NormalClient:
 
 
 # -- the table -----------------------------------------------------------------------------------
+def _concurrently(send: Callable[[], str], count: int = CONCURRENT_BODIES) -> str:
+    """``send`` from ``count`` threads at once; how many got each answer."""
+    answers: list[str] = []
+    threads = [threading.Thread(target=lambda: answers.append(send())) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return ", ".join(f"{answers.count(a)}x {a}" for a in sorted(set(answers)))
+
+
 def attacks(http_port: int, channel: grpc.Channel) -> dict[str, Callable[[], str]]:
     """Each request attack of the table as a callable that sends it once and returns its answer
     (the slow connections are ``slow_connections``)."""
@@ -225,18 +248,15 @@ def attacks(http_port: int, channel: grpc.Channel) -> dict[str, Callable[[], str
     first = next(iter(bodies.values()))
 
     def concurrent() -> str:
-        answers: list[str] = []
-        threads = [
-            threading.Thread(target=lambda: answers.append(_post(http_port, first).split(":")[0]))
-            for _ in range(CONCURRENT_BODIES)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return ", ".join(f"{answers.count(a)}x {a}" for a in sorted(set(answers)))
+        return _concurrently(lambda: _post(http_port, first).split(":")[0])
 
     table[CONCURRENT_NAME] = concurrent
+    largest = largest_valid_body()
+
+    def concurrent_valid() -> str:
+        return _concurrently(lambda: _post(http_port, largest, timeout_s=60.0).split(":")[0])
+
+    table[CONCURRENT_VALID_NAME] = concurrent_valid
     table[SLOW_UPLOADS_NAME] = lambda: slow_uploads(http_port)
     return table
 
@@ -270,6 +290,9 @@ def slow_uploads(http_port: int) -> str:
 
 INT_VAL_NAME = "gRPC uint8 input sent as 7M int_val varints"
 CONCURRENT_NAME = f"{CONCURRENT_BODIES} concurrent REST bodies of 7 MiB (the first kind)"
+CONCURRENT_VALID_NAME = (
+    f"{CONCURRENT_BODIES} concurrent valid REST bodies of 7.7 MiB (1,024 images each: the most allowed)"
+)
 SLOW_NAME = f"{SLOW_CONNECTIONS} HTTP connections sending headers and 1 byte of a 1,000-byte body"
 SLOW_UPLOADS_NAME = (
     f"{SLOW_UPLOADS} HTTP uploads declaring 8 MiB, sending 1 KiB of it, held {SLOW_HOLD_S:g} s"
@@ -339,7 +362,7 @@ class Attacker:
 def attack_names() -> list[str]:
     """The table's rows, in its order."""
     bodies = list(rest_bodies())
-    return [*bodies, INT_VAL_NAME, CONCURRENT_NAME, SLOW_UPLOADS_NAME, SLOW_NAME]
+    return [*bodies, INT_VAL_NAME, CONCURRENT_NAME, CONCURRENT_VALID_NAME, SLOW_UPLOADS_NAME, SLOW_NAME]
 
 
 def measure(

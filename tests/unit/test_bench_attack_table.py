@@ -39,3 +39,17 @@ def test_the_table_rows_are_the_attacks_sent_from_the_attacker_process_and_the_s
     with grpc.insecure_channel("127.0.0.1:1") as channel:  # never used: nothing is sent
         sent = attacks(1, channel)
     assert [*sent, SLOW_NAME] == attack_names()
+
+
+def test_the_largest_valid_body_is_within_every_limit_and_as_large_as_they_allow():
+    from bench.attack_table import largest_valid_body
+    from ray_app.json_tensor import composites
+
+    limits = Limits()
+    body = largest_valid_body()
+    assert 0.95 * limits.max_request_bytes <= len(body) <= limits.max_request_bytes
+    assert composites(body) <= limits.max_json_composites
+    images = json.loads(body)["instances"]
+    assert len(images) == limits.max_images_per_request
+    assert {len(image) for image in images} == {28} and {len(row) for row in images[0]} == {28}
+    assert {value for row in images[-1] for value in row} == {255}  # uint8, as the signature takes
