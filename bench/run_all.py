@@ -175,6 +175,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help=f"only these of the variants' images per request (default: all, {','.join(map(str, IMAGES_PER_REQUEST))})",
     )
+    parser.add_argument(
+        "--edge-buffer-bytes",
+        type=int,
+        default=None,
+        help="the edge variants' max_buffered_request_bytes (default: the edge's own, 1 MiB)",
+    )
     parser.add_argument("--ready-timeout-s", type=float, default=240.0)
     parser.add_argument("--log-dir", type=Path, default=None, help="server logs (default: a new temp dir)")
     parser.add_argument("--keep-ray-tmp", action="store_true", help="keep each run's RAY_TMPDIR (Ray's logs)")

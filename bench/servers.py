@@ -219,7 +219,10 @@ def serve_app(variant: Variant, args: argparse.Namespace, workdir: Path) -> Iter
         if variant.edge is None:
             yield running
         else:
-            with edge_in_front(variant.edge, grpc_port, http_port, workdir / f"{variant.name}-edge") as edge:
+            edge_dir = workdir / f"{variant.name}-edge"
+            # run_all's option; the other benches' arguments lack it: the edge's default
+            buffer_bytes = getattr(args, "edge_buffer_bytes", None)
+            with edge_in_front(variant.edge, grpc_port, http_port, edge_dir, buffer_bytes) as edge:
                 running.target, running.root_certificates, running.edge_pids, notes["edge_http_port"] = edge
                 notes["edge"] = variant.edge
                 yield running
@@ -251,10 +254,11 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
 
 @contextlib.contextmanager
 def edge_in_front(
-    mode: str, grpc_port: int, http_port: int, workdir: Path
+    mode: str, grpc_port: int, http_port: int, workdir: Path, buffer_bytes: int | None = None
 ) -> Iterator[tuple[str, bytes | None, Callable[[], set[int]], int]]:
     """ray_app.edge on free ports in front of Ray's HAProxy; yields its gRPC target, CA (TLS), a
-    function giving its processes, and its HTTP port."""
+    function giving its processes, and its HTTP port. ``buffer_bytes``: its
+    ``max_buffered_request_bytes`` (None: the default)."""
     from ray_app.edge.config import EdgeConfig
     from ray_app.edge.supervisor import EdgeProcess
 
@@ -268,6 +272,7 @@ def edge_in_front(
         http_port=free_port(),
         upstream={"grpc_port": grpc_port, "http_port": http_port},
         tls=tls,
+        limits={} if buffer_bytes is None else {"max_buffered_request_bytes": buffer_bytes},
     )
     edge = EdgeProcess(config, workdir / "state")
     edge.start()
