@@ -18,7 +18,8 @@ import psutil
 import yaml
 
 from client.local import leftovers
-from client.local.ports import free_port, port_in_use
+from client.local.ports import free_port, port_in_use, with_free_side_ports
+from ray_app.front_door import HAPROXY_SWITCH
 from tests.conftest import HAPROXY_STATE_DIR_VARIABLE
 
 LOCAL_CONFIG = Path(__file__).resolve().parents[2] / "serve_configs" / "local.yaml"
@@ -83,12 +84,24 @@ def assert_nothing_left(ours: list[psutil.Process], ports: list[int], timeout_s:
 HEALTH_CHECK_FAILURE_THRESHOLD = 20
 
 
+def fresh_side_ports() -> None:
+    """Pick HAProxy mode's side ports (stats, metrics, the fallback proxy) again, in this process's
+    environment, just before a cluster starts (its processes inherit them). Picked once per test
+    process, a port free then can be taken minutes later, before a later module's cluster binds it:
+    Ray binds its workers' gRPC servers to port 0, so they land anywhere in the ephemeral range
+    (the proxy then fails with "Failed to bind to address")."""
+    side = with_free_side_ports({HAPROXY_SWITCH: os.environ.get(HAPROXY_SWITCH, "")})
+    del side[HAPROXY_SWITCH]
+    os.environ.update(side)
+
+
 @contextlib.contextmanager
 def local_ray(num_cpus: int = 2, free_after: tuple[int, ...] = (), **init_kwargs) -> Iterator[str]:
     """``ray.init`` a new local cluster (no dashboard); yields its node id. Shut down on exit (also
     when starting it failed half-way), and checked gone, with ``free_after``'s ports unbound."""
     import ray
 
+    fresh_side_ports()
     try:
         system_config = {"health_check_failure_threshold": HEALTH_CHECK_FAILURE_THRESHOLD}
         init_kwargs = {"include_dashboard": False, "_system_config": system_config, **init_kwargs}
@@ -147,6 +160,7 @@ def local_job_cluster(num_cpus: int = 2) -> Iterator[JobCluster]:
         "--dashboard-agent-listen-port", str(agent_port), "--ray-client-server-port", str(free_port()),
         "--temp-dir", cluster.temp_dir, "--disable-usage-stats",
     ]  # fmt: skip
+    fresh_side_ports()
     # `ray start` turns Ray's token auth on by default, this process's ray.init does not (RAY_FACTS:
     # Operations): a throwaway cluster on loopback, it runs without, as ray.init's clusters here do.
     env = {

@@ -296,9 +296,9 @@ def _wide_listener_reason(
     title = (process.cmdline() or [""])[0]
     name = process.name()
     any_v6 = ip == "::"
-    if name == "haproxy" and port in (
-        constants.RAY_SERVE_HAPROXY_STATS_PORT,
-        constants.RAY_SERVE_HAPROXY_METRICS_PORT,
+    if name == "haproxy" and str(port) in (  # this cluster's (tests/integration/cluster.fresh_side_ports)
+        os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT", str(constants.RAY_SERVE_HAPROXY_STATS_PORT)),
+        os.environ.get("RAY_SERVE_HAPROXY_METRICS_PORT", str(constants.RAY_SERVE_HAPROXY_METRICS_PORT)),
     ):
         return "HAProxy stats/metrics: Ray 2.60's template binds them to all interfaces, no switch"
     if actor_ports.get(process.pid) == port:
