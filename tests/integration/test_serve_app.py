@@ -330,10 +330,22 @@ def test_new_version_is_served_under_load_without_failures(served):
         time.sleep(1.0)
         stop.set()
     assert not failures, failures[:3]
-    assert 2 in seen and seen[-1] == 2
+    assert 2 in seen and seen[-1] == 2, f"never answered by version 2; status: {_version_states(served)}"
     assert switched_s < 10, switched_s  # poll interval 0.5 s plus load and warm-up
     pinned = _stub(served).Predict(_predict_request(TEST.images[:1], version=1), timeout=30)
     assert pinned.model_spec.version.value == 1  # the previous version is still loaded
+
+
+def _version_states(served) -> str:
+    """What one replica's GetModelStatus says of each version (its state and error), for failure
+    messages: a version that was never served says why there."""
+    status = model_service_pb2_grpc.ModelServiceStub(served["channel"]).GetModelStatus(
+        get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "mnist"}), timeout=30
+    )
+    return "; ".join(
+        f"v{s.version} {get_model_status_pb2.ModelVersionStatus.State.Name(s.state)} {s.status.error_message!r}"
+        for s in status.model_version_status
+    )
 
 
 def _deploy(served, **options) -> None:
