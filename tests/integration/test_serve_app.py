@@ -135,10 +135,14 @@ def test_encoded_png_samples_over_grpc(served):
     assert np.mean(classes == np.array([SAMPLES[n] for n in names])) >= 0.8
 
 
-def test_status_metadata_and_unimplemented(served):
-    status = model_service_pb2_grpc.ModelServiceStub(served["channel"]).GetModelStatus(
+def _model_status(served) -> get_model_status_pb2.GetModelStatusResponse:
+    return model_service_pb2_grpc.ModelServiceStub(served["channel"]).GetModelStatus(
         get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "mnist"}), timeout=30
     )
+
+
+def test_status_metadata_and_unimplemented(served):
+    status = _model_status(served)
     assert [s.version for s in status.model_version_status] == [1]
     assert status.model_version_status[0].state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
     metadata = _stub(served).GetModelMetadata(
@@ -330,7 +334,7 @@ def test_new_version_is_served_under_load_without_failures(served):
         time.sleep(1.0)
         stop.set()
     assert not failures, failures[:3]
-    assert 2 in seen and seen[-1] == 2, f"never answered by version 2; status: {_version_states(served)}"
+    assert 2 in seen and seen[-1] == 2, f"not answering with version 2; status: {_version_states(served)}"
     assert switched_s < 10, switched_s  # poll interval 0.5 s plus load and warm-up
     pinned = _stub(served).Predict(_predict_request(TEST.images[:1], version=1), timeout=30)
     assert pinned.model_spec.version.value == 1  # the previous version is still loaded
@@ -339,12 +343,9 @@ def test_new_version_is_served_under_load_without_failures(served):
 def _version_states(served) -> str:
     """What one replica's GetModelStatus says of each version (its state and error), for failure
     messages: a version that was never served says why there."""
-    status = model_service_pb2_grpc.ModelServiceStub(served["channel"]).GetModelStatus(
-        get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "mnist"}), timeout=30
-    )
     return "; ".join(
         f"v{s.version} {get_model_status_pb2.ModelVersionStatus.State.Name(s.state)} {s.status.error_message!r}"
-        for s in status.model_version_status
+        for s in _model_status(served).model_version_status
     )
 
 
